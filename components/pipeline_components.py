@@ -1,0 +1,155 @@
+"""The KFP components: lightweight, typed adapters from artifacts to `components.steps`.
+
+KFP serialises each function's source into the task, so imports live inside the bodies and the
+container image (or, locally, the current interpreter) must have this project installed.
+`make_components` binds them to the configured images.
+
+No `from __future__ import annotations` here or in pipelines/dag.py: KFP reads the parameter types
+at decoration time.
+"""
+
+
+from types import SimpleNamespace
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+
+def start_tracking(config_json: str, pipeline_run: str) -> str:
+    """Open the MLflow parent run of this pipeline run."""
+    from components.config import parse_config
+    from components.lifecycle import start_tracking as step
+
+    return step(parse_config(config_json), pipeline_run)
+
+
+def data_prep(config_json: str, data_uri: str, parent_run_id: str, dataset: Output[Dataset],
+              metrics: Output[Metrics], report: Output[HTML]) -> str:
+    """Validate, normalise, deduplicate and split the records; returns the manifest hash."""
+    import json
+    from pathlib import Path
+
+    from components.config import parse_config
+    from components.steps import data_prep as step
+
+    manifest = step(parse_config(config_json), [Path(p) for p in data_uri.split(",")], Path(dataset.path), parent_run_id)
+    for key in ("records_in", "records_out", "records_quarantined"):
+        metrics.log_metric(key, manifest[key])
+    dataset.metadata.update({k: manifest[k] for k in ("records_out", "splits", "sha256")})
+    with open(report.path, "w") as f:
+        f.write("<html><body><h1>Data prep manifest</h1><pre>" + json.dumps(manifest, indent=2) + "</pre></body></html>")
+    return manifest["sha256"]
+
+
+def init_model(config_json: str, dataset: Input[Dataset], model: Output[Model]) -> None:
+    """The starting checkpoint (pretrained path, or fresh weights + data prep's tokenizer)."""
+    from pathlib import Path
+
+    from components.config import parse_config
+    from components.steps import init_model as step
+
+    step(parse_config(config_json), Path(dataset.path), Path(model.path))
+
+
+def train_stage(config_json: str, stage: str, parent_run_id: str, dataset: Input[Dataset],
+                init_model: Input[Model], model: Output[Model], metrics: Output[Metrics]) -> None:
+    """One training stage (trainable modules, lr, data from conf/stage/<stage>.yaml)."""
+    from pathlib import Path
+
+    from components.config import parse_config
+    from components.steps import train as step
+
+    result = step(parse_config(config_json), stage, Path(dataset.path), Path(init_model.path), Path(model.path),
+                  parent_run_id)
+    model.metadata["stage"] = stage
+    for key in ("steps", "first_loss", "final_loss", "tokens_per_second"):
+        if key in result:
+            metrics.log_metric(key, result[key])
+
+
+def evaluate(config_json: str, parent_run_id: str, dataset: Input[Dataset], model: Input[Model],
+             baseline: Input[Model], metrics: Output[Metrics], report: Output[HTML],
+             results: Output[Dataset]) -> str:
+    """Held-out metrics for the trained model and the untrained baseline; returns the trained
+    model's overall metrics as JSON for the registry and the gate."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from components.config import parse_config
+    from components.steps import run_evaluation
+
+    summary = run_evaluation(parse_config(config_json), Path(dataset.path), Path(model.path), Path(baseline.path),
+                             Path(results.path), parent_run_id)
+    for key, value in summary["overall"].items():
+        metrics.log_metric(key, value)
+    shutil.copy(Path(results.path) / "report.html", report.path)
+    return json.dumps(summary["overall"])
+
+
+def export_triton(model: Input[Model], triton_repo: Output[Model], metrics: Output[Metrics]) -> None:
+    """ONNX encoders (checked against torch) + the Triton model repository."""
+    from pathlib import Path
+
+    from components.steps import export as step
+
+    report = step(Path(model.path), Path(triton_repo.path))
+    for name, graph in report["onnx"].items():
+        metrics.log_metric(f"onnx_max_abs_diff.{name}", graph["max_abs_diff"])
+
+
+def register(config_json: str, parent_run_id: str, pipeline_run: str, model: Input[Model],
+             eval_metrics: str, manifest_sha256: str) -> str:
+    """Register the trained checkpoint as a new MLflow model version (alias `challenger`)."""
+    import json
+    from pathlib import Path
+
+    from components.config import parse_config
+    from components.lifecycle import register as step
+
+    return step(parse_config(config_json), Path(model.path), json.loads(eval_metrics), manifest_sha256,
+                parent_run_id, pipeline_run)
+
+
+def gate(config_json: str, version: str) -> str:
+    """Compare the candidate with `@champion` under the configured rules: 'promote' or 'reject'."""
+    from components.config import parse_config
+    from components.lifecycle import judge
+
+    return "promote" if judge(parse_config(config_json), version)["promote"] else "reject"
+
+
+def promote(config_json: str, version: str, parent_run_id: str, manifest: Output[Dataset]) -> None:
+    """Move `champion` to the version and write (on a cluster: apply) its InferenceService."""
+    from pathlib import Path
+
+    from components.config import parse_config
+    from components.lifecycle import finish_tracking
+    from components.lifecycle import promote as step
+
+    cfg = parse_config(config_json)
+    step(cfg, version, Path(manifest.path))
+    finish_tracking(cfg, parent_run_id)
+
+
+def keep_champion(config_json: str, version: str, parent_run_id: str) -> None:
+    """The gate said no: record it and close the pipeline's MLflow run; the champion stays."""
+    from components.config import parse_config
+    from components.lifecycle import finish_tracking
+
+    cfg = parse_config(config_json)
+    print(f"version {version} was not promoted; see its promotion.* tags in MLflow")
+    finish_tracking(cfg, parent_run_id)
+
+
+CPU_STEPS = (start_tracking, data_prep, register, gate, promote, keep_champion)
+GPU_STEPS = (init_model, train_stage, evaluate, export_triton)
+
+
+def make_components(cpu_image: str, gpu_image: str) -> SimpleNamespace:
+    """Each step as a KFP component on its image (CPU pool steps vs GPU pool steps)."""
+    built = {}
+    for fn in CPU_STEPS + GPU_STEPS:
+        image = gpu_image if fn in GPU_STEPS else cpu_image
+        built[fn.__name__] = dsl.component(fn, base_image=image, install_kfp_package=False)
+    return SimpleNamespace(**built)

@@ -1,0 +1,278 @@
+"""Generate "omni-tiny": a small multimodal data set, in real media formats, that a ~2M-parameter
+model can learn in minutes on a CPU, so evaluation visibly improves after each training stage.
+
+Tasks (the record `task` values the stage configs select on):
+  caption    64x64 PNG/JPEG of one coloured shape          -> "a red circle"
+  image_mcq  same kind of image, colour or shape question   -> option letter
+  video_mcq  4 s mp4 (H.264) of a shape moving across       -> option letter for the direction
+  asr        espeak-ng speech of 1-3 digits, 16 kHz WAV     -> "three seven"
+  text_qa    text-only arithmetic / simple facts            -> "7"
+
+Everything is derived from `cfg.seed`: the same seed gives byte-identical JSONL files.
+Media paths in the records are relative to `out_dir` (e.g. "media/caption-0003.png").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import subprocess
+import wave
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+from functools import partial
+from pathlib import Path
+
+import av
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from model.config import DataConfig
+from model.media import load_audio
+from model.records import Record
+
+SOURCE = "omni-tiny"
+SIZE = 64
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 0)}
+SHAPES = ("circle", "square", "triangle")
+# A fourth, never-drawn shape so shape questions have four options like colour questions.
+SHAPE_OPTIONS = (*SHAPES, "star")
+BACKGROUNDS = ((255, 255, 255), (240, 240, 240), (250, 245, 230), (235, 240, 250))
+DIRECTIONS = ("left", "right", "up", "down")
+LETTERS = "ABCD"
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# espeak-ng voices that exist in Debian's package without mbrola; "+f3" etc. are voice variants.
+VOICES = ("en", "en-us", "en+f3", "en-us+m3", "en-gb-scotland", "en+f4", "en-029")
+SPEEDS = (140, 150, 160, 170, 180)
+VIDEO_FPS, VIDEO_SECONDS = 8, 4
+AUDIO_RATE = 16000
+TASKS = ("caption", "image_mcq", "video_mcq", "asr", "text_qa")
+
+
+def make_demo(out_dir: Path, cfg: DataConfig, progress: bool = True) -> dict[str, int]:
+    """Write out_dir/train.jsonl, out_dir/val.jsonl and out_dir/media/*; return record counts
+    per task, per split and in total."""
+    if cfg.demo_audios and shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is needed for the speech data: apt-get install -y espeak-ng")
+    out_dir = Path(out_dir)
+    (out_dir / "media").mkdir(parents=True, exist_ok=True)
+
+    # Each entry builds one record's messages and media from (rng, id, out_dir).
+    Builder = Callable[[random.Random, str, Path], dict]
+    n_caption = cfg.demo_images // 2
+    plan: list[tuple[str, int, Builder]] = []
+    plan += [("caption", i, _caption) for i in range(n_caption)]
+    plan += [("image_mcq", i, _image_mcq) for i in range(cfg.demo_images - n_caption)]
+    plan += [("video_mcq", i, _video_mcq) for i in range(cfg.demo_videos)]
+    speech = _unique_speech(random.Random(f"{cfg.seed}:asr"), cfg.demo_audios)
+    plan += [("asr", i, partial(_asr, text=t, voice=v, speed=sp)) for i, (t, v, sp) in enumerate(speech)]
+    texts = _text_pool(random.Random(f"{cfg.seed}:text_qa"), cfg.demo_texts)
+    plan += [("text_qa", i, partial(_text_qa, qa=qa)) for i, qa in enumerate(texts)]
+
+    def build(item: tuple[str, int, Builder]) -> Record:
+        task, i, fn = item
+        rid = f"{task}-{i:04d}"
+        # One RNG per record, seeded by (seed, id): results do not depend on thread scheduling.
+        return Record(
+            id=rid,
+            task=task,
+            lang="en",
+            source=SOURCE,
+            **fn(random.Random(f"{cfg.seed}:{rid}"), rid, out_dir),
+        )
+
+    # Threads: espeak-ng and x264 run outside the GIL, so a few workers overlap the slow parts.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        records = list(tqdm(pool.map(build, plan), total=len(plan), desc="omni-tiny", disable=not progress))
+
+    val_ids = _val_ids(records, cfg.val_fraction)
+    counts = {task: 0 for task in TASKS} | {"train": 0, "val": 0}
+    with open(out_dir / "train.jsonl", "w") as train, open(out_dir / "val.jsonl", "w") as val:
+        for rec in records:
+            split = "val" if rec.id in val_ids else "train"
+            (val if split == "val" else train).write(json.dumps(rec.model_dump(), ensure_ascii=False) + "\n")
+            counts[rec.task] += 1
+            counts[split] += 1
+    counts["total"] = len(records)
+    return counts
+
+
+def _val_ids(records: list[Record], fraction: float) -> set[str]:
+    """Per task, the ids with the smallest stable hash go to val: the split is reproducible,
+    independent of generation order, and every task with 2+ records gets at least one val record."""
+    val: set[str] = set()
+    for task in TASKS:
+        ids = sorted(
+            (r.id for r in records if r.task == task), key=lambda s: hashlib.sha256(s.encode()).hexdigest()
+        )
+        n_val = round(len(ids) * fraction)
+        if len(ids) >= 2:
+            n_val = min(max(n_val, 1), len(ids) - 1)
+        val.update(ids[:n_val])
+    return val
+
+
+def _options(rng: random.Random, answer: str, choices: tuple[str, ...]) -> tuple[str, str]:
+    """Shuffled lettered options and the letter of `answer`."""
+    opts = list(choices)
+    rng.shuffle(opts)
+    lines = "\n".join(f"{letter}. {opt}" for letter, opt in zip(LETTERS, opts, strict=True))
+    return lines, LETTERS[opts.index(answer)]
+
+
+def _chat(user: str, assistant: str) -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+# ---------------------------------------------------------------------------------------- images
+
+
+def _draw(img: Image.Image, shape: str, color: tuple[int, int, int], cx: float, cy: float, r: float) -> None:
+    d = ImageDraw.Draw(img)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        d.ellipse(box, fill=color)
+    elif shape == "square":
+        d.rectangle(box, fill=color)
+    else:
+        d.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=color)
+
+
+def _jitter(rng: random.Random, color: tuple[int, int, int]) -> tuple[int, int, int]:
+    return tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in color)  # type: ignore[return-value]
+
+
+def _shape_image(rng: random.Random, rid: str, out_dir: Path, index: int) -> tuple[str, str, str]:
+    """Draw one shape, save it (PNG and JPEG alternately) and return (relative path, color, shape)."""
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    img = Image.new("RGB", (SIZE, SIZE), rng.choice(BACKGROUNDS))
+    r = rng.uniform(10, 18)
+    _draw(
+        img,
+        shape,
+        _jitter(rng, COLORS[color]),
+        rng.uniform(r + 2, SIZE - r - 2),
+        rng.uniform(r + 2, SIZE - r - 2),
+        r,
+    )
+    ext = "png" if index % 2 == 0 else "jpg"
+    rel = f"media/{rid}.{ext}"
+    img.save(out_dir / rel, **({"quality": 90} if ext == "jpg" else {}))
+    return rel, color, shape
+
+
+def _index(rid: str) -> int:
+    return int(rid.rsplit("-", 1)[1])
+
+
+def _caption(rng: random.Random, rid: str, out_dir: Path) -> dict:
+    rel, color, shape = _shape_image(rng, rid, out_dir, _index(rid))
+    return {"messages": _chat("<image>Describe the image.", f"a {color} {shape}"), "images": [rel]}
+
+
+def _image_mcq(rng: random.Random, rid: str, out_dir: Path) -> dict:
+    rel, color, shape = _shape_image(rng, rid, out_dir, _index(rid))
+    if rng.random() < 0.5:
+        question, (lines, letter) = "What color is the shape?", _options(rng, color, tuple(COLORS))
+    else:
+        question, (lines, letter) = "What shape is in the image?", _options(rng, shape, SHAPE_OPTIONS)
+    user = f"<image>{question}\n{lines}\nAnswer with the option's letter."
+    return {"messages": _chat(user, letter), "images": [rel]}
+
+
+# ---------------------------------------------------------------------------------------- videos
+
+
+def _video_mcq(rng: random.Random, rid: str, out_dir: Path) -> dict:
+    direction, color, shape = rng.choice(DIRECTIONS), rng.choice(list(COLORS)), rng.choice(SHAPES)
+    background, fill = rng.choice(BACKGROUNDS), _jitter(rng, COLORS[color])
+    r = rng.uniform(7, 10)
+    lo, hi = r + 1, SIZE - r - 1
+    across = rng.uniform(lo + 4, hi - 4)  # the fixed coordinate
+    n = VIDEO_FPS * VIDEO_SECONDS
+    rel = f"media/{rid}.mp4"
+    with av.open(str(out_dir / rel), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=VIDEO_FPS, options={"preset": "veryfast", "crf": "20"})
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = VIDEO_FPS  # a keyframe every second: seeking has work to skip
+        for i in range(n):
+            s = i / (n - 1)
+            # Image coordinates: x grows to the right, y grows downwards.
+            along = lo + s * (hi - lo) if direction in ("right", "down") else hi - s * (hi - lo)
+            cx, cy = (along, across) if direction in ("left", "right") else (across, along)
+            img = Image.new("RGB", (SIZE, SIZE), background)
+            _draw(img, shape, fill, cx, cy, r)
+            frame = av.VideoFrame.from_image(img)
+            frame.pts, frame.time_base = i, Fraction(1, VIDEO_FPS)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    lines, letter = _options(rng, direction, DIRECTIONS)
+    user = f"<video>In which direction does the shape move?\n{lines}\nAnswer with the option's letter."
+    return {"messages": _chat(user, letter), "videos": [rel]}
+
+
+# ----------------------------------------------------------------------------------------- audio
+
+
+def _unique_speech(rng: random.Random, n: int) -> list[tuple[str, str, int]]:
+    """`n` distinct (text, voice, speed) triples, so no two clips are identical (data prep dedups)."""
+    seen: set[tuple[str, str, int]] = set()
+    out: list[tuple[str, str, int]] = []
+    while len(out) < n:
+        words = " ".join(rng.choice(DIGITS) for _ in range(rng.randint(1, 3)))
+        item = (words, rng.choice(VOICES), rng.choice(SPEEDS))
+        if item not in seen:
+            seen.add(item)
+            out.append(item)
+    return out
+
+
+def _asr(rng: random.Random, rid: str, out_dir: Path, text: str, voice: str, speed: int) -> dict:
+    wav = subprocess.run(
+        ["espeak-ng", "--stdout", "-v", voice, "-s", str(speed), text], check=True, capture_output=True
+    ).stdout
+    samples = load_audio(wav, AUDIO_RATE)  # espeak-ng speaks at 22.05 kHz; models want 16 kHz
+    rel = f"media/{rid}.wav"
+    with wave.open(str(out_dir / rel), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(AUDIO_RATE)
+        w.writeframes((samples * 32767).round().astype("<i2").tobytes())
+    return {"messages": _chat("<audio>Transcribe the audio.", text), "audios": [rel]}
+
+
+# ------------------------------------------------------------------------------------------ text
+
+_FACTS = [
+    ("What color is the sky?", "blue"),
+    ("What color is grass?", "green"),
+    ("What color is a banana?", "yellow"),
+    ("What color is a tomato?", "red"),
+    ("How many sides does a triangle have?", "3"),
+    ("How many sides does a square have?", "4"),
+    ("How many corners does a circle have?", "0"),
+    ("How many legs does a dog have?", "4"),
+    ("How many days are in a week?", "7"),
+    ("What is the opposite of up?", "down"),
+    ("What is the opposite of left?", "right"),
+]
+
+
+def _text_pool(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """`n` question/answer pairs drawn without replacement from a pool of single-digit sums and
+    differences, successor/predecessor questions and a few facts (repeats only past ~190)."""
+    pool = list(_FACTS)
+    pool += [(f"What is {a} plus {b}?", str(a + b)) for a in range(10) for b in range(10)]
+    pool += [(f"What is {a} minus {b}?", str(a - b)) for a in range(10) for b in range(a + 1)]
+    pool += [(f"What number comes after {k}?", str(k + 1)) for k in range(10)]
+    pool += [(f"What number comes before {k}?", str(k - 1)) for k in range(1, 11)]
+    rng.shuffle(pool)
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def _text_qa(rng: random.Random, rid: str, out_dir: Path, qa: tuple[str, str]) -> dict:
+    return {"messages": _chat(*qa)}

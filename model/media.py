@@ -1,0 +1,219 @@
+"""Decode and normalise media: images -> RGB, videos -> RGB frames sampled at a fixed rate,
+audio -> 16 kHz mono float32.
+
+Only Pillow, PyAV and numpy: the same code runs in data prep, training, evaluation and serving,
+so it avoids torchvision/torchaudio (heavy, and tied to the torch build).
+
+Every decoding failure is raised as `MediaError` with a reason, so data prep can quarantine the
+record ("truncated image", "no audio stream", ...) instead of crashing or silently dropping it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+Source = str | Path | bytes
+
+
+class MediaError(ValueError):
+    """A media item that cannot be decoded (empty, truncated, wrong format, no usable stream)."""
+
+
+def _describe(src: Source) -> str:
+    return f"<{len(src)} bytes>" if isinstance(src, bytes) else str(src)
+
+
+def _check_source(src: Source) -> str | io.BytesIO:
+    """Reject missing and zero-byte inputs up front: decoders give confusing errors for them."""
+    if isinstance(src, bytes):
+        if not src:
+            raise MediaError("empty input (0 bytes)")
+        return io.BytesIO(src)
+    path = Path(src)
+    if not path.is_file():
+        raise MediaError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path}: empty file (0 bytes)")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------- images
+
+
+def load_image(src: Source) -> Image.Image:
+    """Decode an image fully and return it as RGB (EXIF rotation applied, alpha put on white)."""
+    handle = _check_source(src)
+    try:
+        with Image.open(handle) as img:
+            # `open` only reads the header; `load` decodes every pixel, so truncated files fail here.
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return img.convert("RGB")
+    except UnidentifiedImageError as e:
+        raise MediaError(f"{_describe(src)}: not a recognised image format") from e
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{_describe(src)}: image too large ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        # Pillow reports truncated/corrupt data as OSError ("image file is truncated") or SyntaxError.
+        raise MediaError(f"{_describe(src)}: corrupt or truncated image ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------- videos
+
+
+def _open(src: Source) -> av.container.InputContainer:
+    handle = _check_source(src)
+    try:
+        return av.open(handle, mode="r")
+    except av.FFmpegError as e:
+        raise MediaError(f"{_describe(src)}: cannot open container ({e})") from e
+
+
+def _stream_duration(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def sample_times(duration: float, fps: float, max_frames: int) -> list[float]:
+    """Target times: one every 1/fps seconds; if that is more than `max_frames`, `max_frames`
+    times spread evenly over the whole duration instead (so long videos are covered end to end)."""
+    if fps <= 0 or max_frames <= 0:
+        raise ValueError("fps and max_frames must be positive")
+    n = max(1, math.ceil(duration * fps - 1e-9))
+    if n <= max_frames:
+        return [i / fps for i in range(n)]
+    return [i * duration / max_frames for i in range(max_frames)]
+
+
+def load_video_frames(
+    src: Source, fps: float = 1.0, max_frames: int = 48
+) -> tuple[list[Image.Image], list[float]]:
+    """Sample RGB frames at `fps` (at most `max_frames`) by seeking, plus their times in seconds.
+
+    Each target is reached by seeking to the keyframe before it and decoding forward to the first
+    frame at or after it, so a long video costs about one GOP per sample, not a full decode.
+    Timestamps are the sampled frames' own presentation times, relative to the stream start.
+    """
+    container = _open(src)
+    try:
+        streams = container.streams.video
+        if not streams:
+            raise MediaError(f"{_describe(src)}: no video stream")
+        stream = streams[0]
+        stream.thread_type = "AUTO"
+        tb = stream.time_base
+        start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+        duration = _stream_duration(container, stream)
+        frames: list[Image.Image] = []
+        times: list[float] = []
+        try:
+            if duration is None or tb is None:
+                # No duration to plan seeks with (rare, e.g. raw streams): one sequential pass instead.
+                frames, times = _sample_sequential(container, stream, fps, max_frames, start)
+            else:
+                for target in sample_times(duration, fps, max_frames):
+                    frame = _frame_at(container, stream, start + target)
+                    if frame is not None:
+                        frames.append(frame.to_image())
+                        times.append(float(frame.time) - start)
+        except av.FFmpegError as e:
+            raise MediaError(f"{_describe(src)}: corrupt video ({e})") from e
+        if not frames:
+            raise MediaError(f"{_describe(src)}: no decodable video frames")
+        return frames, times
+    finally:
+        container.close()
+
+
+def _frame_at(
+    container: av.container.InputContainer, stream: av.stream.Stream, t: float
+) -> av.VideoFrame | None:
+    """First frame at or after time `t` (or the last frame, if `t` is past the final one)."""
+    container.seek(int(t / stream.time_base), stream=stream, backward=True, any_frame=False)
+    last = None
+    for frame in container.decode(stream):
+        if frame.time is None:
+            continue
+        # Half a microsecond of slack: targets like 1/3 s never land exactly on a pts.
+        if frame.time >= t - 5e-7:
+            return frame
+        last = frame
+    return last
+
+
+def _sample_sequential(
+    container: av.container.InputContainer,
+    stream: av.stream.Stream,
+    fps: float,
+    max_frames: int,
+    start: float,
+) -> tuple[list[Image.Image], list[float]]:
+    frames: list[Image.Image] = []
+    times: list[float] = []
+    next_t = 0.0
+    for frame in container.decode(stream):
+        if frame.time is None or len(frames) >= max_frames:
+            continue
+        t = float(frame.time) - start
+        if t >= next_t - 5e-7:
+            frames.append(frame.to_image())
+            times.append(t)
+            next_t += 1.0 / fps
+    return frames, times
+
+
+# ----------------------------------------------------------------------------------------- audio
+
+
+def load_audio(src: Source, sampling_rate: int = 16000) -> np.ndarray:
+    """Decode the first audio stream to mono float32 in [-1, 1] at `sampling_rate` Hz."""
+    container = _open(src)
+    try:
+        if not container.streams.audio:
+            raise MediaError(f"{_describe(src)}: no audio stream")
+        stream = container.streams.audio[0]
+        # Packed float mono output: one contiguous array per frame, no per-format scaling needed.
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sampling_rate)
+        chunks: list[np.ndarray] = []
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):  # flush the resampler's buffered tail
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.FFmpegError as e:
+            raise MediaError(f"{_describe(src)}: corrupt audio ({e})") from e
+    finally:
+        container.close()
+    if not chunks or sum(len(c) for c in chunks) == 0:
+        raise MediaError(f"{_describe(src)}: audio stream has no samples")
+    wave = np.concatenate(chunks).astype(np.float32, copy=False)
+    return np.clip(wave, -1.0, 1.0)
+
+
+def media_duration(src: Source) -> float:
+    """Duration in seconds of an audio or video file, from the container header (no decoding)."""
+    container = _open(src)
+    try:
+        streams = list(container.streams.video) + list(container.streams.audio)
+        if not streams:
+            raise MediaError(f"{_describe(src)}: no audio or video stream")
+        duration = _stream_duration(container, streams[0])
+        if duration is None:
+            raise MediaError(f"{_describe(src)}: duration unknown")
+        return duration
+    finally:
+        container.close()

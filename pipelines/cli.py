@@ -1,0 +1,117 @@
+"""`omni`: the platform's command line.
+
+    omni demo [overrides]                         demo data -> whole DAG locally -> serve -> ask
+    omni data make-demo --out DIR [overrides]     generate the omni-tiny demo set
+    omni data prep INPUT... --out DIR [overrides] validate/normalise/split records (+ quarantine)
+    omni pipeline compile [--out FILE]            the YAML to upload in the Kubeflow UI / kfp run submit
+    omni pipeline run --data DIR [overrides]      the whole DAG on this machine (kfp.local)
+    omni serve --model-dir DIR | --model-version champion
+    omni config [overrides]                       print the resolved, validated config
+
+Overrides are Hydra's: `model=tiny stages.sft.steps=100 tracking.uri=http://mlflow:5000`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_COMPILED = Path(__file__).resolve().parent / "compiled" / "omni_pipeline.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omni", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(parent, name: str, help_: str) -> argparse.ArgumentParser:
+        cmd = parent.add_parser(name, help=help_, description=help_)
+        cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. stages.sft.steps=100")
+        return cmd
+
+    demo = add(sub, "demo", "Generate demo data, run the whole DAG locally, serve the champion and query it.")
+    demo.add_argument("--keep-serving", action="store_true", help="leave the predictor running at the end")
+
+    data = sub.add_parser("data", help="demo data and data prep").add_subparsers(dest="data_command", required=True)
+    make = add(data, "make-demo", "Generate the omni-tiny demo set (images, mp4 videos, espeak-ng speech, text).")
+    make.add_argument("--out", type=Path, required=True, help="output folder (train.jsonl, val.jsonl, media/)")
+    prep = add(data, "prep", "Validate, normalise, deduplicate and split JSONL records; bad ones go to quarantine.jsonl.")
+    prep.add_argument("--input", dest="inputs", type=Path, action="append", required=True,
+                      help="a JSONL file or a folder of them (repeatable)")
+    prep.add_argument("--out", type=Path, required=True, help="output folder")
+
+    pipe = sub.add_parser("pipeline", help="compile or run the DAG").add_subparsers(dest="pipeline_command", required=True)
+    comp = add(pipe, "compile", "Compile the DAG to KFP YAML (upload it in the UI or `kfp run submit -f`).")
+    comp.add_argument("--out", type=Path, default=DEFAULT_COMPILED, help=f"default: {DEFAULT_COMPILED.name} in pipelines/compiled")
+    run = add(pipe, "run", "Run the DAG on this machine with kfp.local (embedded MLflow, local artifacts).")
+    run.add_argument("--data", required=True, help="folder (or comma-separated JSONL files) of records")
+
+    serve = add(sub, "serve", "Start the KServe predictor (OpenAI-style chat + v2 inference) on a checkpoint.")
+    src = serve.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-dir", type=Path, help="a checkpoint folder (omni_config.json, model.safetensors, tokenizer/)")
+    src.add_argument("--model-version", help="a registered version number or alias (e.g. champion) from MLflow")
+    serve.add_argument("--http-port", type=int, default=None, help="default: serving.http_port")
+
+    add(sub, "config", "Print the resolved and validated configuration as YAML.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from components.config import ConfigError
+    from pipelines.config import load_config
+
+    try:
+        cfg = load_config(args.overrides)
+    except ConfigError as err:
+        print(f"omni: {err}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    elif args.command == "demo":
+        from pipelines.demo import run_demo
+
+        run_demo(cfg, keep_serving=args.keep_serving)
+    elif args.command == "data" and args.data_command == "make-demo":
+        from model.demo_data import make_demo
+
+        print(make_demo(args.out, cfg.data))
+    elif args.command == "data":
+        from model.prep import prepare
+
+        result = prepare(args.inputs, args.out, cfg.data, cfg.model)
+        m = result.manifest
+        print(f"{m['records_in']} in, {m['records_out']} out, {m['records_quarantined']} quarantined "
+              f"(see {args.out / 'quarantine.jsonl'})")
+    elif args.pipeline_command == "compile":
+        from pipelines.compile import compile_pipeline
+
+        print(compile_pipeline(cfg, args.out))
+    elif args.pipeline_command == "run":
+        from pipelines.local import run_local
+
+        print(run_local(cfg, args.data))
+    elif args.command == "serve":
+        return _serve(cfg, args)
+    return 0
+
+
+def _serve(cfg, args) -> int:
+    from serving.server import serve
+
+    model_dir = args.model_dir
+    if model_dir is None:
+        from components import tracking
+        from components.lifecycle import mlflow_uri
+
+        dst = cfg.workdir() / "serving" / str(args.model_version)
+        model_dir = tracking.download_version(mlflow_uri(cfg), cfg.tracking.registered_model, args.model_version, dst)
+    serving_cfg = cfg.serving.model_copy(update={"http_port": args.http_port} if args.http_port else {})
+    serve(model_dir, serving_cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

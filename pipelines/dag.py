@@ -1,0 +1,84 @@
+"""The omni training DAG (SPEC §8):
+
+    data-prep -> init-model -> image-1 -> image-2 -> image-3 -> video -> audio -> omni-align -> sft
+      -> evaluate -> export-triton -> register -> gate -> dsl.If(promote) / Else(keep champion)
+
+GPU stages carry the accelerator, node selector, toleration and a memory-backed /dev/shm from the
+cluster config; CPU steps go to the CPU pool. Both are no-ops under `kfp.local`.
+"""
+
+
+from kfp import dsl, kubernetes
+
+from components.config import STAGE_ORDER, OmniConfig, PoolConfig
+from components.pipeline_components import make_components
+
+PIPELINE_NAME = "omni-platform"
+# Deterministic steps are cached; steps with side effects in MLflow are not.
+UNCACHED = {"start-tracking", "register", "gate", "promote", "keep-champion"}
+
+
+def _place(task: dsl.PipelineTask, pool: PoolConfig, retries: int) -> dsl.PipelineTask:
+    for key, value in pool.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for tol in pool.tolerations:
+        kubernetes.add_toleration(task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect)
+    task.set_cpu_request(pool.cpu_request).set_memory_request(pool.memory_request)
+    if pool.accelerator_type and pool.accelerator_limit:
+        task.set_accelerator_type(pool.accelerator_type).set_accelerator_limit(pool.accelerator_limit)
+    if pool.shm_size:
+        # NCCL and DataLoader workers exchange tensors through /dev/shm; the default 64 MiB is too small.
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=pool.shm_size)
+    if retries:
+        task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
+    return task
+
+
+def build_pipeline(cfg: OmniConfig):
+    """The pipeline function for this config; the resolved config is its default parameter, so a
+    compiled YAML is self-contained and `key=value` at submit time can still replace it."""
+    ops = make_components(cfg.cluster.images.ref("cpu"), cfg.cluster.images.ref("gpu"))
+    cluster = cfg.cluster
+    stages = [s for s in STAGE_ORDER if s in cfg.stages]
+
+    def gpu(task):
+        return _place(task, cluster.gpu_pool, cluster.retries)
+
+    def cpu(task, name):
+        task.set_caching_options(cluster.caching and name not in UNCACHED)
+        return _place(task, cluster.cpu_pool, cluster.retries if name not in UNCACHED else 0)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Omni-modal LLM: data prep, staged training, evaluation, "
+                  "Triton export, MLflow registry, gated promotion to KServe")
+    def omni_pipeline(data_uri: str, config_json: str = cfg.to_json()) -> str:
+        run_id = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+        parent = cpu(ops.start_tracking(config_json=config_json, pipeline_run=run_id), "start-tracking")
+        parent.set_display_name("start-tracking")
+        prep = cpu(ops.data_prep(config_json=config_json, data_uri=data_uri, parent_run_id=parent.output),
+                   "data-prep").set_display_name("data-prep")
+        init = cpu(ops.init_model(config_json=config_json, dataset=prep.outputs["dataset"]), "init-model")
+        init.set_display_name("init-model")
+        current = init.outputs["model"]
+        for stage in stages:
+            task = gpu(ops.train_stage(config_json=config_json, stage=stage, parent_run_id=parent.output,
+                                       dataset=prep.outputs["dataset"], init_model=current))
+            task.set_display_name(stage.replace("_", "-")).set_caching_options(cluster.caching)
+            current = task.outputs["model"]
+        ev = gpu(ops.evaluate(config_json=config_json, parent_run_id=parent.output, dataset=prep.outputs["dataset"],
+                              model=current, baseline=init.outputs["model"])).set_display_name("evaluate")
+        export = gpu(ops.export_triton(model=current)).set_display_name("export-triton")
+        reg = cpu(ops.register(config_json=config_json, parent_run_id=parent.output, pipeline_run=run_id,
+                               model=current, eval_metrics=ev.outputs["Output"], manifest_sha256=prep.outputs["Output"]),
+                  "register").set_display_name("register")
+        reg.after(export)  # register only what exported cleanly
+        verdict = cpu(ops.gate(config_json=config_json, version=reg.output), "gate").set_display_name("gate")
+        with dsl.If(verdict.output == "promote", name="gate-passed"):
+            cpu(ops.promote(config_json=config_json, version=reg.output, parent_run_id=parent.output),
+                "promote").set_display_name("promote")
+        with dsl.Else(name="gate-failed"):
+            cpu(ops.keep_champion(config_json=config_json, version=reg.output, parent_run_id=parent.output),
+                "keep-champion").set_display_name("keep-champion")
+        return ev.outputs["Output"]
+
+    return omni_pipeline

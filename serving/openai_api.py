@@ -1,0 +1,349 @@
+"""OpenAI-style chat completions on the KServe server: `POST /openai/v1/chat/completions`.
+
+KServe's own OpenAI routes need vLLM, so this is a small route of our own. Requests mirror the
+shapes OpenAI and vLLM accept:
+
+    {"model": "omni", "max_tokens": 32, "stream": false,
+     "messages": [{"role": "user", "content": [
+         {"type": "text", "text": "What is shown?"},
+         {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+         {"type": "input_audio", "input_audio": {"data": "<base64>", "format": "wav"}},
+         {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64,..."}},
+         {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}]}]}
+
+Content parts become <image>/<audio>/<video> tags in the order they appear. Media must be inline
+(base64 or data URIs): the server makes no outbound requests, so http(s) URLs get a 400 saying so.
+Decoding is greedy: `temperature`, `top_p` and `seed` are accepted for client compatibility and do
+not change the answer. `n` must be 1. Fields outside this schema are refused, not ignored.
+
+Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for malformed
+JSON, schema violations, bad base64, undecodable media and exceeded limits; 404 for an unknown
+model; 413 for a body over `limits.max_request_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from model.records import TAG_PATTERN
+from serving.predictor import BadRequest, Conversation, MediaItem, OmniPredictor, decode_base64, kserve
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ schema
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; images are always resized the same way
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Strict):
+    data: str  # base64 (a data URI is accepted too)
+    format: str = "wav"  # informational: ffmpeg sniffs the real format
+
+
+class InputAudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class MediaURL(_Strict):
+    url: str
+
+
+class AudioURLPart(_Strict):
+    type: Literal["audio_url"]
+    audio_url: MediaURL
+
+
+class VideoURLPart(_Strict):
+    type: Literal["video_url"]
+    video_url: MediaURL
+
+
+ContentPart = Annotated[
+    TextPart | ImagePart | InputAudioPart | AudioURLPart | VideoURLPart, Field(discriminator="type")
+]
+_PART = TypeAdapter(ContentPart)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    # A string or raw parts; parts are validated one by one so errors can name messages[i].content[j].
+    content: Any
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _string_or_parts(cls, value: Any) -> Any:
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(p, dict) for p in value)):
+            return value
+        raise ValueError("must be a string or a list of content parts (objects with a 'type')")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    model: str | None = None  # None: the served model
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+# --------------------------------------------------------------------------------- conversion
+def _no_tags(text: str, field: str) -> None:
+    # The tokenizer would read a literal tag as a media slot: media must come as content parts.
+    found = TAG_PATTERN.search(text)
+    if found:
+        raise BadRequest(
+            f"{field}: literal {found.group(0)} in text; send media as content parts instead", field
+        )
+
+
+def _data_uri(url: str, field: str) -> bytes:
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme in ("http", "https"):
+        raise BadRequest(
+            f"{field}: remote URLs are not fetched (this server makes no outbound requests); "
+            "send the media inline as a data URI, e.g. data:image/png;base64,...",
+            field,
+        )
+    if scheme != "data":
+        raise BadRequest(f"{field}: expected a data URI (data:<mime type>;base64,<data>)", field)
+    header, sep, payload = url[len("data:") :].partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        raise BadRequest(f"{field}: only base64 data URIs are accepted (data:<mime type>;base64,<data>)", field)
+    return decode_base64(payload, field)
+
+
+def _part(raw: dict, field: str):
+    try:
+        return _PART.validate_python(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        # The first location item of a tagged union is the tag itself, e.g. ("image_url", "image_url", "url").
+        where = field + _loc(err["loc"][1:], leading_dot=True)
+        raise BadRequest(f"{where}: {err['msg']}", where) from e
+
+
+def _media(part, field: str) -> MediaItem:
+    if isinstance(part, ImagePart):
+        where = f"{field}.image_url.url"
+        return MediaItem("image", _data_uri(part.image_url.url, where), where)
+    if isinstance(part, VideoURLPart):
+        where = f"{field}.video_url.url"
+        return MediaItem("video", _data_uri(part.video_url.url, where), where)
+    if isinstance(part, AudioURLPart):
+        where = f"{field}.audio_url.url"
+        return MediaItem("audio", _data_uri(part.audio_url.url, where), where)
+    where = f"{field}.input_audio.data"
+    data = part.input_audio.data
+    return MediaItem("audio", _data_uri(data, where) if data.startswith("data:") else decode_base64(data, where), where)
+
+
+def to_conversation(messages: list[ChatMessage]) -> Conversation:
+    """OpenAI messages -> messages with tags in part order, plus the (still encoded) media."""
+    out, media = [], []
+    for i, msg in enumerate(messages):
+        field = f"messages[{i}].content"
+        if isinstance(msg.content, str):
+            _no_tags(msg.content, field)
+            content = msg.content
+        else:
+            content, previous_text = "", False
+            for j, raw in enumerate(msg.content):
+                part = _part(raw, f"{field}[{j}]")
+                if isinstance(part, TextPart):
+                    _no_tags(part.text, f"{field}[{j}].text")
+                    content += ("\n" if previous_text else "") + part.text
+                    previous_text = True
+                else:
+                    item = _media(part, f"{field}[{j}]")
+                    media.append(item)
+                    content += f"<{item.kind}>"
+                    previous_text = False
+        out.append({"role": "system" if msg.role == "developer" else msg.role, "content": content})
+    return Conversation(out, media, "messages")
+
+
+# ------------------------------------------------------------------------------------ helpers
+class _TooLarge(Exception):
+    pass
+
+
+def _loc(loc: tuple, leading_dot: bool = False) -> str:
+    text = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc)
+    return text if leading_dot else text.lstrip(".")
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON ({e})") from e
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(payload)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = _loc(err["loc"]) or None
+        raise BadRequest(f"{param}: {err['msg']}" if param else err["msg"], param) from e
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# -------------------------------------------------------------------------------------- route
+def build_router(predictor: OmniPredictor) -> APIRouter:
+    """`/openai/v1/chat/completions` and `/openai/v1/models` for one predictor."""
+    router = APIRouter(prefix="/openai/v1", tags=["OpenAI"])
+    latency = kserve.metrics.PREDICT_HIST_TIME.labels(**kserve.metrics.get_labels(predictor.name))
+    started = int(time.time())
+
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": predictor.name, "object": "model", "created": started, "owned_by": "omni-platform"}],
+        }
+
+    async def chat_completions(request: Request) -> Response:
+        try:
+            req = parse_request(await _read_body(request, predictor.cfg.limits.max_request_bytes))
+            if req.model not in (None, predictor.name):
+                return error_response(
+                    404, f"the model {req.model!r} does not exist; this server serves {predictor.name!r}",
+                    "model", "model_not_found",
+                )
+            param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            max_new = predictor.max_new_tokens(req.max_completion_tokens or req.max_tokens, param)
+            conv = to_conversation(req.messages)
+            rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            if req.stream:
+                item, prompt_tokens = await predictor.prepare(conv, max_new)
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                events = _stream_events(predictor, item, max_new, prompt_tokens, rid, created, include_usage)
+                return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            with latency.time():
+                [done] = await predictor.complete([conv], max_new)
+        except BadRequest as e:
+            return error_response(400, e.reason, e.param)
+        except _TooLarge:
+            limit = predictor.cfg.limits.max_request_bytes
+            return error_response(413, f"request body exceeds {limit} bytes", None, "request_too_large")
+        except Exception:
+            logger.exception("chat completion failed")
+            return error_response(500, "internal error while generating; see the server log")
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": predictor.name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": done.text},
+                        "logprobs": None,
+                        "finish_reason": done.finish_reason,
+                    }
+                ],
+                "usage": _usage(done.prompt_tokens, done.completion_tokens),
+            }
+        )
+
+    router.add_api_route("/models", models, methods=["GET"])
+    router.add_api_route("/chat/completions", chat_completions, methods=["POST"], response_model=None)
+    return router
+
+
+async def _stream_events(
+    predictor: OmniPredictor, item, max_new: int, prompt_tokens: int, rid: str, created: int, include_usage: bool
+) -> AsyncIterator[str]:
+    """chat.completion.chunk events: the role, content deltas, the finish reason, optionally usage,
+    then `[DONE]`. A failure after the headers went out can only be reported as an error event."""
+
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        return {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": predictor.name,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+
+    latency = kserve.metrics.PREDICT_HIST_TIME.labels(**kserve.metrics.get_labels(predictor.name))
+    yield _sse(chunk({"role": "assistant", "content": ""}))
+    pieces: list[str] = []
+    try:
+        with latency.time():
+            async for piece in predictor.stream(item, max_new):
+                pieces.append(piece)
+                yield _sse(chunk({"content": piece}))
+        completion_tokens = await predictor.count_tokens("".join(pieces), max_new)
+    except Exception as e:
+        logger.exception("streamed generation failed")
+        yield _sse({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None, "code": None}})
+        yield _sse("[DONE]")
+        return
+    yield _sse(chunk({}, "length" if completion_tokens >= max_new else "stop"))
+    if include_usage:
+        yield _sse({**chunk({}), "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+    yield _sse("[DONE]")

@@ -1,0 +1,135 @@
+"""The omni-tiny generator: valid records, decodable media, labels that match the pixels,
+reproducible output."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.config import DataConfig
+from model.demo_data import COLORS, make_demo
+from model.media import load_audio, load_image, load_video_frames
+from model.records import Record
+
+TASKS = {"caption", "image_mcq", "video_mcq", "asr", "text_qa"}
+CFG = DataConfig(demo_images=16, demo_videos=8, demo_audios=8, demo_texts=8, val_fraction=0.25, seed=3)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo")
+    return out, make_demo(out, CFG, progress=False)
+
+
+def _records(out: Path) -> dict[str, list[Record]]:
+    return {
+        split: [
+            Record.model_validate_json(line) for line in (out / f"{split}.jsonl").read_text().splitlines()
+        ]
+        for split in ("train", "val")
+    }
+
+
+def _options(prompt: str) -> dict[str, str]:
+    return dict(re.findall(r"^([ABCD])\. (\w+)$", prompt, flags=re.MULTILINE))
+
+
+def _shape_mask(arr: np.ndarray) -> np.ndarray:
+    """Pixels that are clearly not the (near-white) background."""
+    return arr.astype(int).min(axis=-1) < 200
+
+
+def _dominant_color(arr: np.ndarray) -> str:
+    mean = arr[_shape_mask(arr)].mean(axis=0)
+    return min(COLORS, key=lambda c: np.abs(mean - np.array(COLORS[c])).sum())
+
+
+def test_counts_splits_and_records(demo):
+    out, counts = demo
+    recs = _records(out)
+    assert counts == {
+        "caption": 8, "image_mcq": 8, "video_mcq": 8, "asr": 8, "text_qa": 8,
+        "train": len(recs["train"]), "val": len(recs["val"]), "total": 40,
+    }  # fmt: skip
+    assert counts["val"] == 10  # 25 % of each task
+    ids = [r.id for split in recs.values() for r in split]
+    assert len(ids) == len(set(ids)) == 40
+    for split in recs.values():
+        for r in split:
+            assert r.task in TASKS and r.source == "omni-tiny" and r.lang == "en"
+    # Each task appears in val, so evaluation covers every task.
+    assert {r.task for r in recs["val"]} == TASKS
+
+
+def test_media_paths_are_relative_and_decode(demo):
+    out, _ = demo
+    for r in (r for split in _records(out).values() for r in split):
+        for p in r.images + r.videos + r.audios:
+            assert not Path(p).is_absolute() and p.startswith("media/")
+        for p in r.images:
+            img = load_image(out / p)
+            assert img.size == (64, 64)
+        for p in r.videos:
+            frames, times = load_video_frames(out / p, fps=1.0, max_frames=48)
+            assert len(frames) == 4 and times == pytest.approx([0, 1, 2, 3])
+        for p in r.audios:
+            audio = load_audio(out / p)
+            assert 0.2 < len(audio) / 16000 < 5 and np.abs(audio).max() > 0.1
+    exts = {Path(p).suffix for r in _records(out)["train"] + _records(out)["val"] for p in r.images}
+    assert exts == {".png", ".jpg"}
+
+
+def test_labels_match_the_media(demo):
+    out, _ = demo
+    for r in (r for split in _records(out).values() for r in split):
+        prompt, answer = r.messages[0].content, r.reference
+        if r.task == "caption":
+            arr = np.asarray(load_image(out / r.images[0]))
+            assert re.fullmatch(r"a (red|green|blue|yellow) (circle|square|triangle)", answer)
+            assert answer.split()[1] == _dominant_color(arr)
+        elif r.task == "image_mcq":
+            assert answer in "ABCD" and len(_options(prompt)) == 4
+            if "color" in prompt:
+                arr = np.asarray(load_image(out / r.images[0]))
+                assert _options(prompt)[answer] == _dominant_color(arr)
+        elif r.task == "video_mcq":
+            frames, _ = load_video_frames(out / r.videos[0], fps=1.0, max_frames=48)
+            (y0, x0), (y1, x1) = (
+                np.argwhere(_shape_mask(np.asarray(f))).mean(axis=0) for f in (frames[0], frames[-1])
+            )
+            dx, dy = x1 - x0, y1 - y0
+            moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+            assert _options(prompt)[answer] == moved
+        elif r.task == "asr":
+            assert prompt == "<audio>Transcribe the audio."
+            assert re.fullmatch(r"(zero|one|two|three|four|five|six|seven|eight|nine)( \w+){0,2}", answer)
+        else:
+            assert not (r.images or r.videos or r.audios) and answer
+
+
+def test_mcq_letters_vary(demo):
+    out, _ = demo
+    letters = {r.reference for split in _records(out).values() for r in split if r.task.endswith("mcq")}
+    assert len(letters) >= 3
+
+
+def test_same_seed_same_output_other_seed_differs(demo, tmp_path):
+    out, _ = demo
+    again = tmp_path / "again"
+    make_demo(again, CFG, progress=False)
+    for name in ("train.jsonl", "val.jsonl"):
+        assert (again / name).read_bytes() == (out / name).read_bytes()
+    for f in (out / "media").iterdir():
+        assert (again / "media" / f.name).read_bytes() == f.read_bytes(), f.name
+    other = tmp_path / "other"
+    make_demo(other, CFG.model_copy(update={"seed": 4}), progress=False)
+    assert (other / "train.jsonl").read_bytes() != (out / "train.jsonl").read_bytes()
+
+
+def test_missing_espeak_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH: espeak-ng cannot be found
+    with pytest.raises(RuntimeError, match="apt-get install -y espeak-ng"):
+        make_demo(tmp_path / "d", CFG, progress=False)

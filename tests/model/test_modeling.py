@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.modeling import OmniModel
+from model.processor import ChatInput, Encoded, OmniProcessor
+
+
+@pytest.fixture()
+def parts(tiny_cfg, tokenizer):
+    torch.manual_seed(0)
+    processor = OmniProcessor(tokenizer, tiny_cfg)
+    return OmniModel(tiny_cfg, len(tokenizer), processor.placeholder_ids).eval(), processor
+
+
+def _sample(audio_seconds=1.0, frames=4):
+    return ChatInput(
+        messages=[{"role": "user", "content": "<image><video><audio>what color?"}, {"role": "assistant", "content": "red"}],
+        images=[Image.new("RGB", (50, 40), "red")], videos=[[Image.new("RGB", (64, 64), "blue")] * frames],
+        audios=[np.random.default_rng(0).normal(0, 0.1, int(16000 * audio_seconds)).astype(np.float32)],
+    )
+
+
+def test_forward_splices_every_modality_and_loss_is_finite(parts):
+    model, processor = parts
+    batch = processor.collate([processor.encode(_sample()), processor.encode(_sample(2.0, 2))])
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_placeholder_count_matches_encoder_output(parts, tiny_cfg):
+    model, processor = parts
+    enc = processor.encode(_sample())
+    pad = processor.placeholder_ids
+    assert enc.input_ids.count(pad["image"]) == processor.image_tokens == model.encode_images(
+        torch.stack(enc.pixel_values)).shape[1]
+    assert enc.input_ids.count(pad["video"]) == 4 * processor.frame_tokens
+    # 1 s of audio = 100 mel frames -> 50 encoder frames -> 50 / stride tokens
+    assert enc.input_ids.count(pad["audio"]) == 100 // 2 // tiny_cfg.audio.projector_stride
+
+
+def test_mismatched_placeholders_fail_clearly(parts):
+    model, processor = parts
+    batch = processor.collate([processor.encode(_sample())])
+    batch.pop("pixel_values")
+    with pytest.raises(ValueError, match="image placeholder"):
+        model(**batch)
+
+
+def test_audio_in_a_padded_batch_equals_audio_alone(parts):
+    model, processor = parts
+    windows = [processor.audio_windows(np.random.default_rng(i).normal(0, 0.1, n).astype(np.float32))[0]
+               for i, n in enumerate((32000, 16000, 9000))]
+    batch = processor.collate([Encoded([0], [0], audio_mel=[w]) for w in windows])
+    with torch.no_grad():
+        together = model.encode_audio(batch["audio_mel"], batch["audio_frames"])
+        for w, t in zip(windows, together, strict=True):
+            alone = model.encode_audio(w[None], torch.tensor([w.shape[1]]))[0]
+            torch.testing.assert_close(t, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_long_audio_is_windowed(parts):
+    _, processor = parts
+    windows = processor.audio_windows(np.zeros(16000 * 70, dtype=np.float32))
+    assert [w.shape[1] for w in windows] == [3000, 3000, 1000]
+
+
+def test_odd_patch_grid_is_padded_not_dropped():
+    from torch import nn
+
+    from model.modeling import merge_2x2
+
+    conv = nn.Conv2d(8, 8, 2, 2)
+    assert merge_2x2(torch.randn(2, 27 * 27, 8), conv).shape == (2, 14 * 14, 8)
+    assert merge_2x2(torch.randn(2, 8 * 8, 8), conv).shape == (2, 16, 8)
+
+
+def test_save_and_reload_roundtrip(parts, tmp_path, tokenizer):
+    model, processor = parts
+    model.save_pretrained(tmp_path, tokenizer)
+    again = OmniModel.from_pretrained(tmp_path).eval()
+    batch = processor.collate([processor.encode(_sample())])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, again(**batch).logits)
+
+
+def test_paper_size_config_builds_on_meta_device():
+    from conftest import REPO
+    from omegaconf import OmegaConf
+
+    from model.config import ModelConfig
+
+    cfg = ModelConfig(**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "omni-7b.yaml")))
+    with torch.device("meta"):
+        model = OmniModel(cfg, cfg.llm.vocab_size, {"image": 1, "video": 2, "audio": 3})
+    total = sum(p.numel() for p in model.parameters())
+    assert 8.6e9 < total < 8.9e9, f"{total / 1e9:.2f}B parameters"

@@ -1,0 +1,74 @@
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from model.config import DataConfig
+from model.prep import prepare
+
+
+def _rec(rid, content="<image>What color?", answer="red", images=("img.png",), **extra):
+    return {"id": rid, "task": "caption", "messages": [{"role": "user", "content": content},
+                                                       {"role": "assistant", "content": answer}],
+            "images": list(images), **extra}
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (32, 32), "red").save(src / "img.png")
+    Image.new("RGB", (32, 32), "blue").save(src / "blue.jpg")
+    (src / "empty.png").write_bytes(b"")
+    (src / "text.png").write_text("not an image")
+    lines = [
+        json.dumps(_rec("good-1")),
+        json.dumps(_rec("good-2", images=("blue.jpg",), answer="blue")),
+        json.dumps(_rec("dup-of-1")),  # same text + same image bytes as good-1
+        "{not json",
+        json.dumps(_rec("no-file", images=("missing.png",))),
+        json.dumps(_rec("zero-bytes", images=("empty.png",))),
+        json.dumps(_rec("wrong-type", images=("text.png",))),
+        json.dumps(_rec("count-mismatch", content="<image><image>two?")),
+        json.dumps(_rec("unknown-tag", content="<img>what?", images=())),
+        json.dumps(_rec("no-answer", answer=" ")),
+    ]
+    (src / "data.jsonl").write_bytes("\n".join(lines).encode() + b"\n\xff\xfe broken utf8\n")
+    return src
+
+
+def test_every_bad_record_is_quarantined_with_a_reason(corpus, tmp_path, tiny_cfg):
+    out = tmp_path / "out"
+    result = prepare([corpus], out, DataConfig(val_fraction=0.5), tiny_cfg, progress=False)
+    m = result.manifest
+    assert m["records_in"] == 11 == m["records_out"] + m["records_quarantined"]
+    assert m["records_out"] == 2
+    reasons = {q["id"]: q["reason"] for q in map(json.loads, (out / "quarantine.jsonl").read_text().splitlines())}
+    assert "duplicate of record 'good-1'" in reasons["dup-of-1"]
+    assert "not found" in reasons["no-file"]
+    assert "bad media" in reasons["zero-bytes"] and "bad media" in reasons["wrong-type"]
+    assert "2 <image> tag(s)" in reasons["count-mismatch"]
+    assert "unknown media tag" in reasons["unknown-tag"]
+    assert "non-empty assistant turn" in reasons["no-answer"]
+    anonymous = [q for q in map(json.loads, (out / "quarantine.jsonl").read_text().splitlines()) if q["id"] is None]
+    assert sorted(q["reason"].split(":")[0] for q in anonymous) == ["malformed JSON", "not UTF-8"]
+    assert all(q["line"] > 0 and q["source"].endswith("data.jsonl") for q in anonymous)
+    # media normalised to content-addressed PNGs, stored once
+    kept = [json.loads(line) for split in ("train", "val") for line in (out / f"{split}.jsonl").read_text().splitlines()]
+    assert all(r["images"][0].startswith("media/") and r["images"][0].endswith(".png") for r in kept)
+    assert (out / "tokenizer").is_dir()
+
+
+def test_prep_is_deterministic(corpus, tmp_path, tiny_cfg):
+    a = prepare([corpus], tmp_path / "a", DataConfig(), tiny_cfg, progress=False).manifest
+    b = prepare([corpus], tmp_path / "b", DataConfig(), tiny_cfg, progress=False).manifest
+    assert a == b
+
+
+def test_over_long_records_are_quarantined(corpus, tmp_path, tiny_cfg):
+    shutil.copy(corpus / "img.png", corpus / "copy.png")
+    short = tiny_cfg.model_copy(update={"max_seq_len": 20})
+    result = prepare([corpus], tmp_path / "out", DataConfig(), short, progress=False)
+    assert any("max_seq_len" in q["reason"] for q in result.quarantined)
+    assert result.manifest["records_out"] == 0

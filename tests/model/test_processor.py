@@ -1,0 +1,32 @@
+import pytest
+from PIL import Image
+
+from model.processor import IGNORE_INDEX, ChatInput, OmniProcessor
+
+
+def test_labels_cover_only_assistant_turns(tiny_cfg, tokenizer):
+    p = OmniProcessor(tokenizer, tiny_cfg)
+    enc = p.encode(ChatInput(messages=[{"role": "system", "content": "be brief"},
+                                       {"role": "user", "content": "<image>what color?"},
+                                       {"role": "assistant", "content": "red"}],
+                             images=[Image.new("RGB", (64, 64), "red")]))
+    trained = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "red<|im_end|>"
+    assert all(lab == IGNORE_INDEX for lab in enc.labels[: enc.input_ids.index(p.placeholder_ids["image"]) + 1])
+
+
+def test_tag_and_media_counts_must_agree(tiny_cfg, tokenizer):
+    p = OmniProcessor(tokenizer, tiny_cfg)
+    with pytest.raises(ValueError, match="more <image> tags"):
+        p.encode(ChatInput(messages=[{"role": "user", "content": "<image><image>"}], images=[Image.new("RGB", (8, 8))]))
+    with pytest.raises(ValueError, match="media without a tag"):
+        p.encode(ChatInput(messages=[{"role": "user", "content": "hi"}], images=[Image.new("RGB", (8, 8))]))
+
+
+def test_left_padding_for_generation(tiny_cfg, tokenizer):
+    p = OmniProcessor(tokenizer, tiny_cfg)
+    short = p.encode(ChatInput(messages=[{"role": "user", "content": "hi"}]), add_generation_prompt=True)
+    long = p.encode(ChatInput(messages=[{"role": "user", "content": "what color is the shape"}]), add_generation_prompt=True)
+    batch = p.collate([short, long], left_pad=True)
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1
+    assert batch["input_ids"][0, -1].item() == short.input_ids[-1]

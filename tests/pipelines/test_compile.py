@@ -1,0 +1,48 @@
+"""The checked-in YAML is what clusters run: it must be what the code compiles today."""
+
+import yaml
+
+from pipelines.cli import DEFAULT_COMPILED
+from pipelines.compile import compile_pipeline
+from pipelines.config import load_config
+
+
+def test_checked_in_pipeline_yaml_is_up_to_date(tmp_path):
+    fresh = compile_pipeline(load_config(), tmp_path / "p.yaml").read_text()
+    assert DEFAULT_COMPILED.exists(), "run `omni pipeline compile` and commit pipelines/compiled/omni_pipeline.yaml"
+    assert fresh == DEFAULT_COMPILED.read_text(), "stale: run `omni pipeline compile` and commit the result"
+
+
+def test_gpu_stages_carry_placement_and_cpu_steps_do_not(tmp_path):
+    cfg = load_config()
+    docs = list(yaml.safe_load_all(compile_pipeline(cfg, tmp_path / "p.yaml").read_text()))
+    spec, platform = docs[0], docs[1]
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    containers = spec["deploymentSpec"]["executors"]
+    train = [name for name in containers if name.startswith("exec-train-stage")]
+    assert len(train) == len(cfg.stages)
+    for name in train:
+        res = containers[name]["container"]["resources"]
+        assert res["accelerator"]["resourceCount"] == str(cfg.cluster.gpu_pool.accelerator_limit)
+        assert res["accelerator"]["resourceType"] == cfg.cluster.gpu_pool.accelerator_type
+        k8s = executors[name]
+        assert k8s["nodeSelector"]["labels"] == cfg.cluster.gpu_pool.node_selector
+        assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+        assert containers[name]["container"]["image"] == cfg.cluster.images.ref("gpu")
+    gate = containers["exec-gate"]
+    assert "accelerator" not in gate["container"].get("resources", {})
+    assert executors["exec-gate"]["nodeSelector"]["labels"] == cfg.cluster.cpu_pool.node_selector
+    assert gate["container"]["image"] == cfg.cluster.images.ref("cpu")
+
+
+def test_dag_order_and_gate(tmp_path):
+    docs = list(yaml.safe_load_all(compile_pipeline(load_config(), tmp_path / "p.yaml").read_text()))
+    tasks = docs[0]["root"]["dag"]["tasks"]
+    order = ["train-stage", "train-stage-2", "train-stage-3", "train-stage-4", "train-stage-5", "train-stage-6",
+             "train-stage-7"]
+    for before, after in zip(order, order[1:], strict=False):
+        assert before in tasks[after]["dependentTasks"]
+    assert tasks["train-stage"]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"] == "image_1"
+    assert tasks["train-stage-7"]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"] == "sft"
+    assert "condition-branches-1" in tasks

@@ -1,0 +1,36 @@
+import pytest
+
+from components.config import STAGE_ORDER, ConfigError
+from pipelines.config import load_config
+
+
+def test_default_tree_validates_and_has_every_stage_in_dag_order():
+    cfg = load_config()
+    assert [s.name for s in cfg.ordered_stages()] == list(STAGE_ORDER)
+    assert cfg.model.name == "tiny"
+
+
+def test_paper_size_model_is_selectable():
+    cfg = load_config(["model=omni-7b"])
+    assert cfg.model.llm.hidden_size == 3584 and cfg.model.vision.image_size == 384
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stages.sft.lr=-1", "stages.sft.lr"),
+        ("stages.sft.trainable=[brain]", "unknown module 'brain'"),
+        ("model.llm.num_attention_heads=3", "divisible"),
+        ("model.audio.projector_stride=3", "model.audio.projector_stride"),
+        ("promotion.max_regression=-0.1", "promotion.max_regression"),
+        ("+run.bogus=1", "run.bogus"),
+    ],
+)
+def test_bad_values_fail_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config([override])
+
+
+def test_unknown_key_without_plus_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"\+key=value"):
+        load_config(["run.bogus=1"])
