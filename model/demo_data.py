@@ -116,9 +116,10 @@ def _val_ids(records: list[Record], fraction: float) -> set[str]:
 
 
 def _options(rng: random.Random, answer: str, choices: tuple[str, ...]) -> tuple[str, str]:
-    """Shuffled lettered options and the letter of `answer`."""
+    """Lettered options in a fixed order and the letter of `answer`. The order is fixed on purpose:
+    a ~2M-parameter model learns "red -> A" in minutes, but not to read a shuffled option list
+    (CircularEval-style rotation belongs to evaluation, not to this learnable demo set)."""
     opts = list(choices)
-    rng.shuffle(opts)
     lines = "\n".join(f"{letter}. {opt}" for letter, opt in zip(LETTERS, opts, strict=True))
     return lines, LETTERS[opts.index(answer)]
 

@@ -4,12 +4,16 @@ multimodal questions over HTTP -> print what happened and where to look."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -70,7 +74,7 @@ def chat_request(record, base: Path, model_name: str) -> dict:
     parts: list[dict] = []
     media = iter(record.media_order())
     user = next(m for m in record.prompt_messages if m.role == "user").content
-    for i, piece in enumerate(__import__("re").split(r"<(image|video|audio)>", user)):
+    for i, piece in enumerate(re.split(r"<(image|video|audio)>", user)):
         if i % 2 == 0:
             if piece:
                 parts.append({"type": "text", "text": piece})
@@ -111,6 +115,41 @@ def eval_table(metrics_path: Path) -> str:
     return "\n".join(lines)
 
 
+TASK_LINE = re.compile(r"(Executing task|finished with status|Pipeline .* finished)")
+
+
+@contextlib.contextmanager
+def pipeline_log(path: Path) -> Iterator[None]:
+    """Send everything the pipeline's steps print (kfp.local dumps each executor's full input and
+    output) to `path`, and echo only the task start/finish lines to the console."""
+    console = os.fdopen(os.dup(1), "w", buffering=1)
+    done = threading.Event()
+
+    def follow() -> None:
+        with open(path, errors="replace") as f:
+            while not done.is_set() or f.tell() < os.path.getsize(path):
+                line = f.readline()
+                if not line:
+                    time.sleep(0.2)
+                elif TASK_LINE.search(line):
+                    console.write("      " + re.sub(r"\x1b\[[0-9;]*m", "", line.strip()) + "\n")
+
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "w") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+    tail = threading.Thread(target=follow, daemon=True)
+    tail.start()
+    try:
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        done.set()
+        tail.join(timeout=5)
+        console.close()
+
+
 def run_demo(cfg: OmniConfig, keep_serving: bool = False) -> dict:
     start = time.time()
     cfg = resolve_local(cfg)
@@ -119,9 +158,15 @@ def run_demo(cfg: OmniConfig, keep_serving: bool = False) -> dict:
     print(f"[1/4] generating demo media into {raw}")
     counts = make_demo(raw, cfg.data)
     print(f"      {counts['total']} records: " + ", ".join(f"{k}={v}" for k, v in counts.items() if k != "total"))
+    log = work / "pipeline.log"
     print("[2/4] running the pipeline locally (kfp.local): data-prep -> 7 training stages -> evaluate -> "
-          "export -> register -> gate -> promote")
-    metrics = run_local(cfg, raw)
+          f"export -> register -> gate -> promote\n      full log: {log}")
+    try:
+        with pipeline_log(log):
+            metrics = run_local(cfg, raw)
+    except Exception:
+        print(f"the pipeline failed; the end of {log}:\n" + "".join(log.read_text(errors="replace").splitlines(True)[-40:]))
+        raise
     uri = mlflow_uri(cfg)
     name = cfg.tracking.registered_model
     champion = tracking.get_alias_version(uri, name, tracking.CHAMPION)

@@ -187,11 +187,16 @@ def test_chat_completion_with_every_modality(server):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert 0 <= usage["completion_tokens"] <= 6
 
-    # Each part became a placeholder run: the text alone is exactly that much shorter. Tiny config:
-    # 16 tokens per image, 4 per video frame (2 s at 1 fps), 12 for 1 s of audio; + start/end each.
+    # Each part became a placeholder run: the text alone is exactly that much shorter. Per the tiny
+    # config: image tokens, 2 video frames (2 s at 1 fps), 1 s of audio (100 mel frames); + start/end each.
     r2 = chat(server, {"messages": [{"role": "user", "content": "describe"}], "max_tokens": 2})
     assert r2.status_code == 200, r2.text
-    assert usage["prompt_tokens"] - r2.json()["usage"]["prompt_tokens"] == (16 + 2) + (2 * 4 + 2) + (12 + 2)
+    cfg = _tiny_config()
+    per_image = cfg.vision.tokens_per_image
+    per_frame = (((cfg.vision.grid + 1) // 2 + 1) // 2) ** 2
+    audio = 100 // 2 // cfg.audio.projector_stride
+    expected = (per_image + 2) + (2 * per_frame + 2) + (audio + 2)
+    assert usage["prompt_tokens"] - r2.json()["usage"]["prompt_tokens"] == expected
 
 
 def test_streaming_matches_the_plain_answer(server):
@@ -433,3 +438,11 @@ def test_serving_config_is_strict(tmp_path):
     path = tmp_path / "serving.yaml"
     path.write_text("model_name: m\nlimits: {max_images: 1}\n")
     assert ServingConfig.from_yaml(path).limits.max_images == 1
+
+
+def _tiny_config():
+    from omegaconf import OmegaConf
+
+    from model.config import ModelConfig
+
+    return ModelConfig(**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")))
