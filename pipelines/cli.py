@@ -6,6 +6,7 @@
     omni pipeline compile [--out FILE]            the YAML to upload in the Kubeflow UI / kfp run submit
     omni pipeline run --data DIR [overrides]      the whole DAG on this machine (kfp.local)
     omni serve --model-dir DIR | --model-version champion
+    omni model plan [--gpus 8 --gpu-gib 80]       parameter counts + per-GPU memory for ZeRO-2/3
     omni config [overrides]                       print the resolved, validated config
 
 Overrides are Hydra's: `model=tiny stages.sft.steps=100 tracking.uri=http://mlflow:5000`.
@@ -35,9 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="demo data and data prep").add_subparsers(dest="data_command", required=True)
     make = add(data, "make-demo", "Generate the omni-tiny demo set (images, mp4 videos, espeak-ng speech, text).")
     make.add_argument("--out", type=Path, required=True, help="output folder (train.jsonl, val.jsonl, media/)")
-    prep = add(data, "prep", "Validate, normalise, deduplicate and split JSONL records; bad ones go to quarantine.jsonl.")
-    prep.add_argument("--input", dest="inputs", type=Path, action="append", required=True,
-                      help="a JSONL file or a folder of them (repeatable)")
+    prep = data.add_parser("prep", help="validate, normalise, deduplicate and split records",
+                           description="Validate, normalise, deduplicate and split JSONL records; every rejected "
+                           "record goes to quarantine.jsonl with its reason.")
+    prep.add_argument("overrides", nargs="+", metavar="INPUT|key=value",
+                      help="JSONL files or folders of them, then any Hydra overrides (arguments with '=')")
     prep.add_argument("--out", type=Path, required=True, help="output folder")
 
     pipe = sub.add_parser("pipeline", help="compile or run the DAG").add_subparsers(dest="pipeline_command", required=True)
@@ -52,12 +55,31 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--model-version", help="a registered version number or alias (e.g. champion) from MLflow")
     serve.add_argument("--http-port", type=int, default=None, help="default: serving.http_port")
 
+    model = sub.add_parser("model", help="model facts").add_subparsers(dest="model_command", required=True)
+    plan = add(model, "plan", "Parameter counts per module and a per-GPU memory plan per stage for ZeRO-2 and "
+               "ZeRO-3 (meta device: nothing is allocated). Example: omni model plan model=omni-7b recipe=paper")
+    plan.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
+    plan.add_argument("--gpu-gib", type=float, default=80, help="memory per GPU in GiB (default 80)")
+    plan.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step (default 1)")
+    plan.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
+
     add(sub, "config", "Print the resolved and validated configuration as YAML.")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow an option (`--out D key=value`): argparse leaves those in `extra`.
+    if unknown := [a for a in extra if "=" not in a or a.startswith("-")]:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
+    if args.command == "data" and args.data_command == "prep":
+        # Inputs and overrides share the positional slots: overrides are the ones with '='.
+        args.inputs = [Path(a) for a in args.overrides if "=" not in a]
+        args.overrides = [a for a in args.overrides if "=" in a]
+        if not args.inputs:
+            parser.error("data prep needs at least one INPUT (a JSONL file or a folder of them)")
     from components.config import ConfigError
     from pipelines.config import load_config
 
@@ -85,14 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         m = result.manifest
         print(f"{m['records_in']} in, {m['records_out']} out, {m['records_quarantined']} quarantined "
               f"(see {args.out / 'quarantine.jsonl'})")
-    elif args.pipeline_command == "compile":
+    elif args.command == "pipeline" and args.pipeline_command == "compile":
         from pipelines.compile import compile_pipeline
 
         print(compile_pipeline(cfg, args.out))
-    elif args.pipeline_command == "run":
+    elif args.command == "pipeline" and args.pipeline_command == "run":
         from pipelines.local import run_local
 
         print(run_local(cfg, args.data))
+    elif args.command == "model":
+        from model.plan import format_plan
+
+        print(format_plan(cfg.model, cfg.ordered_stages(), args.gpus, args.gpu_gib, args.micro_batch,
+                          checkpointing=not args.no_checkpointing))
     elif args.command == "serve":
         return _serve(cfg, args)
     return 0

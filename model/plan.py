@@ -1,0 +1,83 @@
+"""Parameter counts and a per-GPU memory plan for a stage under DeepSpeed ZeRO-2 / ZeRO-3.
+
+The model is built on the meta device (no memory), so the paper-size configuration can be planned
+on a laptop. Bytes per parameter follow mixed-precision Adam (ZeRO paper, Rajbhandari et al.):
+bf16 weights (2) + bf16 gradients (2) + fp32 master weights, momentum and variance (12) for
+trainable parameters; frozen ones cost only their bf16 weights. Activation memory follows
+Korthikanti et al. (2022) for a transformer layer with memory-efficient attention: 34·s·b·h bytes
+per layer, or 2·s·b·h with activation checkpointing (plus one layer being recomputed), and the
+fp32 logits s·b·V·4 that the loss upcasts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.config import MODULES, ModelConfig, StageConfig
+
+GIB = 1024**3
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    zero_stage: int
+    gpus: int
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.gradients_gib + self.optimizer_gib + self.activations_gib
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per module of the configured model, counted on the meta device."""
+    from model.modeling import OmniModel
+
+    vocab = cfg.llm.vocab_size or cfg.tokenizer.vocab_size
+    with torch.device("meta"):
+        model = OmniModel(cfg, vocab, {"image": 0, "video": 1, "audio": 2})
+    return {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in MODULES}
+
+
+def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing: bool) -> float:
+    h, layers = cfg.llm.hidden_size, cfg.llm.num_hidden_layers
+    per_layer = (2 if checkpointing else 34) * seq_len * micro_batch * h
+    recompute = 34 * seq_len * micro_batch * h if checkpointing else 0
+    logits = seq_len * micro_batch * (cfg.llm.vocab_size or cfg.tokenizer.vocab_size) * 4
+    return layers * per_layer + recompute + logits
+
+
+def plan_stage(cfg: ModelConfig, stage: StageConfig, zero_stage: int, gpus: int, seq_len: int | None = None,
+               micro_batch: int | None = None, checkpointing: bool = True,
+               counts: dict[str, int] | None = None) -> StagePlan:
+    counts = counts or parameter_counts(cfg)
+    total = sum(counts.values())
+    trainable = sum(counts[m] for m in stage.trainable)
+    weights = 2 * total / (gpus if zero_stage >= 3 else 1)
+    grads = 2 * trainable / (gpus if zero_stage >= 2 else 1)
+    optimizer = 12 * trainable / (gpus if zero_stage >= 1 else 1)
+    acts = activation_bytes(cfg, seq_len or cfg.max_seq_len, micro_batch or stage.micro_batch_size, checkpointing)
+    return StagePlan(stage.name, zero_stage, gpus, weights / GIB, grads / GIB, optimizer / GIB, acts / GIB)
+
+
+def format_plan(cfg: ModelConfig, stages: list[StageConfig], gpus: int, gpu_gib: float, micro_batch: int,
+                checkpointing: bool = True) -> str:
+    counts = parameter_counts(cfg)
+    lines = [f"model {cfg.name}: {sum(counts.values()) / 1e9:.3f}B parameters"]
+    lines += [f"  {name:<17}{n / 1e6:>10.1f}M" for name, n in counts.items()]
+    lines.append(f"\nper-GPU memory on {gpus} GPUs x {gpu_gib:g} GiB, micro-batch {micro_batch}, seq "
+                 f"{cfg.max_seq_len}, bf16 + fp32 Adam, activation checkpointing {'on' if checkpointing else 'off'}")
+    lines.append(f"  {'stage':<11}{'ZeRO':>5}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'total':>8}  fits")
+    for stage in stages:
+        for zero in (2, 3):
+            p = plan_stage(cfg, stage, zero, gpus, micro_batch=micro_batch, checkpointing=checkpointing, counts=counts)
+            fits = "yes" if p.total_gib < 0.9 * gpu_gib else "NO"  # ~10% for CUDA context, buffers, fragmentation
+            lines.append(f"  {stage.name:<11}{zero:>5}{p.weights_gib:>9.1f}{p.gradients_gib:>8.1f}"
+                         f"{p.optimizer_gib:>8.1f}{p.activations_gib:>8.1f}{p.total_gib:>8.1f}  {fits}")
+    return "\n".join(lines)
