@@ -118,6 +118,8 @@ class StageConfig(Strict):
     seed: int = 0
     nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(0, ge=0)
+    packing: bool = Field(False, description="pack several samples per row up to model.max_seq_len, "
+                                             "attention isolated per sample; micro_batch_size counts rows")
 
     @model_validator(mode="after")
     def _known_modules(self) -> StageConfig:

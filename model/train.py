@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from model.config import MODULES, StageConfig
 from model.modeling import OmniModel
+from model.packing import collate_packed, pack, packed_tokens
 from model.processor import OmniProcessor
 
 
@@ -37,16 +39,19 @@ def _free_port() -> int:
 
 
 def init_distributed() -> None:
-    """Single-process defaults so DeepSpeed works outside a launcher; launchers' env wins."""
+    """Single-process defaults so DeepSpeed works outside a launcher; a multi-process launcher's
+    env (torchrun, the deepspeed launcher, a Trainer TrainJob) is kept as it is."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.distributed.is_initialized():
+        return
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        # A fresh port every time: an inherited MASTER_PORT may still be held by the parent process.
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())})
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def set_trainable(model: OmniModel, modules: list[str]) -> int:
@@ -112,8 +117,12 @@ def train_stage(
     )
     generator = torch.Generator().manual_seed(stage.seed)
     micro_steps = stage.steps * stage.grad_accum
+    collate = processor.collate
+    if stage.packing:  # the items become packed rows (bins of samples); micro_batch_size counts rows
+        dataset = pack([dataset[i] for i in range(len(dataset))], model.cfg.max_seq_len)
+        collate = partial(collate_packed, processor)
     loader = DataLoader(
-        dataset, batch_size=stage.micro_batch_size, collate_fn=processor.collate,
+        dataset, batch_size=stage.micro_batch_size, collate_fn=collate,
         sampler=RandomSampler(dataset, replacement=True, num_samples=micro_steps * stage.micro_batch_size,
                               generator=generator),
     )
@@ -125,7 +134,8 @@ def train_stage(
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()
-        result.tokens += int(batch["attention_mask"].sum())
+        result.tokens += (packed_tokens(batch, processor.tok.pad_token_id) if stage.packing
+                          else int(batch["attention_mask"].sum()))
         window.append(loss.item())
         if (micro + 1) % stage.grad_accum == 0:
             step = (micro + 1) // stage.grad_accum
