@@ -2,19 +2,30 @@
 rates, warmup + cosine, gradient clipping, ZeRO stage from config, checkpoints.
 
 On CPU DeepSpeed runs with the gloo backend (DS_ACCELERATOR=cpu); on GPU the same code uses NCCL.
+
+Checkpoints (every `checkpoint_every` steps, at the end, and at the step boundary after a SIGTERM)
+hold model, optimizer, scheduler, the step, the losses so far and every RNG state. The data order
+is drawn up front from the seeded generator, so a resumed run skips the consumed prefix and
+continues bit-for-bit where the interrupted one stopped (on CPU).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import random
+import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -30,6 +41,20 @@ class TrainResult:
     seconds: float = 0.0
     trainable_params: int = 0
     tokens: int = 0
+    resumed_step: int = 0  # the checkpoint step this run continued from (0: a fresh start)
+
+
+log = logging.getLogger(__name__)
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the shell's code for "terminated", so a retry policy re-runs us
+
+
+class Preempted(SystemExit):
+    """Raised after the checkpoint that follows a SIGTERM. Uncaught, it exits the process with
+    PREEMPTED_EXIT_CODE and no traceback; the next run with the same checkpoint_dir resumes."""
+
+    def __init__(self, step: int):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.step = step
 
 
 def _free_port() -> int:
@@ -93,6 +118,46 @@ def deepspeed_config(stage: StageConfig) -> dict:
     }
 
 
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "sampler": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["sampler"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def _sigterm_flag(enabled: bool) -> Iterator[threading.Event]:
+    """While training, SIGTERM only sets a flag: the loop checkpoints at the next step boundary."""
+    flag = threading.Event()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag  # signal handlers can only be installed from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Every rank must take part in a (collective) save, so a signal seen by one rank stops all."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def train_stage(
     model: OmniModel,
     processor: OmniProcessor,
@@ -103,7 +168,8 @@ def train_stage(
     progress: bool = True,
 ) -> TrainResult:
     """Train `model` in place for `stage.steps` optimizer steps over `dataset` (sampled with
-    replacement, seeded). Returns the loss per step."""
+    replacement, seeded). Returns the loss per step. With `checkpoint_dir`, resumes from its latest
+    checkpoint if there is one, and checkpoints into it (raising Preempted after a SIGTERM)."""
     init_distributed()
     import deepspeed
     from tqdm import tqdm
@@ -115,29 +181,39 @@ def train_stage(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(stage)
     )
-    generator = torch.Generator().manual_seed(stage.seed)
-    micro_steps = stage.steps * stage.grad_accum
     collate = processor.collate
     if stage.packing:  # the items become packed rows (bins of samples); micro_batch_size counts rows
         dataset = pack([dataset[i] for i in range(len(dataset))], model.cfg.max_seq_len)
         collate = partial(collate_packed, processor)
-    loader = DataLoader(
-        dataset, batch_size=stage.micro_batch_size, collate_fn=collate,
-        sampler=RandomSampler(dataset, replacement=True, num_samples=micro_steps * stage.micro_batch_size,
-                              generator=generator),
-    )
+    # The whole index sequence up front, so a resumed run can skip exactly the consumed prefix.
+    generator = torch.Generator().manual_seed(stage.seed)
+    order = list(RandomSampler(dataset, replacement=True, generator=generator,
+                               num_samples=stage.steps * stage.grad_accum * stage.micro_batch_size))
+    done = 0
+    if checkpoint_dir and (Path(checkpoint_dir) / "latest").is_file():
+        path, client = engine.load_checkpoint(str(checkpoint_dir))
+        state = client["train_state"]
+        done, result.losses, result.tokens = state["step"], state["losses"], state["tokens"]
+        _set_rng_state(state["rng"], generator)
+        result.resumed_step = done
+        log.info("resumed from %s at step %d/%d", path, done, stage.steps)
+
+    loader = DataLoader(dataset, batch_size=stage.micro_batch_size, collate_fn=collate,
+                        sampler=order[done * stage.grad_accum * stage.micro_batch_size:])
     engine.train()
     start, window = time.perf_counter(), []
-    bar = tqdm(total=stage.steps, desc=f"train {stage.name}", disable=not progress, unit="step")
-    for micro, batch in enumerate(loader):
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss = engine(**batch).loss
-        engine.backward(loss)
-        engine.step()
-        result.tokens += (packed_tokens(batch, processor.tok.pad_token_id) if stage.packing
-                          else int(batch["attention_mask"].sum()))
-        window.append(loss.item())
-        if (micro + 1) % stage.grad_accum == 0:
+    bar = tqdm(total=stage.steps, initial=done, desc=f"train {stage.name}", disable=not progress, unit="step")
+    with _sigterm_flag(enabled=checkpoint_dir is not None) as sigterm:
+        for micro, batch in enumerate(loader, start=done * stage.grad_accum):
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            result.tokens += (packed_tokens(batch, processor.tok.pad_token_id) if stage.packing
+                              else int(batch["attention_mask"].sum()))
+            window.append(loss.item())
+            if (micro + 1) % stage.grad_accum:
+                continue
             step = (micro + 1) // stage.grad_accum
             result.losses.append(sum(window) / len(window))
             window = []
@@ -145,14 +221,24 @@ def train_stage(
             bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
             if on_step:
                 on_step(step, result.losses[-1])
-            if checkpoint_dir and stage.checkpoint_every and step % stage.checkpoint_every == 0:
-                engine.save_checkpoint(str(checkpoint_dir), tag=f"step-{step}")
+            if checkpoint_dir is None:
+                continue
+            stop = _any_rank(sigterm.is_set(), engine.device)
+            if stop or step == stage.steps or (stage.checkpoint_every and step % stage.checkpoint_every == 0):
+                engine.save_checkpoint(str(checkpoint_dir), tag=f"step-{step}", client_state={"train_state": {
+                    "step": step, "micro": step * stage.grad_accum, "losses": list(result.losses),
+                    "tokens": result.tokens, "rng": _rng_state(generator)}})
+            if stop:
+                log.warning("SIGTERM: saved checkpoint step-%d in %s; stopping (exit code %d), rerun to resume",
+                            step, checkpoint_dir, PREEMPTED_EXIT_CODE)
+                bar.close()
+                engine.destroy()
+                raise Preempted(step)
     bar.close()
     result.seconds = time.perf_counter() - start
     if stage.zero_stage == 3:
         # ZeRO-3 partitions parameters: gather them back so the caller's model holds full weights.
-        state = engine._zero3_consolidated_16bit_state_dict()
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(engine._zero3_consolidated_16bit_state_dict(), strict=False)
     engine.destroy()
     model.eval()
     return result
