@@ -45,5 +45,9 @@ lint: install
 compile: install
 	$(BIN)/omni pipeline compile
 
+# Training throughput (packed vs padded, FLOP/s vs GEMM peak): see benchmarks/README.md.
+bench: install
+	$(BIN)/python -m benchmarks.bench_training
+
 clean:
 	rm -rf .omni .pytest_cache .ruff_cache
