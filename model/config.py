@@ -114,7 +114,8 @@ class StageConfig(Strict):
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
-    checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    checkpoint_every: int = Field(
+        0, ge=0, description="optimizer steps between DeepSpeed checkpoints; 0 = none (a SIGTERM still saves one)")
     seed: int = 0
     nodes: int = Field(1, gt=0)
     gpus_per_node: int = Field(0, ge=0)

@@ -3,7 +3,7 @@ rates, warmup + cosine, gradient clipping, ZeRO stage from config, checkpoints.
 
 On CPU DeepSpeed runs with the gloo backend (DS_ACCELERATOR=cpu); on GPU the same code uses NCCL.
 
-Checkpoints (every `checkpoint_every` steps, at the end, and at the step boundary after a SIGTERM)
+Checkpoints (every `checkpoint_every` steps, and at the step boundary after a SIGTERM)
 hold model, optimizer, scheduler, the step, the losses so far and every RNG state. The data order
 is drawn up front from the seeded generator, so a resumed run skips the consumed prefix and
 continues bit-for-bit where the interrupted one stopped (on CPU).
@@ -224,9 +224,9 @@ def train_stage(
             if checkpoint_dir is None:
                 continue
             stop = _any_rank(sigterm.is_set(), engine.device)
-            if stop or step == stage.steps or (stage.checkpoint_every and step % stage.checkpoint_every == 0):
+            if stop or (stage.checkpoint_every and step % stage.checkpoint_every == 0):
                 engine.save_checkpoint(str(checkpoint_dir), tag=f"step-{step}", client_state={"train_state": {
-                    "step": step, "micro": step * stage.grad_accum, "losses": list(result.losses),
+                    "step": step, "losses": list(result.losses),
                     "tokens": result.tokens, "rng": _rng_state(generator)}})
             if stop:
                 log.warning("SIGTERM: saved checkpoint step-%d in %s; stopping (exit code %d), rerun to resume",

@@ -145,6 +145,7 @@ def pipeline_log(path: Path) -> Iterator[None]:
     finally:
         sys.stdout.flush(), sys.stderr.flush()
         os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        os.close(saved[0]), os.close(saved[1])
         done.set()
         tail.join(timeout=5)
         console.close()
