@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_BUILD_OPS := 0
 
-.PHONY: install system-deps demo test test-fast lint compile bench clean
+.PHONY: install system-deps demo test test-fast lint compile bench clean images checkov check-cluster
 
 install: $(VENV)/.installed
 
@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt | system-deps
 demo: install
 	$(BIN)/omni demo
 
-test: install
+test: install checkov
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra --durations=15
 
@@ -45,9 +45,32 @@ lint: install
 compile: install
 	$(BIN)/omni pipeline compile
 
-# Training throughput (packed vs padded, FLOP/s vs GEMM peak): see benchmarks/README.md.
+# Training throughput (packed vs padded, FLOP/s vs GEMM peak), data-prep records/s and video
+# sampling by seek vs decode-every-frame: see benchmarks/README.md.
 bench: install
 	$(BIN)/python -m benchmarks.bench_training
+	$(BIN)/python -m benchmarks.bench_data
+
+# Cluster artifacts (docs/deploy.md). checkov gets its own venv: its pins (packaging<24, networkx<2.7,
+# tabulate<0.10, ...) clash with torch, mlflow and kfp in $(VENV).
+CHECKOV_VENV := .cache/checkov-venv
+checkov: $(CHECKOV_VENV)/.installed
+
+$(CHECKOV_VENV)/.installed: constraints-checkov.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q -c constraints-checkov.txt checkov==3.3.30
+	touch $@
+
+# Render with default and production-like values, then kubernetes-validate --strict, CRD jsonschema,
+# yamllint, helm lint, checkov (manifests + Dockerfiles) and hadolint. tests/cluster runs the same.
+check-cluster: install checkov
+	$(BIN)/python -m pipelines.cluster_check --out build/cluster
+
+# Build the cpu/gpu/serving images with the tags in conf/cluster. Exits 3 without a Docker engine
+# (nothing built must not pass for built); `make images ARGS=--dry-run` prints the commands,
+# `ARGS=--push` pushes.
+images: install
+	$(BIN)/python -m pipelines.images $(ARGS)
 
 clean:
 	rm -rf .omni .pytest_cache .ruff_cache

@@ -187,7 +187,7 @@ class FlopModel:
             audio_attn=cfg.audio.encoder_layers * cfg.audio.d_model,
             audio_projector=n(model.audio_projector),
             patches=cfg.vision.grid**2,
-            image_tokens=processor.image_tokens,
+            image_tokens=processor.tile_tokens,
             audio_multiple=processor.audio_multiple,
         )
 

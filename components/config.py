@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.config import DataConfig, EvalConfig, ModelConfig, StageConfig
+from model.config import DataConfig, EvalConfig, ModelConfig, SftFilterConfig, StageConfig
 from serving.config import ServingConfig
 
 STAGE_ORDER = ("image_1", "image_2", "image_3", "video", "audio", "omni_align", "sft")
@@ -43,17 +43,63 @@ class Toleration(Strict):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+class Taint(Strict):
+    """A taint on a pool's nodes. The pool's pods get the matching toleration from it, so node pools
+    (infra/), the chart and the compiled pipeline cannot disagree."""
+
+    key: str
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = "NoSchedule"
+
+
+class NodePoolSpec(Strict):
+    """The machines `infra/` provisions for a pool (GKE node pool fields; kind gets one node each)."""
+
+    machine_type: str
+    gpu_model: str | None = Field(None, description="GKE accelerator type, e.g. nvidia-h100-80gb")
+    gpus_per_node: int = Field(0, ge=0)
+    min_nodes: int = Field(0, ge=0)
+    max_nodes: int = Field(1, ge=1)
+    disk_size_gb: int = Field(200, ge=10)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NodePoolSpec:
+        if self.min_nodes > self.max_nodes:
+            raise ValueError(f"min_nodes ({self.min_nodes}) > max_nodes ({self.max_nodes})")
+        if bool(self.gpu_model) != (self.gpus_per_node > 0):
+            raise ValueError("set gpu_model and gpus_per_node together (both, or neither for a CPU pool)")
+        return self
+
+
 class PoolConfig(Strict):
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
+    name: str = Field(pattern=r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$", description="node pool name in infra/")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="labels every node of the pool carries")
+    taints: list[Taint] = Field(default_factory=list)
     accelerator_type: str | None = None
-    accelerator_limit: int = 0
+    accelerator_limit: int = Field(0, ge=0, description="GPUs per task pod (one KFP task = one pod)")
     cpu_request: str = "1"
     memory_request: str = "4Gi"
     shm_size: str | None = None
+    node_pool: NodePoolSpec
+
+    @property
+    def tolerations(self) -> list[Toleration]:
+        """Derived from `taints`: pods placed on this pool tolerate exactly its taints."""
+        return [Toleration(key=t.key, operator="Exists", effect=t.effect) for t in self.taints]
+
+    @model_validator(mode="after")
+    def _fits_a_node(self) -> PoolConfig:
+        if self.accelerator_limit and not self.accelerator_type:
+            raise ValueError("accelerator_limit needs accelerator_type (e.g. nvidia.com/gpu)")
+        if self.accelerator_limit > self.node_pool.gpus_per_node:
+            raise ValueError(f"accelerator_limit ({self.accelerator_limit}) exceeds node_pool.gpus_per_node "
+                             f"({self.node_pool.gpus_per_node}): no node of pool {self.name!r} could run the task")
+        return self
 
 
 class ImagesConfig(Strict):
+    """The image tag scheme, in one place: `<registry>/<name>:<tag>` for every image we build."""
+
     registry: str
     tag: str
     cpu: str
@@ -64,13 +110,60 @@ class ImagesConfig(Strict):
         return f"{self.registry}/{getattr(self, which)}:{self.tag}"
 
 
+class TrainerConfig(Strict):
+    """Multi-node stages run as Kubeflow Trainer TrainJobs against the chart's TrainingRuntime."""
+
+    runtime: str = Field("omni-torch-distributed", description="TrainingRuntime name (the chart installs it)")
+    staging_uri: str = Field("s3://omni-platform/trainjobs",
+                             description="object storage where a task hands data and checkpoints to TrainJob pods")
+    storage_secret: str = Field("omni-storage", description="Secret with S3_ENDPOINT / AWS_* keys for those pods")
+    poll_seconds: float = Field(10.0, gt=0)
+    timeout_hours: float = Field(72.0, gt=0)
+
+
+class EndpointConfig(Strict):
+    """The champion InferenceService: what `promote` applies and the chart renders."""
+
+    runtime: str = Field("omni-predictor", description="ServingRuntime name (the chart installs it)")
+    service_account: str = "omni-serving"
+    cpu: str = "4"
+    memory: str = "32Gi"
+    gpu: int = Field(1, ge=0)
+    canary_percent: int = Field(10, ge=1, le=99, description="traffic share of a new champion before full rollout")
+    canary_hold_s: float = Field(300.0, ge=0, description="how long the canary must stay Ready before full traffic")
+    mlflow_artifacts_root: str | None = Field(
+        "s3://omni-mlflow/artifacts",
+        description="the MLflow server's --artifacts-destination: turns mlflow-artifacts:/ URIs into ones KServe can fetch")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    ready_timeout_s: float = Field(900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> EndpointConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
 class ClusterConfig(Strict):
-    namespace: str = "kubeflow-user"
+    target: Literal["local", "kubernetes"] = Field(
+        "local", description="kubernetes: promote/rollback apply to the API server; local: write manifests only")
+    namespace: str = Field("kubeflow-user", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     images: ImagesConfig
     gpu_pool: PoolConfig
     cpu_pool: PoolConfig
+    trainer: TrainerConfig = TrainerConfig()
+    endpoint: EndpointConfig = EndpointConfig()
     retries: int = Field(2, ge=0)
     caching: bool = True
+
+    @model_validator(mode="after")
+    def _distinct_pools(self) -> ClusterConfig:
+        if self.gpu_pool.name == self.cpu_pool.name:
+            raise ValueError(f"gpu_pool.name and cpu_pool.name are both {self.gpu_pool.name!r}")
+        if self.gpu_pool.node_selector == self.cpu_pool.node_selector:
+            raise ValueError("gpu_pool.node_selector equals cpu_pool.node_selector: CPU steps would land on GPUs")
+        return self
 
 
 class PromotionRules(BaseModel):
@@ -104,6 +197,7 @@ class OmniConfig(Strict):
     stages: dict[str, StageConfig]
     tracking: TrackingConfig = TrackingConfig()
     evaluation: EvalConfig = EvalConfig()
+    sft_filter: SftFilterConfig = SftFilterConfig()
     promotion: PromotionRules = PromotionRules()
     serving: ServingConfig = ServingConfig()
     cluster: ClusterConfig

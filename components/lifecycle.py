@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components import gate, tracking
+from components import endpoint, gate, tracking
 from components.config import OmniConfig
-from serving.manifests import inference_service, validate_custom_resource, write_manifest
+from components.kube import Kube, connect
+from serving.manifests import validate_custom_resource, write_manifest
 
 
 def mlflow_uri(cfg: OmniConfig) -> str:
@@ -43,15 +44,32 @@ def judge(cfg: OmniConfig, version: str) -> dict:
     return decision.model_dump()
 
 
-def promote(cfg: OmniConfig, version: str, out_dir: Path) -> dict:
-    """Make `version` the champion and write the InferenceService that serves it (applied to the
-    cluster in cluster mode). Only called after the gate passed."""
+def promote(cfg: OmniConfig, version: str, out_dir: Path, kube: Kube | None = None) -> dict:
+    """Serve `version` and make it the champion; only called after the gate passed. The
+    InferenceService is always written to `out_dir`; with cluster.target=kubernetes it is also
+    rolled out (canary, then full traffic) before `champion` moves, so a failed rollout leaves
+    the alias where it was."""
     isvc = champion_inference_service(cfg, version)
     validate_custom_resource(isvc)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(isvc, out_dir / "inferenceservice.yaml")
+    if cfg.cluster.target == "kubernetes":
+        endpoint.rollout(cfg, isvc, kube or connect())
     gate.crown(mlflow_uri(cfg), cfg.tracking.registered_model, version)
     return isvc
+
+
+def rollback(cfg: OmniConfig, out_dir: Path | None = None, kube: Kube | None = None) -> tuple[str, dict]:
+    """Move `champion` back to `previous-champion` and serve it again (full traffic at once).
+    Returns the version that is champion now and its InferenceService."""
+    version = gate.rollback(mlflow_uri(cfg), cfg.tracking.registered_model)
+    isvc = champion_inference_service(cfg, version)
+    validate_custom_resource(isvc)
+    if out_dir is not None:
+        write_manifest(isvc, Path(out_dir) / "inferenceservice.yaml")
+    if cfg.cluster.target == "kubernetes":
+        endpoint.rollout(cfg, isvc, kube or connect(), canary=False)
+    return version, isvc
 
 
 def finish_tracking(cfg: OmniConfig, parent_run_id: str) -> None:
@@ -60,9 +78,6 @@ def finish_tracking(cfg: OmniConfig, parent_run_id: str) -> None:
 
 def champion_inference_service(cfg: OmniConfig, version: str) -> dict:
     """The InferenceService for a registered version, pointing at the version's artifact location
-    (an s3:// URI with an MLflow server on object storage; a file:// URI in embedded mode)."""
-    storage_uri = tracking.client(mlflow_uri(cfg)).get_model_version_download_uri(cfg.tracking.registered_model, version)
-    return inference_service(
-        name=cfg.serving.model_name, namespace=cfg.cluster.namespace, storage_uri=storage_uri,
-        labels={"omni-platform/model-version": str(version)},
-    )
+    (s3:// with an MLflow server on object storage; file:// in embedded mode)."""
+    uri = tracking.client(mlflow_uri(cfg)).get_model_version_download_uri(cfg.tracking.registered_model, version)
+    return endpoint.champion_isvc(cfg, endpoint.storage_uri(cfg, uri), version)

@@ -25,19 +25,19 @@ def start_tracking(config_json: str, pipeline_run: str) -> str:
 
 def data_prep(config_json: str, data_uri: str, parent_run_id: str, dataset: Output[Dataset],
               metrics: Output[Metrics], report: Output[HTML]) -> str:
-    """Validate, normalise, deduplicate and split the records; returns the manifest hash."""
-    import json
+    """Validate, normalise, deduplicate, split and shard the records (`data_uri`: comma-separated
+    JSONL files or folders, local or s3://); returns the manifest hash."""
     from pathlib import Path
 
     from components.config import parse_config
     from components.steps import data_prep as step
+    from components.steps import data_prep_metrics
 
-    manifest = step(parse_config(config_json), [Path(p) for p in data_uri.split(",")], Path(dataset.path), parent_run_id)
-    for key in ("records_in", "records_out", "records_quarantined"):
-        metrics.log_metric(key, manifest[key])
-    dataset.metadata.update({k: manifest[k] for k in ("records_out", "splits", "sha256")})
-    with open(report.path, "w") as f:
-        f.write("<html><body><h1>Data prep manifest</h1><pre>" + json.dumps(manifest, indent=2) + "</pre></body></html>")
+    manifest = step(parse_config(config_json), [p.strip() for p in data_uri.split(",") if p.strip()],
+                    Path(dataset.path), parent_run_id, report_path=Path(report.path))
+    for key, value in data_prep_metrics(manifest).items():
+        metrics.log_metric(key, value)
+    dataset.metadata.update({k: manifest[k] for k in ("records_out", "splits", "sha256", "format")})
     return manifest["sha256"]
 
 
@@ -52,19 +52,39 @@ def init_model(config_json: str, dataset: Input[Dataset], model: Output[Model]) 
 
 
 def train_stage(config_json: str, stage: str, parent_run_id: str, dataset: Input[Dataset],
-                init_model: Input[Model], model: Output[Model], metrics: Output[Metrics]) -> None:
-    """One training stage (trainable modules, lr, data from conf/stage/<stage>.yaml)."""
+                init_model: Input[Model], model: Output[Model], metrics: Output[Metrics],
+                sft_filter: Input[Dataset] = None) -> None:
+    """One training stage (trainable modules, lr, data from conf/stage/<stage>.yaml); with
+    `sft_filter`, the samples the loss filter dropped are left out."""
     from pathlib import Path
 
     from components.config import parse_config
     from components.steps import train as step
 
     result = step(parse_config(config_json), stage, Path(dataset.path), Path(init_model.path), Path(model.path),
-                  parent_run_id)
+                  parent_run_id, sft_filter_dir=Path(sft_filter.path) if sft_filter is not None else None)
     model.metadata["stage"] = stage
     for key in ("steps", "first_loss", "final_loss", "tokens_per_second"):
         if key in result:
             metrics.log_metric(key, result[key])
+
+
+def sft_filter(config_json: str, parent_run_id: str, dataset: Input[Dataset], model: Input[Model],
+               filtered: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]) -> None:
+    """Loss-based SFT filter: per-sample loss under the pre-SFT model, Gaussian fit per task, drop
+    outside mean +- k std; the dropped ids go to the sft stage, the report to the KFP UI."""
+    import shutil
+    from pathlib import Path
+
+    from components.config import parse_config
+    from components.steps import sft_filter as step
+
+    summary = step(parse_config(config_json), Path(dataset.path), Path(model.path), Path(filtered.path),
+                   parent_run_id)
+    if summary["enabled"]:
+        metrics.log_metric("kept", summary["kept"])
+        metrics.log_metric("dropped", len(summary["dropped"]))
+    shutil.copy(Path(filtered.path) / "report.html", report.path)
 
 
 def evaluate(config_json: str, parent_run_id: str, dataset: Input[Dataset], model: Input[Model],
@@ -143,7 +163,7 @@ def keep_champion(config_json: str, version: str, parent_run_id: str) -> None:
 
 
 CPU_STEPS = (start_tracking, data_prep, register, gate, promote, keep_champion)
-GPU_STEPS = (init_model, train_stage, evaluate, export_triton)
+GPU_STEPS = (init_model, train_stage, sft_filter, evaluate, export_triton)
 
 
 def make_components(cpu_image: str, gpu_image: str) -> SimpleNamespace:

@@ -12,29 +12,47 @@ import torch
 
 from components import tracking
 from components.config import OmniConfig
+from components.data_report import data_report
+from components.filter_report import filter_report
 from components.lifecycle import mlflow_uri
 from components.report import html_report, write_report
-from model.data import EncodedDataset, read_records
+from model.data import read_records, to_chat_input
 from model.evaluate import EvalResult, evaluate
 from model.export import write_triton_repository
 from model.inference import OmniChat
 from model.modeling import TOKENIZER_DIR, OmniModel
 from model.prep import prepare
 from model.processor import OmniProcessor
+from model.sft_filter import loss_filter, sample_losses
+from model.shards import ShardStream
 from model.tokenizer import load_tokenizer
 from model.train import train_stage
 
 
-def data_prep(cfg: OmniConfig, inputs: list[Path], out_dir: Path, parent_run_id: str, progress: bool = True) -> dict:
+def data_prep(cfg: OmniConfig, inputs: list[str | Path], out_dir: Path, parent_run_id: str, progress: bool = True,
+              report_path: Path | None = None) -> dict:
+    """Validate, normalise, dedup, split and shard `inputs` (JSONL files/folders, local or s3://)
+    into `out_dir`; the HTML report (quarantine reasons, modality mix, length histograms) goes to
+    `report_path` and, with the manifest and quarantine file, to the MLflow run."""
     result = prepare(inputs, out_dir, cfg.data, cfg.model, progress=progress)
+    report_path = report_path or out_dir / "report.html"
+    write_report(report_path, data_report(result.manifest, result.quarantined, result.stats))
     uri = mlflow_uri(cfg)
     with tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "data-prep", params=cfg.data.model_dump()) as run:
-        m = result.manifest
-        run.log_metrics({"records_in": m["records_in"], "records_out": m["records_out"],
-                         "records_quarantined": m["records_quarantined"]})
-        tracking.log_artifact(uri, run.run_id, out_dir / "manifest.json")
-        tracking.log_artifact(uri, run.run_id, out_dir / "quarantine.jsonl")
+        run.log_metrics(data_prep_metrics(result.manifest))
+        for path in (out_dir / "manifest.json", out_dir / "quarantine.jsonl", report_path):
+            tracking.log_artifact(uri, run.run_id, path)
     return result.manifest
+
+
+def data_prep_metrics(manifest: dict) -> dict[str, float]:
+    """The counts worth a metric: accounting, splits, quarantine kinds, modality mix."""
+    m = manifest
+    out = {k: m[k] for k in ("records_in", "records_out", "records_quarantined")}
+    out |= {f"split.{k}": v for k, v in m["splits"].items()}
+    out |= {f"quarantined.{k.replace('/', '_').replace(' ', '_')}": v for k, v in m["quarantine_reasons"].items()}
+    out |= {f"modality.{k}": v["records"] for k, v in m["modalities"].items()}
+    return out
 
 
 def init_model(cfg: OmniConfig, data_dir: Path, out_dir: Path) -> Path:
@@ -51,20 +69,32 @@ def init_model(cfg: OmniConfig, data_dir: Path, out_dir: Path) -> Path:
 
 
 def train(cfg: OmniConfig, stage_name: str, data_dir: Path, init_dir: Path, out_dir: Path,
-          parent_run_id: str, progress: bool = True) -> dict:
-    """One training stage from `init_dir` to `out_dir`; skipped stages pass the checkpoint on."""
+          parent_run_id: str, progress: bool = True, sft_filter_dir: Path | None = None) -> dict:
+    """One training stage from `init_dir` to `out_dir`; skipped stages pass the checkpoint on.
+    `sft_filter_dir`: the loss filter's output; the samples it dropped are left out."""
     stage = cfg.stages[stage_name]
     if stage_name in cfg.run.skip_stages or stage_name not in cfg.stages:
         shutil.copytree(init_dir, out_dir, dirs_exist_ok=True)
         return {"skipped": True, "steps": 0}
+    # -- multi-node dispatch: more nodes/GPUs than one task pod gets -> a Kubeflow Trainer TrainJob
+    # whose pods run this same function (components/train_entry.py); otherwise train in-process.
+    from components import trainjob
+
+    if trainjob.needs_trainjob(cfg, stage_name) and not trainjob.inside_trainjob():
+        return trainjob.run_stage(cfg, stage_name, data_dir, init_dir, out_dir, parent_run_id,
+                                  extra_dirs={"sft_filter": sft_filter_dir})
+    # -- end of dispatch
     model = OmniModel.from_pretrained(init_dir)
     tokenizer = load_tokenizer(init_dir / TOKENIZER_DIR)
     processor = OmniProcessor(tokenizer, model.cfg)
-    dataset = EncodedDataset(read_records(data_dir / "train.jsonl"), data_dir, processor, stage.data_tasks)
+    # Streamed from data prep's shards (local or s3://): rank/worker split, resumable position.
+    dataset = ShardStream(data_dir, "train", stage.data_tasks, exclude_ids=read_filtered_out(sft_filter_dir),
+                          shuffle_buffer=cfg.data.shuffle_buffer, cache_items=cfg.data.reader_cache_items,
+                          num_workers=cfg.data.loader_workers)
     uri = mlflow_uri(cfg)
     with tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, f"train-{stage_name}",
                             params={"stage": stage.model_dump(), "model": cfg.model.model_dump(),
-                                    "train_samples": len(dataset)}) as run:
+                                    "train_samples": dataset.num_samples()}) as run:
         result = train_stage(model, processor, dataset, stage, checkpoint_dir=out_dir / "deepspeed",
                              progress=progress)
         tracking.log_metric_history(uri, run.run_id, "loss", result.losses)
@@ -76,6 +106,50 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path, init_dir: Path, out_
     model.save_pretrained(out_dir, tokenizer)
     write_losses(out_dir, {**read_losses(init_dir), stage_name: result.losses})
     return {"skipped": False, "steps": len(result.losses), "losses": result.losses, **summary}
+
+
+FILTER_FILE = "sft_filter.json"
+
+
+def sft_filter(cfg: OmniConfig, data_dir: Path, model_dir: Path, out_dir: Path, parent_run_id: str,
+               progress: bool = True) -> dict:
+    """Loss-based SFT filter: score the SFT samples with `model_dir` (the checkpoint SFT starts
+    from), drop those outside mean +- k std of their group; writes sft_filter.json + report.html."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fcfg, stage = cfg.sft_filter, cfg.stages.get("sft")
+    if not fcfg.enabled or stage is None or "sft" in cfg.run.skip_stages:
+        summary = {"enabled": False, "kept": None, "dropped": []}
+        (out_dir / FILTER_FILE).write_text(json.dumps(summary, indent=2))
+        write_report(out_dir / "report.html", "<html><body><p>SFT loss filter disabled.</p></body></html>")
+        return summary
+    model = OmniModel.from_pretrained(model_dir)
+    processor = OmniProcessor(load_tokenizer(model_dir / TOKENIZER_DIR), model.cfg)
+    records = [r for r in read_records(data_dir / "train.jsonl") if r.task in stage.data_tasks]
+    samples = [processor.encode(to_chat_input(r, data_dir, model.cfg)) for r in records]
+    losses = sample_losses(model, processor, samples, fcfg.batch_size, progress=progress)
+    result = loss_filter([r.id for r in records], [r.task for r in records], losses, fcfg)
+    by_group: dict[str, list[float]] = {}
+    for r, loss in zip(records, losses, strict=True):
+        by_group.setdefault(r.task if fcfg.group_by == "task" else "all", []).append(loss)
+    dropped = result.dropped_ids
+    texts = {r.id: "\n".join(f"{m.role}: {m.content}" for m in r.messages) for r in records if r.id in dropped}
+    write_report(out_dir / "report.html", filter_report(result, by_group, texts, fcfg.k_sigma, fcfg.examples))
+    summary = {"enabled": True, "config": fcfg.model_dump(), **result.to_json()}
+    (out_dir / FILTER_FILE).write_text(json.dumps(summary, indent=2))
+    uri = mlflow_uri(cfg)
+    with tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "sft-filter", params=fcfg.model_dump()) as run:
+        run.log_metrics({"kept": result.kept, "dropped": len(result.dropped),
+                         **{f"{g}.loss_mean": f.mean for g, f in result.fits.items()},
+                         **{f"{g}.loss_std": f.std for g, f in result.fits.items()}})
+        tracking.log_artifacts(uri, run.run_id, out_dir, "sft-filter")
+    return summary
+
+
+def read_filtered_out(filter_dir: Path | None) -> set[str]:
+    """Record ids the SFT filter dropped (none without a filter output)."""
+    if filter_dir is None or not (filter_dir / FILTER_FILE).exists():
+        return set()
+    return {d["id"] for d in json.loads((filter_dir / FILTER_FILE).read_text())["dropped"]}
 
 
 def read_losses(model_dir: Path) -> dict[str, list[float]]:

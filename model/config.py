@@ -39,8 +39,13 @@ class LLMConfig(Strict):
 
 
 class VisionConfig(Strict):
-    """SigLIP vision tower. The 2x2 merge of the projector needs an even patch grid; an odd grid
-    (27x27 at 384/14) is padded by one row and column before merging."""
+    """SigLIP vision tower with AnyRes tiling.
+
+    An image is cut into a grid of `image_size` tiles chosen from `anyres_grids` (the paper does not
+    publish its grid set; the default covers 1-4 tiles up to 2:1 / 3:1 aspect ratios), plus one
+    downsampled thumbnail of the whole image when there is more than one tile. Each tile's patch grid
+    is merged 2x2 by the projector: an odd grid (27x27 at 384/14) gives floor(g^2/4) tokens
+    (729 -> 182), see `model.modeling.merge_2x2`."""
 
     hidden_size: int = Field(gt=0)
     intermediate_size: int = Field(gt=0)
@@ -49,19 +54,40 @@ class VisionConfig(Strict):
     image_size: int = Field(gt=0)
     patch_size: int = Field(gt=0)
     num_channels: int = 3
+    anyres_grids: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(1, 1), (2, 1), (1, 2), (2, 2), (3, 1), (1, 3)],
+        min_length=1, description="candidate tile grids as (columns, rows); (1, 1) = no tiling")
+
+    @model_validator(mode="after")
+    def _grids(self) -> VisionConfig:
+        if self.image_size < 2 * self.patch_size:  # SigLIP floors: 384 / 14 -> a 27x27 grid
+            raise ValueError("vision.image_size must be at least 2 patches (2 * vision.patch_size)")
+        bad = [g for g in self.anyres_grids if min(g) < 1]
+        if bad:
+            raise ValueError(f"vision.anyres_grids: {bad} - columns and rows must be >= 1")
+        return self
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
 
     @property
-    def tokens_per_image(self) -> int:
-        return ((self.grid + 1) // 2) ** 2
+    def tokens_per_tile(self) -> int:
+        """Image tokens per tile: floor(g^2/4) for a g x g patch grid (odd grids included)."""
+        return self.grid**2 // 4
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Video tokens per frame: the grid padded to even, merged 2x2 twice."""
+        once = (self.grid + 1) // 2
+        return ((once + 1) // 2) ** 2
 
 
 class VideoConfig(Strict):
     fps: float = Field(1.0, gt=0, description="frames sampled per second of video (paper: 1)")
     max_frames: int = Field(48, gt=0, description="upper bound on sampled frames (paper: 48)")
+    timestamps: bool = Field(True, description="write each frame's time ('3s') before its tokens, so the "
+                                               "prompt can refer to moments in the video")
 
 
 class AudioConfig(Strict):
@@ -121,6 +147,8 @@ class StageConfig(Strict):
     gpus_per_node: int = Field(0, ge=0)
     packing: bool = Field(False, description="pack several samples per row up to model.max_seq_len, "
                                              "attention isolated per sample; micro_batch_size counts rows")
+    activation_checkpointing: bool = Field(
+        False, description="recompute LLM and encoder layer activations in backward: less memory, ~30% more compute")
 
     @model_validator(mode="after")
     def _known_modules(self) -> StageConfig:
@@ -142,6 +170,31 @@ class DataConfig(Strict):
     max_image_pixels: int = 4096 * 4096
     max_audio_seconds: float = 30.0
     max_video_seconds: float = 120.0
+    # Data-prep limits: records outside them go to quarantine with the limit's name in the reason.
+    max_text_chars: int = Field(32768, gt=0, description="characters over all turns of one record")
+    min_image_side: int = Field(8, gt=0, description="pixels; smaller images carry no usable content")
+    max_image_aspect: float = Field(20.0, ge=1, description="long side / short side")
+    min_audio_seconds: float = Field(0.1, ge=0)
+    min_audio_sample_rate: int = Field(8000, gt=0, description="Hz of the source file, before resampling")
+    records_per_shard: int = Field(1000, gt=0, description="samples per tar shard")
+    # Training reader (model/shards.py).
+    shuffle_buffer: int = Field(1024, ge=1, description="samples mixed across shard boundaries; 1 = no shuffle")
+    reader_cache_items: int = Field(
+        4096, ge=0, description="encoded samples kept in memory, so repeats in small sets skip decoding; "
+                                "0 for corpora far larger than one epoch in RAM")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes decoding media for training")
+
+
+class SftFilterConfig(Strict):
+    """Loss-based SFT filter (see model.sft_filter): the paper's mean +- 1 std rule, fitted per task by default."""
+
+    enabled: bool = True
+    k_sigma: float = Field(1.0, gt=0, description="keep samples within mean +- k_sigma * std (paper: 1)")
+    group_by: Literal["task", "all"] = Field(
+        "task", description="one Gaussian per record task, or one over everything (the paper's form)")
+    min_group_size: int = Field(8, ge=2, description="smaller groups are kept whole: too few samples to fit")
+    batch_size: int = Field(8, gt=0)
+    examples: int = Field(5, ge=0, description="dropped samples per side shown in the report")
 
 
 class EvalConfig(Strict):

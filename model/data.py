@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from model.config import ModelConfig
-from model.media import load_audio, load_image, load_video_frames
+from model.media import Source, load_audio, load_image, load_video_frames
 from model.processor import ChatInput, Encoded, OmniProcessor
 from model.records import Record
 
@@ -26,25 +26,29 @@ def resolve(uri: str, base_dir: Path) -> str | Path:
     return base_dir / uri
 
 
-def to_chat_input(record: Record, base_dir: Path, cfg: ModelConfig, include_answer: bool = True) -> ChatInput:
+def to_chat_input(record: Record, base_dir: Path | None, cfg: ModelConfig, include_answer: bool = True,
+                  fetch: Callable[[str], Source] | None = None) -> ChatInput:
     """Load a record's media (paths relative to `base_dir`) into a ChatInput.
     Without the answer, the conversation stops before the last assistant turn (for generation)."""
+    # `fetch(uri)` gives a path or the bytes (e.g. from object storage: the shard reader).
+    get = fetch or (lambda uri: resolve(uri, base_dir))
     messages = record.messages if include_answer else record.prompt_messages
     sample = ChatInput(messages=[m.model_dump() for m in messages])
     used = {k: sum(m.content.count(f"<{k}>") for m in messages) for k in ("image", "video", "audio")}
     for uri in record.images[: used["image"]]:
-        sample.images.append(load_image(resolve(uri, base_dir)))
+        sample.images.append(load_image(get(uri)))
     for uri in record.videos[: used["video"]]:
-        frames, _ = load_video_frames(resolve(uri, base_dir), cfg.video.fps, cfg.video.max_frames)
+        frames, times = load_video_frames(get(uri), cfg.video.fps, cfg.video.max_frames)
         sample.videos.append(frames)
+        sample.video_times.append(times)
     for uri in record.audios[: used["audio"]]:
-        sample.audios.append(load_audio(resolve(uri, base_dir), cfg.audio.sampling_rate))
+        sample.audios.append(load_audio(get(uri), cfg.audio.sampling_rate))
     return sample
 
 
 class EncodedDataset(Dataset):
-    """Records of the given tasks, decoded and tokenised once up front (the demo set is small;
-    streaming shards replace this for real corpora)."""
+    """Records of the given tasks, decoded and tokenised once up front: for small in-memory sets
+    and tests. Training on prepared data streams shards instead (`model.shards.ShardStream`)."""
 
     def __init__(self, records: Iterable[Record], base_dir: Path, processor: OmniProcessor, tasks: list[str] | None):
         self.samples: list[Encoded] = []

@@ -1,12 +1,22 @@
 """Generate "omni-tiny": a small multimodal data set, in real media formats, that a ~2M-parameter
 model can learn in minutes on a CPU, so evaluation visibly improves after each training stage.
 
-Tasks (the record `task` values the stage configs select on):
-  caption    64x64 PNG/JPEG of one coloured shape          -> "a red circle"
-  image_mcq  same kind of image, colour or shape question   -> option letter
-  video_mcq  4 s mp4 (H.264) of a shape moving across       -> option letter for the direction
-  asr        espeak-ng speech of 1-3 digits, 16 kHz WAV     -> "three seven"
-  text_qa    text-only arithmetic / simple facts            -> "7"
+Tasks (the record `task` values the stage configs select on; the metric family follows the name,
+see `model.metrics.task_kind`: `*_mcq` -> option accuracy, `asr` -> WER, others -> exact match):
+  caption          64x64 PNG/JPEG of one coloured shape                -> "a red circle"
+  image_mcq        same kind of image, colour or shape question         -> option letter
+  ocr              a 2-3 digit number rendered on the image (OCR-like)  -> "407"
+  count            1-4 shapes, "how many"                               -> "3"
+  video_mcq        4 s mp4 (H.264) of a shape moving across             -> option letter for the direction
+  video_color_mcq  4 s mp4 of a shape that changes colour mid-clip,
+                   colour at the start or at the end                    -> option letter
+  asr              espeak-ng speech of 1-3 digits, 16 kHz WAV           -> "three seven"
+  spoken_vqa       an image + the question about it spoken by espeak-ng
+                   (the paper's image-audio-text data)                  -> "red" / "circle"
+  text_qa          text-only arithmetic / simple facts                  -> "7"
+
+Speech uses several espeak-ng voices and speeds. `cfg.demo_images` is split evenly over the four
+image tasks, `demo_videos` over the two video tasks; a quarter of `demo_audios` are spoken questions.
 
 Everything is derived from `cfg.seed`: the same seed gives byte-identical JSONL files.
 Media paths in the records are relative to `out_dir` (e.g. "media/caption-0003.png").
@@ -23,11 +33,11 @@ import wave
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import av
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from model.config import DataConfig
@@ -43,13 +53,15 @@ SHAPE_OPTIONS = (*SHAPES, "star")
 BACKGROUNDS = ((255, 255, 255), (240, 240, 240), (250, 245, 230), (235, 240, 250))
 DIRECTIONS = ("left", "right", "up", "down")
 LETTERS = "ABCD"
+INKS = ((20, 20, 20), (120, 20, 20), (20, 40, 120), (20, 90, 30))  # dark text colours for OCR images
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # espeak-ng voices that exist in Debian's package without mbrola; "+f3" etc. are voice variants.
 VOICES = ("en", "en-us", "en+f3", "en-us+m3", "en-gb-scotland", "en+f4", "en-029")
 SPEEDS = (140, 150, 160, 170, 180)
 VIDEO_FPS, VIDEO_SECONDS = 8, 4
 AUDIO_RATE = 16000
-TASKS = ("caption", "image_mcq", "video_mcq", "asr", "text_qa")
+TASKS = ("caption", "image_mcq", "ocr", "count", "video_mcq", "video_color_mcq", "asr", "spoken_vqa", "text_qa")
+SPOKEN_QUESTIONS = {"color": "what color is the shape", "shape": "what shape is it"}
 
 
 def make_demo(out_dir: Path, cfg: DataConfig, progress: bool = True) -> dict[str, int]:
@@ -62,12 +74,16 @@ def make_demo(out_dir: Path, cfg: DataConfig, progress: bool = True) -> dict[str
 
     # Each entry builds one record's messages and media from (rng, id, out_dir).
     Builder = Callable[[random.Random, str, Path], dict]
-    n_caption = cfg.demo_images // 2
+    quarter, n_spoken = cfg.demo_images // 4, cfg.demo_audios // 4
     plan: list[tuple[str, int, Builder]] = []
-    plan += [("caption", i, _caption) for i in range(n_caption)]
-    plan += [("image_mcq", i, _image_mcq) for i in range(cfg.demo_images - n_caption)]
-    plan += [("video_mcq", i, _video_mcq) for i in range(cfg.demo_videos)]
-    speech = _unique_speech(random.Random(f"{cfg.seed}:asr"), cfg.demo_audios)
+    plan += [("caption", i, _caption) for i in range(cfg.demo_images - 3 * quarter)]
+    plan += [("image_mcq", i, _image_mcq) for i in range(quarter)]
+    plan += [("ocr", i, _ocr) for i in range(quarter)]
+    plan += [("count", i, _count) for i in range(quarter)]
+    plan += [("video_mcq", i, _video_mcq) for i in range(cfg.demo_videos - cfg.demo_videos // 2)]
+    plan += [("video_color_mcq", i, _video_color_mcq) for i in range(cfg.demo_videos // 2)]
+    plan += [("spoken_vqa", i, _spoken_vqa) for i in range(n_spoken)]
+    speech = _unique_speech(random.Random(f"{cfg.seed}:asr"), cfg.demo_audios - n_spoken)
     plan += [("asr", i, partial(_asr, text=t, voice=v, speed=sp)) for i, (t, v, sp) in enumerate(speech)]
     texts = _text_pool(random.Random(f"{cfg.seed}:text_qa"), cfg.demo_texts)
     plan += [("text_qa", i, partial(_text_qa, qa=qa)) for i, qa in enumerate(texts)]
@@ -184,6 +200,44 @@ def _image_mcq(rng: random.Random, rid: str, out_dir: Path) -> dict:
     return {"messages": _chat(user, letter), "images": [rel]}
 
 
+@lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's bundled font (no system fonts needed), scalable when Pillow has FreeType."""
+    return ImageFont.load_default(size=size)
+
+
+def _ocr(rng: random.Random, rid: str, out_dir: Path) -> dict:
+    """A 2-3 digit number in dark ink at a random place: text to read, as in OCR/TextVQA data."""
+    number = str(rng.randint(10, 999))
+    img = Image.new("RGB", (SIZE, SIZE), rng.choice(BACKGROUNDS))
+    draw, font = ImageDraw.Draw(img), _font(rng.choice((18, 20, 22)))
+    left, top, right, bottom = draw.textbbox((0, 0), number, font=font)
+    x = rng.uniform(2, SIZE - (right - left) - 2) - left
+    y = rng.uniform(2, SIZE - (bottom - top) - 2) - top
+    draw.text((x, y), number, fill=rng.choice(INKS), font=font)
+    rel = f"media/{rid}.png"
+    img.save(out_dir / rel)
+    return {"messages": _chat("<image>What number is written in the image?", number), "images": [rel]}
+
+
+def _count(rng: random.Random, rid: str, out_dir: Path) -> dict:
+    """1-4 shapes of one kind and colour, apart from each other: "how many"."""
+    n, shape, color = rng.randint(1, 4), rng.choice(SHAPES), rng.choice(list(COLORS))
+    placed: list[tuple[float, float, float]] = []
+    while len(placed) < n:
+        r = rng.uniform(6, 8)
+        cx, cy = rng.uniform(r + 2, SIZE - r - 2), rng.uniform(r + 2, SIZE - r - 2)
+        # 1.3 r bounds the triangle too; + 3 px keeps a gap, so the shapes stay countable.
+        if all((cx - x) ** 2 + (cy - y) ** 2 > (1.3 * (r + pr) + 3) ** 2 for x, y, pr in placed):
+            placed.append((cx, cy, r))
+    img = Image.new("RGB", (SIZE, SIZE), rng.choice(BACKGROUNDS))
+    for cx, cy, r in placed:
+        _draw(img, shape, _jitter(rng, COLORS[color]), cx, cy, r)
+    rel = f"media/{rid}.png"
+    img.save(out_dir / rel)
+    return {"messages": _chat("<image>How many shapes are in the image?", str(n)), "images": [rel]}
+
+
 # ---------------------------------------------------------------------------------------- videos
 
 
@@ -194,26 +248,54 @@ def _video_mcq(rng: random.Random, rid: str, out_dir: Path) -> dict:
     lo, hi = r + 1, SIZE - r - 1
     across = rng.uniform(lo + 4, hi - 4)  # the fixed coordinate
     n = VIDEO_FPS * VIDEO_SECONDS
+    frames = []
+    for i in range(n):
+        s = i / (n - 1)
+        # Image coordinates: x grows to the right, y grows downwards.
+        along = lo + s * (hi - lo) if direction in ("right", "down") else hi - s * (hi - lo)
+        cx, cy = (along, across) if direction in ("left", "right") else (across, along)
+        img = Image.new("RGB", (SIZE, SIZE), background)
+        _draw(img, shape, fill, cx, cy, r)
+        frames.append(img)
     rel = f"media/{rid}.mp4"
-    with av.open(str(out_dir / rel), "w", format="mp4") as container:
+    _write_mp4(out_dir / rel, frames)
+    lines, letter = _options(rng, direction, DIRECTIONS)
+    user = f"<video>In which direction does the shape move?\n{lines}\nAnswer with the option's letter."
+    return {"messages": _chat(user, letter), "videos": [rel]}
+
+
+def _video_color_mcq(rng: random.Random, rid: str, out_dir: Path) -> dict:
+    """A still shape that changes colour once, between 0.5 s and 2.5 s: at 1 fps the first sampled
+    frame shows the start colour and the last one the end colour."""
+    start, end = rng.sample(list(COLORS), 2)
+    shape, background = rng.choice(SHAPES), rng.choice(BACKGROUNDS)
+    fills, r = (_jitter(rng, COLORS[start]), _jitter(rng, COLORS[end])), rng.uniform(10, 14)
+    cx, cy = rng.uniform(r + 2, SIZE - r - 2), rng.uniform(r + 2, SIZE - r - 2)
+    change = rng.randint(VIDEO_FPS // 2 + 1, 5 * VIDEO_FPS // 2)  # the first frame in the new colour
+    frames = []
+    for i in range(VIDEO_FPS * VIDEO_SECONDS):
+        img = Image.new("RGB", (SIZE, SIZE), background)
+        _draw(img, shape, fills[i >= change], cx, cy, r)
+        frames.append(img)
+    rel = f"media/{rid}.mp4"
+    _write_mp4(out_dir / rel, frames)
+    when = rng.choice(("start", "end"))
+    lines, letter = _options(rng, start if when == "start" else end, tuple(COLORS))
+    user = f"<video>What color is the shape at the {when} of the video?\n{lines}\nAnswer with the option's letter."
+    return {"messages": _chat(user, letter), "videos": [rel]}
+
+
+def _write_mp4(path: Path, frames: list[Image.Image]) -> None:
+    with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=VIDEO_FPS, options={"preset": "veryfast", "crf": "20"})
         stream.width = stream.height = SIZE
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = VIDEO_FPS  # a keyframe every second: seeking has work to skip
-        for i in range(n):
-            s = i / (n - 1)
-            # Image coordinates: x grows to the right, y grows downwards.
-            along = lo + s * (hi - lo) if direction in ("right", "down") else hi - s * (hi - lo)
-            cx, cy = (along, across) if direction in ("left", "right") else (across, along)
-            img = Image.new("RGB", (SIZE, SIZE), background)
-            _draw(img, shape, fill, cx, cy, r)
+        for i, img in enumerate(frames):
             frame = av.VideoFrame.from_image(img)
             frame.pts, frame.time_base = i, Fraction(1, VIDEO_FPS)
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-    lines, letter = _options(rng, direction, DIRECTIONS)
-    user = f"<video>In which direction does the shape move?\n{lines}\nAnswer with the option's letter."
-    return {"messages": _chat(user, letter), "videos": [rel]}
 
 
 # ----------------------------------------------------------------------------------------- audio
@@ -232,18 +314,33 @@ def _unique_speech(rng: random.Random, n: int) -> list[tuple[str, str, int]]:
     return out
 
 
-def _asr(rng: random.Random, rid: str, out_dir: Path, text: str, voice: str, speed: int) -> dict:
+def _speak(text: str, voice: str, speed: int, path: Path) -> None:
     wav = subprocess.run(
         ["espeak-ng", "--stdout", "-v", voice, "-s", str(speed), text], check=True, capture_output=True
     ).stdout
     samples = load_audio(wav, AUDIO_RATE)  # espeak-ng speaks at 22.05 kHz; models want 16 kHz
-    rel = f"media/{rid}.wav"
-    with wave.open(str(out_dir / rel), "wb") as w:
+    with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(AUDIO_RATE)
         w.writeframes((samples * 32767).round().astype("<i2").tobytes())
+
+
+def _asr(rng: random.Random, rid: str, out_dir: Path, text: str, voice: str, speed: int) -> dict:
+    rel = f"media/{rid}.wav"
+    _speak(text, voice, speed, out_dir / rel)
     return {"messages": _chat("<audio>Transcribe the audio.", text), "audios": [rel]}
+
+
+def _spoken_vqa(rng: random.Random, rid: str, out_dir: Path) -> dict:
+    """An image and a question about it that is only spoken: the model must understand the speech
+    to know whether to name the colour or the shape."""
+    image, color, shape = _shape_image(rng, rid, out_dir, _index(rid))
+    asked = rng.choice(list(SPOKEN_QUESTIONS))
+    audio = f"media/{rid}.wav"
+    _speak(SPOKEN_QUESTIONS[asked], rng.choice(VOICES), rng.choice(SPEEDS), out_dir / audio)
+    user = "<image><audio>Answer the spoken question about the image."
+    return {"messages": _chat(user, color if asked == "color" else shape), "images": [image], "audios": [audio]}
 
 
 # ------------------------------------------------------------------------------------------ text

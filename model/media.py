@@ -10,8 +10,10 @@ record ("truncated image", "no audio stream", ...) instead of crashing or silent
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -101,10 +103,12 @@ def sample_times(duration: float, fps: float, max_frames: int) -> list[float]:
 def load_video_frames(
     src: Source, fps: float = 1.0, max_frames: int = 48
 ) -> tuple[list[Image.Image], list[float]]:
-    """Sample RGB frames at `fps` (at most `max_frames`) by seeking, plus their times in seconds.
+    """Sample RGB frames at `fps` (at most `max_frames`), plus their times in seconds.
 
-    Each target is reached by seeking to the keyframe before it and decoding forward to the first
-    frame at or after it, so a long video costs about one GOP per sample, not a full decode.
+    Each target gets the first frame at or after it. A target is reached by seeking to the keyframe
+    before it when a keyframe lies between the decoder's position and the target, otherwise by
+    decoding forward: a long video costs about one GOP per sample, not a full decode, and samples
+    denser than the keyframes (1 fps with 10 s GOPs) cost one pass, not one GOP each.
     Timestamps are the sampled frames' own presentation times, relative to the stream start.
     """
     container = _open(src)
@@ -124,8 +128,8 @@ def load_video_frames(
                 # No duration to plan seeks with (rare, e.g. raw streams): one sequential pass instead.
                 frames, times = _sample_sequential(container, stream, fps, max_frames, start)
             else:
-                for target in sample_times(duration, fps, max_frames):
-                    frame = _frame_at(container, stream, start + target)
+                targets = [start + t for t in sample_times(duration, fps, max_frames)]
+                for frame in _frames_at(container, stream, targets):
                     if frame is not None:
                         frames.append(frame.to_image())
                         times.append(float(frame.time) - start)
@@ -138,20 +142,38 @@ def load_video_frames(
         container.close()
 
 
-def _frame_at(
-    container: av.container.InputContainer, stream: av.stream.Stream, t: float
-) -> av.VideoFrame | None:
-    """First frame at or after time `t` (or the last frame, if `t` is past the final one)."""
-    container.seek(int(t / stream.time_base), stream=stream, backward=True, any_frame=False)
-    last = None
-    for frame in container.decode(stream):
-        if frame.time is None:
-            continue
+def _keyframe_times(container: av.container.InputContainer, stream: av.stream.Stream) -> list[float]:
+    """Presentation times of the keyframes, sorted, from the packets alone (demuxing reads the
+    file but decodes nothing)."""
+    keys = [float(p.pts * stream.time_base) for p in container.demux(stream) if p.is_keyframe and p.pts is not None]
+    return sorted(keys)
+
+
+def _frames_at(
+    container: av.container.InputContainer, stream: av.stream.Stream, targets: list[float]
+) -> Iterator[av.VideoFrame | None]:
+    """For each (increasing) target, the first frame at or after it, or the last frame if the
+    target is past the final one. Seeks only when a keyframe lies in (position, target]: decoding
+    forward from the current position would then cost more than restarting at that keyframe."""
+    keys = _keyframe_times(container, stream)
+    decoder: Iterator[av.VideoFrame] | None = None
+    current: av.VideoFrame | None = None  # the last decoded frame: it may serve the next target too
+    for t in targets:
         # Half a microsecond of slack: targets like 1/3 s never land exactly on a pts.
-        if frame.time >= t - 5e-7:
-            return frame
-        last = frame
-    return last
+        if current is not None and current.time >= t - 5e-7:
+            yield current
+            continue
+        position = current.time if current is not None else -math.inf
+        if decoder is None or bisect.bisect_right(keys, t + 5e-7) > bisect.bisect_right(keys, position):
+            container.seek(int(t / stream.time_base), stream=stream, backward=True, any_frame=False)
+            decoder = container.decode(stream)
+        for frame in decoder:
+            if frame.time is None:
+                continue
+            current = frame
+            if frame.time >= t - 5e-7:
+                break
+        yield current
 
 
 def _sample_sequential(

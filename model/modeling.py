@@ -3,7 +3,7 @@
 Media embeddings replace the placeholder tokens (`<img_pad>`, `<video_pad>`, `<audio_pad>`) in the
 LLM's input embeddings; everything after that is an ordinary causal LM forward.
 
-    image  -> SigLIP -> VisionProjector (2x2 merge, 2-layer MLP)                -> LLM
+    image  -> AnyRes tiles + thumbnail -> SigLIP -> VisionProjector (2x2 merge, MLP) -> LLM
     video  -> SigLIP per frame -> VisionProjector merge -> extra 2x2 merge -> MLP -> LLM
     audio  -> log-mel -> Whisper encoder (any length) -> Conv-GMLP projector    -> LLM
 """
@@ -11,6 +11,7 @@ LLM's input embeddings; everything after that is an ordinary causal LM forward.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -25,19 +26,44 @@ from model.config import ModelConfig
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "omni_config.json", "model.safetensors", "tokenizer"
 
 
-def merge_2x2(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """(B, N, C) patch tokens on a square grid -> (B, ceil(g/2)^2, C') through a stride-2 conv.
-
-    An odd grid (27x27 for SigLIP-384/14) is zero-padded by one row and column first, so no edge
-    patch is dropped."""
+def _square(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, N, C) patch tokens -> (B, C, g, g) grid."""
     b, n, c = x.shape
-    g = int(n**0.5)
+    g = math.isqrt(n)
     if g * g != n:
         raise ValueError(f"expected a square patch grid, got {n} tokens")
-    grid = x.transpose(1, 2).reshape(b, c, g, g)
+    return x.transpose(1, 2).reshape(b, c, g, g), g
+
+
+def merge_2x2_padded(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """(B, g*g, C) -> (B, ceil(g/2)^2, C') through a 2x2 stride-2 conv; an odd grid is zero-padded by
+    one row and column first. The output is again a square grid (the video path merges it twice)."""
+    grid, g = _square(x)
     if g % 2:
         grid = F.pad(grid, (0, 1, 0, 1))
     return conv(grid).flatten(2).transpose(1, 2)
+
+
+def merge_2x2(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """(B, g*g, C) -> (B, floor(g^2/4), C'): every output token merges 4 neighbouring patches.
+
+    Even grids are tiled by 2x2 squares. An odd grid g = 2k+1 (27x27 for SigLIP-384/14) is handled
+    without padding tokens or dropping patches: the (g-1)^2 interior is tiled by 2x2 squares (k^2
+    tokens), and the L-shaped border (last column top to bottom, then last row right to left, a path
+    of 2g-1 = 4k+1 adjacent patches) is cut into k runs of 4, each run laid out as a 2x2 window for
+    the same conv; the path's final patch is averaged into its neighbour at the end of the last run.
+    That is k^2 + k tokens: 729 patches -> 182, the paper's count."""
+    grid, g = _square(x)
+    if g % 2 == 0:
+        return conv(grid).flatten(2).transpose(1, 2)
+    b, c, k = grid.shape[0], grid.shape[1], g // 2
+    inner = conv(grid[:, :, : g - 1, : g - 1]).flatten(2).transpose(1, 2)  # (B, k^2, C')
+    path = torch.cat([grid[:, :, :, g - 1], grid[:, :, g - 1, : g - 1].flip(-1)], dim=2)  # (B, C, 4k+1)
+    runs = path[:, :, : 4 * k].clone()
+    runs[:, :, -1] = (path[:, :, -2] + path[:, :, -1]) / 2
+    windows = runs.reshape(b, c, k, 2, 2).permute(0, 2, 1, 3, 4).reshape(b * k, c, 2, 2)
+    border = conv(windows).reshape(b, k, -1)
+    return torch.cat([inner, border], dim=1)
 
 
 class VisionProjector(nn.Module):
@@ -62,8 +88,9 @@ class VideoProjector(nn.Module):
         self.extra_merge = nn.Conv2d(vision_dim, vision_dim, kernel_size=2, stride=2)
 
     def forward(self, patches: torch.Tensor, image_projector: VisionProjector) -> torch.Tensor:
-        once = merge_2x2(patches, image_projector.merge)
-        return image_projector.mlp(merge_2x2(once, self.extra_merge))
+        # Padded, not folded: the first merge must leave a square grid for the second.
+        once = merge_2x2_padded(patches, image_projector.merge)
+        return image_projector.mlp(merge_2x2_padded(once, self.extra_merge))
 
 
 class ConvGMLPProjector(nn.Module):
@@ -160,6 +187,15 @@ class OmniModel(nn.Module):
         self.audio_encoder = AudioEncoder(audio_cfg)
         self.audio_projector = ConvGMLPProjector(cfg.audio.d_model, cfg.llm.hidden_size, cfg.audio.projector_stride)
         self.llm = Qwen2ForCausalLM(llm_cfg)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each transformer layer's activations in backward (vision tower, audio encoder,
+        LLM): activation memory drops to about one layer's worth, for ~30% more compute."""
+        for tower in (self.vision_tower, self.audio_encoder.encoder, self.llm):
+            if enabled:  # non-reentrant: works when a frozen tower's inputs need no grad
+                tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                tower.activation_checkpointing_disable()
 
     # --- media encoders: each returns (num_items, tokens_per_item, llm_dim) or a flat token list ---
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

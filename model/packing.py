@@ -36,11 +36,17 @@ MEDIA_KEYS = ("pixel_values", "video_pixel_values", "audio_mel", "audio_frames")
 def pack(samples: list[Encoded], max_seq_len: int) -> list[list[Encoded]]:
     """First-fit decreasing: longest sample first, each into the first bin it fits. Deterministic
     (ties keep the input order); every bin holds at most `max_seq_len` tokens."""
-    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
-    bins: list[list[Encoded]] = []
+    return [[samples[i] for i in b] for b in plan_bins([len(s.input_ids) for s in samples], max_seq_len)]
+
+
+def plan_bins(lengths: list[int], max_seq_len: int) -> list[list[int]]:
+    """`pack` on lengths alone: bins of sample indices. The shard reader plans rows from the token
+    counts data prep recorded, so it can skip (resume) or hand rows to workers without decoding."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
     room: list[int] = []
     for i in order:
-        n = len(samples[i].input_ids)
+        n = lengths[i]
         if n > max_seq_len:
             raise ValueError(f"sample {i} has {n} tokens, more than max_seq_len {max_seq_len}: it cannot be packed")
         slot = next((b for b, free in enumerate(room) if free >= n), None)
@@ -48,7 +54,7 @@ def pack(samples: list[Encoded], max_seq_len: int) -> list[list[Encoded]]:
             bins.append([])
             room.append(max_seq_len)
             slot = len(bins) - 1
-        bins[slot].append(samples[i])
+        bins[slot].append(i)
         room[slot] -= n
     return bins
 

@@ -54,30 +54,33 @@ def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpoin
 
 
 def plan_stage(cfg: ModelConfig, stage: StageConfig, zero_stage: int, gpus: int, seq_len: int | None = None,
-               micro_batch: int | None = None, checkpointing: bool = True,
+               micro_batch: int | None = None, checkpointing: bool | None = None,
                counts: dict[str, int] | None = None) -> StagePlan:
+    """Per-GPU memory of one stage; `checkpointing=None` takes the stage's activation_checkpointing."""
     counts = counts or parameter_counts(cfg)
     total = sum(counts.values())
     trainable = sum(counts[m] for m in stage.trainable)
     weights = 2 * total / (gpus if zero_stage >= 3 else 1)
     grads = 2 * trainable / (gpus if zero_stage >= 2 else 1)
     optimizer = 12 * trainable / (gpus if zero_stage >= 1 else 1)
+    checkpointing = stage.activation_checkpointing if checkpointing is None else checkpointing
     acts = activation_bytes(cfg, seq_len or cfg.max_seq_len, micro_batch or stage.micro_batch_size, checkpointing)
     return StagePlan(stage.name, zero_stage, gpus, weights / GIB, grads / GIB, optimizer / GIB, acts / GIB)
 
 
 def format_plan(cfg: ModelConfig, stages: list[StageConfig], gpus: int, gpu_gib: float, micro_batch: int,
-                checkpointing: bool = True) -> str:
+                checkpointing: bool | None = None) -> str:
     counts = parameter_counts(cfg)
     lines = [f"model {cfg.name}: {sum(counts.values()) / 1e9:.3f}B parameters"]
     lines += [f"  {name:<17}{n / 1e6:>10.1f}M" for name, n in counts.items()]
     lines.append(f"\nper-GPU memory on {gpus} GPUs x {gpu_gib:g} GiB, micro-batch {micro_batch}, seq "
-                 f"{cfg.max_seq_len}, bf16 + fp32 Adam, activation checkpointing {'on' if checkpointing else 'off'}")
-    lines.append(f"  {'stage':<11}{'ZeRO':>5}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'total':>8}  fits")
+                 f"{cfg.max_seq_len}, bf16 + fp32 Adam (ckpt: activation checkpointing)")
+    lines.append(f"  {'stage':<11}{'ZeRO':>5}{'ckpt':>5}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'total':>8}  fits")
     for stage in stages:
         for zero in (2, 3):
             p = plan_stage(cfg, stage, zero, gpus, micro_batch=micro_batch, checkpointing=checkpointing, counts=counts)
             fits = "yes" if p.total_gib < 0.9 * gpu_gib else "NO"  # ~10% for CUDA context, buffers, fragmentation
-            lines.append(f"  {stage.name:<11}{zero:>5}{p.weights_gib:>9.1f}{p.gradients_gib:>8.1f}"
+            ckpt = stage.activation_checkpointing if checkpointing is None else checkpointing
+            lines.append(f"  {stage.name:<11}{zero:>5}{'on' if ckpt else 'off':>5}{p.weights_gib:>9.1f}{p.gradients_gib:>8.1f}"
                          f"{p.optimizer_gib:>8.1f}{p.activations_gib:>8.1f}{p.total_gib:>8.1f}  {fits}")
     return "\n".join(lines)

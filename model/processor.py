@@ -1,9 +1,11 @@
 """Turns a conversation with media into model inputs: token ids with placeholder runs, labels on
 assistant turns only, and the pixel / mel tensors that fill the placeholders.
 
-A `<image>` tag becomes `<img_start>` + N x `<img_pad>` + `<img_end>`, N being exactly what the
-vision projector emits for one image; likewise `<video>` (per-frame tokens x frames) and `<audio>`
-(encoder frames / 2 / projector stride, summed over 30 s windows).
+A `<image>` tag becomes `<img_start>` ... `<img_end>` around exactly as many `<img_pad>` as the vision
+projector emits: one tile's worth for a small image; for an AnyRes grid, the thumbnail, then each row
+of tiles (tiles joined by `<img_tile_sep>`, rows led by `<img_row_sep>`). `<video>` becomes each
+frame's time as text ("3s", unless `video.timestamps` is off) and its placeholders; `<audio>` becomes
+encoder frames / 2 / projector stride placeholders, summed over 30 s windows.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import torch
 from PIL import Image
 from transformers import WhisperFeatureExtractor
 
+from model.anyres import tile_image
 from model.config import ModelConfig
 from model.records import TAG_PATTERN
-from model.tokenizer import IM_END, IM_START, MEDIA_SPECIAL
+from model.tokenizer import IM_END, IM_START, IMG_ROW_SEP, IMG_TILE_SEP, MEDIA_SPECIAL
 
 IGNORE_INDEX = -100
 # SigLIP normalisation.
@@ -30,7 +33,7 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
-    pixel_values: list[torch.Tensor] = field(default_factory=list)  # one (3, H, W) per image
+    pixel_values: list[torch.Tensor] = field(default_factory=list)  # one (3, H, W) per image tile
     video_pixel_values: list[torch.Tensor] = field(default_factory=list)  # one (3, H, W) per frame
     audio_mel: list[torch.Tensor] = field(default_factory=list)  # one (bins, T) per 30 s window
 
@@ -42,6 +45,7 @@ class ChatInput:
     messages: list[dict]
     images: list[Image.Image] = field(default_factory=list)
     videos: list[list[Image.Image]] = field(default_factory=list)
+    video_times: list[list[float]] = field(default_factory=list)  # per video, frame times in s; default i / fps
     audios: list[np.ndarray] = field(default_factory=list)
 
 
@@ -51,9 +55,9 @@ class OmniProcessor:
         self.ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IM_START, IM_END)}
         self.media_ids = {k: [tokenizer.convert_tokens_to_ids(t) for t in triple] for k, triple in MEDIA_SPECIAL.items()}
         self.mel = WhisperFeatureExtractor(feature_size=cfg.audio.num_mel_bins, sampling_rate=cfg.audio.sampling_rate)
-        grid = cfg.vision.image_size // cfg.vision.patch_size
-        self.image_tokens = ((grid + 1) // 2) ** 2
-        self.frame_tokens = ((((grid + 1) // 2) + 1) // 2) ** 2
+        self.layout_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMG_TILE_SEP, IMG_ROW_SEP)}
+        self.tile_tokens = cfg.vision.tokens_per_tile
+        self.frame_tokens = cfg.vision.tokens_per_frame
         # Mel frames per 30 s window (3000 for Whisper): longer audio is split into windows.
         self.window_frames = 2 * cfg.audio.max_source_positions
         self.audio_multiple = 2 * cfg.audio.projector_stride  # mel frames per audio token
@@ -93,7 +97,11 @@ class OmniProcessor:
         """Tokenise a conversation. Labels are the assistant turns (+ their end token), -100 elsewhere.
         With `add_generation_prompt`, an open assistant turn is appended (for generation)."""
         out = Encoded(input_ids=[], labels=[])
-        queues = {"image": list(sample.images), "video": list(sample.videos), "audio": list(sample.audios)}
+        if sample.video_times and len(sample.video_times) != len(sample.videos):
+            raise ValueError(f"{len(sample.videos)} videos but {len(sample.video_times)} lists of frame times")
+        times = sample.video_times or [None] * len(sample.videos)
+        queues = {"image": list(sample.images), "video": list(zip(sample.videos, times, strict=True)),
+                  "audio": list(sample.audios)}
         for msg in sample.messages:
             train_on = msg["role"] == "assistant"
             self._add(out, [self.ids[IM_START]] + self.tok.encode(msg["role"] + "\n"), False)
@@ -117,18 +125,39 @@ class OmniProcessor:
     def _media(self, kind: str, item, out: Encoded) -> list[int]:
         start, pad, end = self.media_ids[kind]
         if kind == "image":
-            out.pixel_values.append(self.pixels(item))
-            n = self.image_tokens
-        elif kind == "video":
-            if not item:
+            grid, tiles = tile_image(item, self.cfg.vision.image_size, self.cfg.vision.anyres_grids)
+            out.pixel_values.extend(self.pixels(t) for t in tiles)
+            return [start, *self.image_layout(grid), end]
+        if kind == "video":
+            frames, times = item
+            if not frames:
                 raise ValueError("video has no frames")
-            out.video_pixel_values.extend(self.pixels(f) for f in item)
-            n = self.frame_tokens * len(item)
-        else:
-            windows = self.audio_windows(np.asarray(item, dtype=np.float32))
-            out.audio_mel.extend(windows)
-            n = self.audio_tokens(windows)
-        return [start] + [pad] * n + [end]
+            if times is not None and len(times) != len(frames):
+                raise ValueError(f"video has {len(frames)} frames but {len(times)} frame times")
+            times = times if times is not None else [i / self.cfg.video.fps for i in range(len(frames))]
+            out.video_pixel_values.extend(self.pixels(f) for f in frames)
+            ids = [start]
+            for t in times:
+                if self.cfg.video.timestamps:
+                    ids += self.tok.encode(f"{round(t, 1):g}s")
+                ids += [pad] * self.frame_tokens
+            return ids + [end]
+        windows = self.audio_windows(np.asarray(item, dtype=np.float32))
+        out.audio_mel.extend(windows)
+        return [start] + [pad] * self.audio_tokens(windows) + [end]
+
+    def image_layout(self, grid: tuple[int, int]) -> list[int]:
+        """Placeholder run for one image tiled as `grid` (columns, rows), without start/end."""
+        tile = [self.media_ids["image"][1]] * self.tile_tokens
+        cols, rows = grid
+        if (cols, rows) == (1, 1):
+            return tile
+        ids = list(tile)  # the thumbnail
+        for _ in range(rows):
+            ids.append(self.layout_ids[IMG_ROW_SEP])
+            for c in range(cols):
+                ids += ([self.layout_ids[IMG_TILE_SEP]] if c else []) + tile
+        return ids
 
     @staticmethod
     def _add(out: Encoded, ids: list[int], train_on: bool) -> None:

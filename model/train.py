@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from model.config import MODULES, StageConfig
 from model.modeling import OmniModel
 from model.packing import collate_packed, pack, packed_tokens
 from model.processor import OmniProcessor
+from model.shards import ShardStream
 
 
 @dataclass
@@ -158,6 +160,15 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    """Each rank trains on its own share of the data: the loss to report is the global batch's."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.item() / torch.distributed.get_world_size()
+
+
 def train_stage(
     model: OmniModel,
     processor: OmniProcessor,
@@ -176,30 +187,44 @@ def train_stage(
 
     torch.manual_seed(stage.seed)
     result = TrainResult(trainable_params=set_trainable(model, stage.trainable))
+    model.set_activation_checkpointing(stage.activation_checkpointing)
     optimizer = torch.optim.AdamW(param_groups(model, stage), weight_decay=stage.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(stage)
     )
-    collate = processor.collate
-    if stage.packing:  # the items become packed rows (bins of samples); micro_batch_size counts rows
+    # --- data source: streamed shards (model/shards.py) or an in-memory list of Encoded samples ---
+    streaming = isinstance(dataset, ShardStream)
+    collate = partial(collate_packed, processor) if stage.packing else processor.collate
+    if stage.packing and not streaming:  # the items become packed rows (bins of samples); micro_batch_size counts rows
         dataset = pack([dataset[i] for i in range(len(dataset))], model.cfg.max_seq_len)
-        collate = partial(collate_packed, processor)
-    # The whole index sequence up front, so a resumed run can skip exactly the consumed prefix.
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    per_rank = stage.steps * stage.grad_accum * stage.micro_batch_size
+    # The whole index sequence up front, so a resumed run can skip exactly the consumed prefix. Every
+    # rank draws the same sequence and takes its own slice: ranks train on different samples.
     generator = torch.Generator().manual_seed(stage.seed)
-    order = list(RandomSampler(dataset, replacement=True, generator=generator,
-                               num_samples=stage.steps * stage.grad_accum * stage.micro_batch_size))
-    done = 0
+    order = [] if streaming else list(RandomSampler(dataset, replacement=True, generator=generator,
+                                                    num_samples=per_rank * world))[rank::world]
+    # --- end data source ---
+    done, data_state = 0, {}
     if checkpoint_dir and (Path(checkpoint_dir) / "latest").is_file():
         path, client = engine.load_checkpoint(str(checkpoint_dir))
         state = client["train_state"]
         done, result.losses, result.tokens = state["step"], state["losses"], state["tokens"]
         _set_rng_state(state["rng"], generator)
+        data_state = state.get("data") or {}
         result.resumed_step = done
         log.info("resumed from %s at step %d/%d", path, done, stage.steps)
 
-    loader = DataLoader(dataset, batch_size=stage.micro_batch_size, collate_fn=collate,
-                        sampler=order[done * stage.grad_accum * stage.micro_batch_size:])
+    consumed = done * stage.grad_accum * stage.micro_batch_size
+    if streaming:  # the reader splits by rank and worker and skips the consumed prefix by itself
+        dataset.configure(processor, batch_size=stage.micro_batch_size, packing=stage.packing, seed=stage.seed)
+        dataset.load_state_dict({**data_state, "items": consumed})  # refuses another data set's position
+        loader = DataLoader(dataset, batch_size=stage.micro_batch_size, collate_fn=collate,
+                            num_workers=dataset.num_workers)
+    else:
+        loader = DataLoader(dataset, batch_size=stage.micro_batch_size, collate_fn=collate, sampler=order[consumed:])
+    loader = islice(loader, (per_rank - consumed) // stage.micro_batch_size)  # a stream never ends by itself
     engine.train()
     start, window = time.perf_counter(), []
     bar = tqdm(total=stage.steps, initial=done, desc=f"train {stage.name}", disable=not progress, unit="step")
@@ -215,7 +240,7 @@ def train_stage(
             if (micro + 1) % stage.grad_accum:
                 continue
             step = (micro + 1) // stage.grad_accum
-            result.losses.append(sum(window) / len(window))
+            result.losses.append(_mean_over_ranks(sum(window) / len(window), engine.device))
             window = []
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
@@ -227,7 +252,9 @@ def train_stage(
             if stop or (stage.checkpoint_every and step % stage.checkpoint_every == 0):
                 engine.save_checkpoint(str(checkpoint_dir), tag=f"step-{step}", client_state={"train_state": {
                     "step": step, "losses": list(result.losses),
-                    "tokens": result.tokens, "rng": _rng_state(generator)}})
+                    "tokens": result.tokens, "rng": _rng_state(generator),
+                    "data": {**dataset.state_dict(), "items": step * stage.grad_accum * stage.micro_batch_size}
+                    if streaming else None}})
             if stop:
                 log.warning("SIGTERM: saved checkpoint step-%d in %s; stopping (exit code %d), rerun to resume",
                             step, checkpoint_dir, PREEMPTED_EXIT_CODE)

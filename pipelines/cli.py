@@ -2,12 +2,16 @@
 
     omni demo [overrides]                         demo data -> whole DAG locally -> serve -> ask
     omni data make-demo --out DIR [overrides]     generate the omni-tiny demo set
-    omni data prep INPUT... --out DIR [overrides] validate/normalise/split records (+ quarantine)
+    omni data prep INPUT... --out DIR [overrides] validate/normalise/dedup/split/shard records (+ quarantine);
+                                                  INPUT and DIR may be s3://bucket/prefix
     omni pipeline compile [--out FILE]            the YAML to upload in the Kubeflow UI / kfp run submit
     omni pipeline run --data DIR [overrides]      the whole DAG on this machine (kfp.local)
     omni serve --model-dir DIR | --model-version champion
     omni model plan [--gpus 8 --gpu-gib 80]       parameter counts + per-GPU memory for ZeRO-2/3
     omni config [overrides]                       print the resolved, validated config
+    omni cluster render --out DIR [--values FILE] every manifest for a cluster (chart, ISVC, TrainJob, node pools)
+    omni cluster node-pools                       regenerate infra/ node pools from conf/cluster
+    omni rollback [--out DIR]                     champion back to previous-champion, re-apply the ISVC
 
 Overrides are Hydra's: `model=tiny stages.sft.steps=100 tracking.uri=http://mlflow:5000`.
 """
@@ -36,12 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="demo data and data prep").add_subparsers(dest="data_command", required=True)
     make = add(data, "make-demo", "Generate the omni-tiny demo set (images, mp4 videos, espeak-ng speech, text).")
     make.add_argument("--out", type=Path, required=True, help="output folder (train.jsonl, val.jsonl, media/)")
-    prep = data.add_parser("prep", help="validate, normalise, deduplicate and split records",
-                           description="Validate, normalise, deduplicate and split JSONL records; every rejected "
-                           "record goes to quarantine.jsonl with its reason.")
+    prep = data.add_parser(
+        "prep", help="validate, normalise, deduplicate, split and shard records",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Validate, normalise (RGB PNG, 16 kHz mono WAV), deduplicate, split and tokenise JSONL\n"
+        "records into tar shards + content-addressed media + manifest.json (docs/data-format.md).\n"
+        "Every rejected record goes to quarantine.jsonl with its file, line, id and the reason;\n"
+        "records_in = records_out + records_quarantined.\n\n"
+        "  omni data prep raw/ --out prepared/\n"
+        "  omni data prep s3://raw/corpus/ extra.jsonl --out s3://omni-data/prepared model.max_seq_len=512\n\n"
+        "s3:// needs S3_ENDPOINT_URL (http(s)://host:port), AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
     prep.add_argument("overrides", nargs="+", metavar="INPUT|key=value",
-                      help="JSONL files or folders of them, then any Hydra overrides (arguments with '=')")
-    prep.add_argument("--out", type=Path, required=True, help="output folder")
+                      help="JSONL files or folders/prefixes of them (local or s3://; media paths resolve against "
+                      "each file's folder), then any Hydra overrides (arguments with '=')")
+    prep.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
 
     pipe = sub.add_parser("pipeline", help="compile or run the DAG").add_subparsers(dest="pipeline_command", required=True)
     comp = add(pipe, "compile", "Compile the DAG to KFP YAML (upload it in the UI or `kfp run submit -f`).")
@@ -61,9 +73,34 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
     plan.add_argument("--gpu-gib", type=float, default=80, help="memory per GPU in GiB (default 80)")
     plan.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step (default 1)")
-    plan.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
+    plan.add_argument("--checkpointing", choices=("stage", "on", "off"), default="stage",
+                      help="activation checkpointing: as each stage's config says (default), or on/off for all")
 
     add(sub, "config", "Print the resolved and validated configuration as YAML.")
+
+    cluster = sub.add_parser("cluster", help="render the Kubernetes manifests and node pools").add_subparsers(
+        dest="cluster_command", required=True)
+    render = add(cluster, "render", "Write every manifest the platform applies to a cluster into --out: the "
+                 "namespace, charts/omni-platform rendered offline (no cluster, no helm binary needed), the champion "
+                 "InferenceService that promote applies, an example 2-node TrainJob, GKE node pools and a kind "
+                 "config. Images, pool labels/taints and the endpoint come from conf/cluster (change them there or "
+                 "with overrides such as cluster.images.tag=0.2.0); custom resources are validated against "
+                 "infra/crds. Apply with: kubectl apply -f OUT/00-namespace.yaml -f OUT/10-chart.yaml "
+                 "(see docs/deploy.md).")
+    render.add_argument("--out", type=Path, required=True, help="output folder (created; files are overwritten)")
+    render.add_argument("--values", type=Path, help="a chart values file, e.g. charts/omni-platform/ci/"
+                        "production-values.yaml; keys conf/cluster owns may only repeat its values")
+    pools = add(cluster, "node-pools", "Regenerate infra/gke/node-pools.sh and infra/kind/kind-config.yaml from "
+                "conf/cluster (a test fails when the checked-in files are stale).")
+    pools.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "infra",
+                       help="default: infra/ in the repository")
+
+    add(sub, "rollback", "Move the MLflow alias `champion` back to `previous-champion` and serve that version "
+        "again: with cluster.target=kubernetes the InferenceService is re-applied at full traffic through the "
+        "Kubernetes API (in-cluster service account or your kubeconfig); otherwise its manifest is only written. "
+        "Needs tracking.uri (the MLflow server) and, for the cluster, RBAC to patch InferenceServices. "
+        "Example: omni rollback cluster.target=kubernetes tracking.uri=http://localhost:5000").add_argument(
+        "--out", type=Path, default=Path("."), help="folder for inferenceservice.yaml (default: current folder)")
     return p
 
 
@@ -76,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *extra]
     if args.command == "data" and args.data_command == "prep":
         # Inputs and overrides share the positional slots: overrides are the ones with '='.
-        args.inputs = [Path(a) for a in args.overrides if "=" not in a]
+        args.inputs = [a for a in args.overrides if "=" not in a]
         args.overrides = [a for a in args.overrides if "=" in a]
         if not args.inputs:
             parser.error("data prep needs at least one INPUT (a JSONL file or a folder of them)")
@@ -102,11 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         print(make_demo(args.out, cfg.data))
     elif args.command == "data":
         from model.prep import prepare
+        from model.storage import StorageError
 
-        result = prepare(args.inputs, args.out, cfg.data, cfg.model)
+        try:
+            result = prepare(args.inputs, args.out, cfg.data, cfg.model)
+        except (FileNotFoundError, StorageError) as err:  # a missing input or unreachable store: no traceback
+            print(f"omni: {err}", file=sys.stderr)
+            return 2
         m = result.manifest
         print(f"{m['records_in']} in, {m['records_out']} out, {m['records_quarantined']} quarantined "
-              f"(see {args.out / 'quarantine.jsonl'})")
+              f"(see {args.out.rstrip('/')}/quarantine.jsonl)")
     elif args.command == "pipeline" and args.pipeline_command == "compile":
         from pipelines.compile import compile_pipeline
 
@@ -119,9 +161,34 @@ def main(argv: list[str] | None = None) -> int:
         from model.plan import format_plan
 
         print(format_plan(cfg.model, cfg.ordered_stages(), args.gpus, args.gpu_gib, args.micro_batch,
-                          checkpointing=not args.no_checkpointing))
+                          checkpointing={"stage": None, "on": True, "off": False}[args.checkpointing]))
     elif args.command == "serve":
         return _serve(cfg, args)
+    elif args.command == "cluster":
+        return _cluster(cfg, args)
+    elif args.command == "rollback":
+        from components.lifecycle import rollback
+
+        version, _ = rollback(cfg, args.out)
+        where = "applied to the cluster" if cfg.cluster.target == "kubernetes" else "written"
+        print(f"champion is version {version} again; InferenceService {where} ({args.out / 'inferenceservice.yaml'})")
+    return 0
+
+
+def _cluster(cfg, args) -> int:
+    from pipelines import cluster
+
+    if args.cluster_command == "node-pools":
+        for path in cluster.write_node_pools(cfg, args.out):
+            print(path)
+        return 0
+    try:
+        written = cluster.render_all(cfg, args.out, args.values)
+    except (cluster.ValuesConflict, ValueError) as err:
+        print(f"omni: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
     return 0
 
 

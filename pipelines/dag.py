@@ -1,7 +1,7 @@
 """The omni training DAG (SPEC §8):
 
-    data-prep -> init-model -> image-1 -> image-2 -> image-3 -> video -> audio -> omni-align -> sft
-      -> evaluate -> export-triton -> register -> gate -> dsl.If(promote) / Else(keep champion)
+    data-prep -> init-model -> image-1 -> image-2 -> image-3 -> video -> audio -> omni-align
+      -> sft-loss-filter -> sft -> evaluate -> export-triton -> register -> gate -> dsl.If(promote) / Else(keep champion)
 
 GPU stages carry the accelerator, node selector, toleration and a memory-backed /dev/shm from the
 cluster config; CPU steps go to the CPU pool. Both are no-ops under `kfp.local`.
@@ -35,6 +35,14 @@ def _place(task: dsl.PipelineTask, pool: PoolConfig, retries: int) -> dsl.Pipeli
     return task
 
 
+def _storage_env(task: dsl.PipelineTask, secret: str) -> dsl.PipelineTask:
+    """S3 endpoint and keys from the cluster's storage Secret (model/storage.StorageConfig.from_env
+    reads them): object-store data, and TrainJob staging. Optional, so a cluster that keeps
+    everything on the KFP artifact store runs without the Secret."""
+    keys = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    return kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in keys}, optional=True)
+
+
 def build_pipeline(cfg: OmniConfig):
     """The pipeline function for this config; the resolved config is its default parameter, so a
     compiled YAML is self-contained and `key=value` at submit time can still replace it."""
@@ -43,10 +51,12 @@ def build_pipeline(cfg: OmniConfig):
     stages = [s for s in STAGE_ORDER if s in cfg.stages]
 
     def gpu(task):
+        _storage_env(task, cluster.trainer.storage_secret)
         return _place(task, cluster.gpu_pool, cluster.retries)
 
     def cpu(task, name):
         task.set_caching_options(cluster.caching and name not in UNCACHED)
+        _storage_env(task, cluster.trainer.storage_secret)
         return _place(task, cluster.cpu_pool, cluster.retries if name not in UNCACHED else 0)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Omni-modal LLM: data prep, staged training, evaluation, "
@@ -61,8 +71,14 @@ def build_pipeline(cfg: OmniConfig):
         init.set_display_name("init-model")
         current = init.outputs["model"]
         for stage in stages:
+            extra = {}
+            if stage == "sft":  # the loss filter scores SFT data with the checkpoint SFT starts from
+                scored = gpu(ops.sft_filter(config_json=config_json, parent_run_id=parent.output,
+                                            dataset=prep.outputs["dataset"], model=current))
+                scored.set_display_name("sft-loss-filter").set_caching_options(cluster.caching)
+                extra["sft_filter"] = scored.outputs["filtered"]
             task = gpu(ops.train_stage(config_json=config_json, stage=stage, parent_run_id=parent.output,
-                                       dataset=prep.outputs["dataset"], init_model=current))
+                                       dataset=prep.outputs["dataset"], init_model=current, **extra))
             task.set_display_name(stage.replace("_", "-")).set_caching_options(cluster.caching)
             current = task.outputs["model"]
         ev = gpu(ops.evaluate(config_json=config_json, parent_run_id=parent.output, dataset=prep.outputs["dataset"],

@@ -61,6 +61,8 @@ def inference_service(
     labels: Mapping[str, str] | None = None,
     min_replicas: int | None = None,
     max_replicas: int | None = None,
+    node_selector: Mapping[str, str] | None = None,
+    tolerations: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A `serving.kserve.io/v1beta1` InferenceService serving `storage_uri` with our runtime.
 
@@ -98,6 +100,11 @@ def inference_service(
         predictor["minReplicas"] = min_replicas
     if max_replicas is not None:
         predictor["maxReplicas"] = max_replicas
+    # Knative needs its kubernetes.podspec-nodeselector/-tolerations features on for these (docs/deploy.md).
+    if node_selector:
+        predictor["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        predictor["tolerations"] = [dict(t) for t in tolerations]
 
     metadata: dict[str, Any] = {"name": name, "namespace": namespace}
     if labels:

@@ -154,7 +154,9 @@ class OmniPredictor(kserve.Model):
             if media.kind == "image":
                 item.images.append(self._image(media))
             elif media.kind == "video":
-                item.videos.append(self._video(media))
+                frames, times = self._video(media)
+                item.videos.append(frames)
+                item.video_times.append(times)
             else:
                 item.audios.append(self._audio(media))
         return item
@@ -191,7 +193,7 @@ class OmniPredictor(kserve.Model):
             raise BadRequest(f"{media.field}: audio is {wave.size / rate:.1f} s, the limit is {cap:g} s", media.field)
         return wave
 
-    def _video(self, media: MediaItem) -> list[Image.Image]:
+    def _video(self, media: MediaItem) -> tuple[list[Image.Image], list[float]]:
         limits, video_cfg = self.cfg.limits, self.chat.model.cfg.video
         try:
             seconds = media_duration(media.data)
@@ -200,7 +202,7 @@ class OmniPredictor(kserve.Model):
                     f"{media.field}: video is {seconds:.1f} s, the limit is {limits.max_video_seconds:g} s",
                     media.field,
                 )
-            frames, _ = load_video_frames(
+            frames, times = load_video_frames(
                 media.data, fps=video_cfg.fps, max_frames=min(video_cfg.max_frames, limits.max_video_frames)
             )
         except MediaError as e:
@@ -211,7 +213,7 @@ class OmniPredictor(kserve.Model):
                 f"{media.field}: frames are {width}x{height}, more than {limits.max_image_pixels} pixels",
                 media.field,
             )
-        return frames
+        return frames, times
 
     # ---------------------------------------------------------------------------- generation
     def _prompt_tokens(self, item: ChatInput, max_new_tokens: int, param: str) -> int:

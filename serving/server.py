@@ -7,6 +7,9 @@ Endpoints: `/v2/...` (open inference protocol, what `tritonclient.http` speaks),
 `/openai/v1/chat/completions`, `/openai/v1/models`, health, and Prometheus `/metrics`. KServe's
 HTTP server always binds 0.0.0.0 (it has no host option). gRPC is off: REST carries every protocol
 we serve.
+
+With OMNI_API_TOKEN_FILE (a mounted Secret, the chart's default) or OMNI_API_TOKEN set, every route
+but health and /metrics requires `Authorization: Bearer <token>` (serving/auth.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.auth import BearerTokenAuth, configured_token
 from serving.config import ServingConfig
 from serving.openai_api import build_router
 from serving.predictor import OmniPredictor, kserve
@@ -128,6 +132,8 @@ def build_server(model_dir: str | Path, cfg: ServingConfig) -> tuple[kserve.Mode
     # The REST server is built in start() from these: swap in our data plane, add our routes.
     server.dataplane = OmniDataPlane(server.registered_models, cfg.limits.max_request_bytes)
     kserve.model_server.app.include_router(build_router(predictor))
+    if token := configured_token():  # the cluster sets OMNI_API_TOKEN_FILE (serving/auth.py)
+        kserve.model_server.app.add_middleware(BearerTokenAuth, token=token)
     return server, predictor
 
 

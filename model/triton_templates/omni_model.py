@@ -52,9 +52,10 @@ def chat_input(text: str, media: dict[str, list[bytes]], cfg):
     tagged = TAG_PATTERN.findall(text)
     prefix = "".join(f"<{kind}>" * len(media.get(kind, [])) for kind in MEDIA_KINDS if kind not in tagged)
     images = [load_image(b) for b in media.get("image", [])]
-    videos = [load_video_frames(b, cfg.video.fps, cfg.video.max_frames)[0] for b in media.get("video", [])]
+    sampled = [load_video_frames(b, cfg.video.fps, cfg.video.max_frames) for b in media.get("video", [])]
     audios = [load_audio(b, cfg.audio.sampling_rate) for b in media.get("audio", [])]
-    return ChatInput(messages=[{"role": "user", "content": prefix + text}], images=images, videos=videos,
+    return ChatInput(messages=[{"role": "user", "content": prefix + text}], images=images,
+                     videos=[frames for frames, _ in sampled], video_times=[times for _, times in sampled],
                      audios=audios)
 
 

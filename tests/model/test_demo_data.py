@@ -14,7 +14,7 @@ from model.demo_data import COLORS, make_demo
 from model.media import load_audio, load_image, load_video_frames
 from model.records import Record
 
-TASKS = {"caption", "image_mcq", "video_mcq", "asr", "text_qa"}
+TASKS = {"caption", "image_mcq", "ocr", "count", "video_mcq", "video_color_mcq", "asr", "spoken_vqa", "text_qa"}
 CFG = DataConfig(demo_images=16, demo_videos=8, demo_audios=8, demo_texts=8, val_fraction=0.25, seed=3)
 
 
@@ -51,10 +51,11 @@ def test_counts_splits_and_records(demo):
     out, counts = demo
     recs = _records(out)
     assert counts == {
-        "caption": 8, "image_mcq": 8, "video_mcq": 8, "asr": 8, "text_qa": 8,
+        "caption": 4, "image_mcq": 4, "ocr": 4, "count": 4, "video_mcq": 4, "video_color_mcq": 4,
+        "asr": 6, "spoken_vqa": 2, "text_qa": 8,
         "train": len(recs["train"]), "val": len(recs["val"]), "total": 40,
     }  # fmt: skip
-    assert counts["val"] == 10  # 25 % of each task
+    assert counts["val"] == 11  # 25 % of each task (rounded), at least one each
     ids = [r.id for split in recs.values() for r in split]
     assert len(ids) == len(set(ids)) == 40
     for split in recs.values():
@@ -72,13 +73,14 @@ def test_media_paths_are_relative_and_decode(demo):
         for p in r.images:
             img = load_image(out / p)
             assert img.size == (64, 64)
+            assert Path(p).suffix in (".png", ".jpg")
         for p in r.videos:
             frames, times = load_video_frames(out / p, fps=1.0, max_frames=48)
             assert len(frames) == 4 and times == pytest.approx([0, 1, 2, 3])
         for p in r.audios:
             audio = load_audio(out / p)
             assert 0.2 < len(audio) / 16000 < 5 and np.abs(audio).max() > 0.1
-    exts = {Path(p).suffix for r in _records(out)["train"] + _records(out)["val"] for p in r.images}
+    exts = {Path(p).suffix for r in _records(out)["train"] + _records(out)["val"] for p in r.images if r.task == "caption"}
     assert exts == {".png", ".jpg"}
 
 
@@ -103,11 +105,49 @@ def test_labels_match_the_media(demo):
             dx, dy = x1 - x0, y1 - y0
             moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
             assert _options(prompt)[answer] == moved
+        elif r.task == "video_color_mcq":
+            frames, _ = load_video_frames(out / r.videos[0], fps=1.0, max_frames=48)
+            when = re.search(r"at the (start|end) of the video", prompt).group(1)
+            first, last = (_dominant_color(np.asarray(f)) for f in (frames[0], frames[-1]))
+            assert first != last  # the colour does change between the sampled frames
+            assert _options(prompt)[answer] == (first if when == "start" else last)
+        elif r.task == "ocr":
+            assert re.fullmatch(r"\d{2,3}", answer)
+            arr = np.asarray(load_image(out / r.images[0]))
+            assert 20 < _shape_mask(arr).sum() < 64 * 64 // 3  # ink on the image, not a blank or filled one
+        elif r.task == "count":
+            assert answer in {"1", "2", "3", "4"}
+            assert _blobs(_shape_mask(np.asarray(load_image(out / r.images[0])))) == int(answer)
+        elif r.task == "spoken_vqa":
+            assert prompt.startswith("<image><audio>") and len(r.images) == len(r.audios) == 1
+            assert 0.3 < len(load_audio(out / r.audios[0])) / 16000 < 5
+            if answer in COLORS:
+                assert answer == _dominant_color(np.asarray(load_image(out / r.images[0])))
+            else:
+                assert answer in ("circle", "square", "triangle")
         elif r.task == "asr":
             assert prompt == "<audio>Transcribe the audio."
             assert re.fullmatch(r"(zero|one|two|three|four|five|six|seven|eight|nine)( \w+){0,2}", answer)
         else:
             assert not (r.images or r.videos or r.audios) and answer
+
+
+def _blobs(mask: np.ndarray) -> int:
+    """Connected components (4-neighbour) of a boolean mask."""
+    seen, count = np.zeros_like(mask), 0
+    for start in zip(*np.nonzero(mask), strict=True):
+        if seen[start]:
+            continue
+        count += 1
+        stack = [start]
+        seen[start] = True
+        while stack:
+            y, x = stack.pop()
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+    return count
 
 
 def test_mcq_letters_vary(demo):
@@ -133,3 +173,13 @@ def test_missing_espeak_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH: espeak-ng cannot be found
     with pytest.raises(RuntimeError, match="apt-get install -y espeak-ng"):
         make_demo(tmp_path / "d", CFG, progress=False)
+
+
+def test_stage_task_lists_match_the_demo_tasks():
+    from omegaconf import OmegaConf
+
+    stages = {p.stem: set(OmegaConf.load(p).data_tasks)
+              for p in (Path(__file__).resolve().parents[2] / "conf" / "stage").glob("*.yaml")}
+    assert all(tasks <= TASKS for tasks in stages.values()), stages
+    assert stages["sft"] == stages["omni_align"] == TASKS  # the mixed stages see every task
+    assert {"ocr", "count"} <= stages["image_2"] and "video_color_mcq" in stages["video"]

@@ -126,7 +126,7 @@ def test_graph_axes_are_symbolic(exported):
     (vision_in, vision_out), (audio_in, audio_out) = shapes[VISION], shapes[AUDIO]
     assert isinstance(vision_in[0], str) and vision_in[1:] == [3, 64, 64]
     assert isinstance(audio_in[0], str) and audio_in[1] == exported.cfg.audio.num_mel_bins and isinstance(audio_in[2], str)
-    assert isinstance(vision_out[0], str) and vision_out[1:] == [exported.cfg.vision.tokens_per_image, exported.cfg.llm.hidden_size]
+    assert isinstance(vision_out[0], str) and vision_out[1:] == [exported.cfg.vision.tokens_per_tile, exported.cfg.llm.hidden_size]
     assert isinstance(audio_out[1], str)
 
 

@@ -31,13 +31,13 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _write_video(path: Path, seconds: int = 5, fps: int = 10) -> None:
+def _write_video(path: Path, seconds: int = 5, fps: int = 10, gop: int | None = None) -> None:
     """Lossless H.264 where frame i is a flat grey of level 4*i: a decoded frame tells its index."""
     with av.open(str(path), "w", format="mp4") as c:
         s = c.add_stream("libx264", rate=fps, options={"qp": "0", "preset": "ultrafast"})
         s.width = s.height = 32
         s.pix_fmt = "yuv420p"
-        s.codec_context.gop_size = fps  # several keyframes, so seeks land in different GOPs
+        s.codec_context.gop_size = gop or fps  # several keyframes, so seeks land in different GOPs
         for i in range(seconds * fps):
             frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 4 * i, np.uint8), format="rgb24")
             frame.pts, frame.time_base = i, Fraction(1, fps)
@@ -135,6 +135,20 @@ def test_video_fractional_fps_and_bytes_input(tmp_path):
     # Each sample is the first frame at or after its target time k/3.
     assert [_frame_index(f) for f in frames] == [math.ceil(k * 10 / 3 - 1e-9) for k in range(15)]
     assert all(a < b for a, b in zip(times, times[1:], strict=False))
+
+
+@pytest.mark.parametrize("gop", [3, 45])
+@pytest.mark.parametrize(("video_fps", "sample_fps"), [(10, 1.0), (10, 3.0), (10, 0.4), (2, 3.0)])
+def test_seek_or_decode_forward_gives_the_first_frame_at_each_target(tmp_path, gop, video_fps, sample_fps):
+    """Keyframes sparser than the samples (gop 45 = 4.5 s at 10 fps: decoding forward) and denser
+    (gop 3: seeking), and a video slower than the sampling (one frame serves two targets)."""
+    path = tmp_path / "v.mp4"
+    _write_video(path, seconds=6, fps=video_fps, gop=gop)
+    frames, times = load_video_frames(path, fps=sample_fps, max_frames=100)
+    targets = sample_times(6.0, sample_fps, 100)
+    expected = [min(math.ceil(t * video_fps - 1e-6), 6 * video_fps - 1) for t in targets]
+    assert [_frame_index(f) for f in frames] == expected
+    assert times == pytest.approx([i / video_fps for i in expected])
 
 
 def test_long_video_is_capped_and_spread_over_the_whole_duration(tmp_path):

@@ -34,7 +34,7 @@ def test_placeholder_count_matches_encoder_output(parts, tiny_cfg):
     model, processor = parts
     enc = processor.encode(_sample())
     pad = processor.placeholder_ids
-    assert enc.input_ids.count(pad["image"]) == processor.image_tokens == model.encode_images(
+    assert enc.input_ids.count(pad["image"]) == processor.tile_tokens == model.encode_images(
         torch.stack(enc.pixel_values)).shape[1]
     assert enc.input_ids.count(pad["video"]) == 4 * processor.frame_tokens
     # 1 s of audio = 100 mel frames -> 50 encoder frames -> 50 / stride tokens
@@ -67,14 +67,14 @@ def test_long_audio_is_windowed(parts):
     assert [w.shape[1] for w in windows] == [3000, 3000, 1000]
 
 
-def test_odd_patch_grid_is_padded_not_dropped():
+def test_video_merge_pads_odd_grids_to_a_square():
     from torch import nn
 
-    from model.modeling import merge_2x2
+    from model.modeling import merge_2x2_padded
 
     conv = nn.Conv2d(8, 8, 2, 2)
-    assert merge_2x2(torch.randn(2, 27 * 27, 8), conv).shape == (2, 14 * 14, 8)
-    assert merge_2x2(torch.randn(2, 8 * 8, 8), conv).shape == (2, 16, 8)
+    assert merge_2x2_padded(torch.randn(2, 27 * 27, 8), conv).shape == (2, 14 * 14, 8)
+    assert merge_2x2_padded(torch.randn(2, 8 * 8, 8), conv).shape == (2, 16, 8)
 
 
 def test_save_and_reload_roundtrip(parts, tmp_path, tokenizer):

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -45,9 +46,9 @@ def test_every_bad_record_is_quarantined_with_a_reason(corpus, tmp_path, tiny_cf
     assert m["records_in"] == 11 == m["records_out"] + m["records_quarantined"]
     assert m["records_out"] == 2
     reasons = {q["id"]: q["reason"] for q in map(json.loads, (out / "quarantine.jsonl").read_text().splitlines())}
-    assert "duplicate of record 'good-1'" in reasons["dup-of-1"]
+    assert "same text and media as record 'good-1'" in reasons["dup-of-1"]
     assert "not found" in reasons["no-file"]
-    assert "bad media" in reasons["zero-bytes"] and "bad media" in reasons["wrong-type"]
+    assert reasons["zero-bytes"].startswith("bad image") and reasons["wrong-type"].startswith("bad image")
     assert "2 <image> tag(s)" in reasons["count-mismatch"]
     assert "unknown media tag" in reasons["unknown-tag"]
     assert "non-empty assistant turn" in reasons["no-answer"]
@@ -60,10 +61,34 @@ def test_every_bad_record_is_quarantined_with_a_reason(corpus, tmp_path, tiny_cf
     assert (out / "tokenizer").is_dir()
 
 
-def test_prep_is_deterministic(corpus, tmp_path, tiny_cfg):
+def test_prep_is_deterministic_and_idempotent(corpus, tmp_path, tiny_cfg):
     a = prepare([corpus], tmp_path / "a", DataConfig(), tiny_cfg, progress=False).manifest
     b = prepare([corpus], tmp_path / "b", DataConfig(), tiny_cfg, progress=False).manifest
     assert a == b
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    for shard in a["shards"]:
+        assert (tmp_path / "a" / shard["path"]).read_bytes() == (tmp_path / "b" / shard["path"]).read_bytes()
+    # Again into the same folder, with a smaller shard size first: only the current shards remain.
+    prepare([corpus], tmp_path / "a", DataConfig(records_per_shard=1), tiny_cfg, progress=False)
+    again = prepare([corpus], tmp_path / "a", DataConfig(), tiny_cfg, progress=False).manifest
+    assert again == a
+    assert sorted(p.name for p in (tmp_path / "a" / "shards").iterdir()) == sorted(
+        Path(s["path"]).name for s in a["shards"])
+
+
+def test_manifest_fields_and_shards(corpus, tmp_path, tiny_cfg):
+    m = prepare([corpus], tmp_path / "out", DataConfig(val_fraction=0.5, records_per_shard=1), tiny_cfg,
+                progress=False).manifest
+    assert m["format"] == "omni-shards/1"
+    assert m["modalities"]["image"] == {"records": 2, "items": 2}
+    assert m["splits"]["train"] + m["splits"]["val"] == m["records_out"] == 2
+    assert m["tasks"] == {"caption": 2}
+    assert m["quarantine_reasons"]["bad image"] == 2 and m["quarantine_reasons"]["duplicate"] == 1
+    assert len(m["shards"]) == 2 and all(s["records"] == 1 for s in m["shards"])
+    for key in ("config_sha256", "tokenizer_sha256", "encoding_fingerprint", "sha256"):
+        assert len(m[key]) == 64
+    assert [q["line"] for q in map(json.loads, (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines())]
+    assert len(list((tmp_path / "out" / "media").iterdir())) == m["media"]["files"] == 2
 
 
 def test_over_long_records_are_quarantined(corpus, tmp_path, tiny_cfg):
@@ -72,3 +97,20 @@ def test_over_long_records_are_quarantined(corpus, tmp_path, tiny_cfg):
     result = prepare([corpus], tmp_path / "out", DataConfig(), short, progress=False)
     assert any("max_seq_len" in q["reason"] for q in result.quarantined)
     assert result.manifest["records_out"] == 0
+
+
+def test_an_unexpected_error_quarantines_the_record_instead_of_crashing(corpus, tmp_path, tiny_cfg, monkeypatch):
+    import model.prep
+
+    def broken(uri, *args):
+        if uri == "blue.jpg":
+            raise RuntimeError("decoder bug")
+        return real(uri, *args)
+
+    real = model.prep._image
+    monkeypatch.setattr(model.prep, "_image", broken)
+    result = prepare([corpus], tmp_path / "out", DataConfig(), tiny_cfg, progress=False)
+    q = next(q for q in result.quarantined if q["id"] == "good-2")
+    assert q["kind"] == "unexpected error" and "RuntimeError: decoder bug" in q["reason"]
+    m = result.manifest
+    assert m["records_in"] == m["records_out"] + m["records_quarantined"] and m["records_out"] == 1

@@ -39,6 +39,31 @@ def test_gradients_reach_exactly_the_trainable_modules(stage_file, tiny_cfg, tok
             assert all(g is None for g in grads), f"{stage.name}: frozen {name} got a gradient"
 
 
+def test_activation_checkpointing_saves_less_and_keeps_gradients(tiny_cfg, tokenizer):
+    processor = OmniProcessor(tokenizer, tiny_cfg)
+    batch = processor.collate([processor.encode(_omni_sample())])
+    grads, saved = [], []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = OmniModel(tiny_cfg, len(tokenizer), processor.placeholder_ids).train()
+        model.set_activation_checkpointing(enabled)
+        kept = [0]  # bytes autograd keeps from the forward for the backward
+
+        def pack(t, kept=kept):
+            kept[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**batch).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        saved.append(kept[0])
+    assert saved[1] < saved[0] / 2, f"checkpointing kept {saved[1]} bytes of activations vs {saved[0]} without"
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("zero_stage", [1, 3])
 def test_deepspeed_stage_learns_and_generation_agrees(zero_stage, tiny_cfg, tokenizer):
     torch.manual_seed(0)

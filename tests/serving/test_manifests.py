@@ -10,8 +10,7 @@ import yaml
 
 from serving.manifests import inference_service, validate_custom_resource, write_manifest
 
-_SHARED = Path(__file__).resolve().parents[3] / "shared" / "crds"
-CRD_DIR = _SHARED if _SHARED.is_dir() else Path(__file__).resolve().parents[2] / "infra" / "crds"
+CRD_DIR = Path(__file__).resolve().parents[2] / "infra" / "crds"
 STORAGE = "s3://models/omni-tiny/3/model"
 
 

@@ -173,7 +173,7 @@ def all_media_message() -> dict:
 # ------------------------------------------------------------------------------ OpenAI route
 
 
-def test_chat_completion_with_every_modality(server):
+def test_chat_completion_with_every_modality(server, tokenizer):
     r = chat(server, {"model": "omni", "messages": [all_media_message()], "max_tokens": 6, "temperature": 0})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -192,10 +192,11 @@ def test_chat_completion_with_every_modality(server):
     r2 = chat(server, {"messages": [{"role": "user", "content": "describe"}], "max_tokens": 2})
     assert r2.status_code == 200, r2.text
     cfg = _tiny_config()
-    per_image = cfg.vision.tokens_per_image
-    per_frame = (((cfg.vision.grid + 1) // 2 + 1) // 2) ** 2
+    per_image = cfg.vision.tokens_per_tile  # a 24x24 image is one tile
+    per_frame = cfg.vision.tokens_per_frame
+    times = len(tokenizer.encode("0s")) + len(tokenizer.encode("1s"))  # frame timestamps as text
     audio = 100 // 2 // cfg.audio.projector_stride
-    expected = (per_image + 2) + (2 * per_frame + 2) + (audio + 2)
+    expected = (per_image + 2) + (2 * per_frame + times + 2) + (audio + 2)
     assert usage["prompt_tokens"] - r2.json()["usage"]["prompt_tokens"] == expected
 
 

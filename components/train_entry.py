@@ -1,0 +1,74 @@
+"""The command inside a stage's TrainJob: one process per GPU, started by torchrun.
+
+    torchrun -m components.train_entry --staging s3://bucket/trainjobs/JOB --stage sft --parent-run-id RUN
+
+Reads what `components.trainjob.run_stage` staged (config.json, inputs/data, inputs/init and any
+extra inputs), runs the very same `components.steps.train` as a single-machine task (DeepSpeed
+takes RANK/WORLD_SIZE/MASTER_ADDR from torchrun), and on rank 0 uploads the checkpoint and the
+summary to `output/` for the waiting KFP task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import time
+from pathlib import Path
+
+from components.config import parse_config
+from components.trainjob import INSIDE_ENV, local_workdir
+from model.storage import Store, open_store
+
+READY = ".inputs-ready"
+
+
+def _fetch_inputs(store: Store, dest: Path, local_rank: int, timeout_s: float = 3600) -> None:
+    """One download per node: local rank 0 fetches, the node's other ranks wait for its marker."""
+    marker = dest / READY
+    if local_rank == 0:
+        for key in sorted({k.split("/", 2)[1] for k in store.list("inputs/")}):
+            store.download_dir(f"inputs/{key}", dest / key)
+        marker.touch()
+        return
+    deadline = time.monotonic() + timeout_s
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"local rank 0 did not finish downloading inputs to {dest} in {timeout_s:.0f}s")
+        time.sleep(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.train_entry", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--staging", required=True, help="the job's staging URI (s3://... or a shared path)")
+    parser.add_argument("--stage", required=True, help="stage name, e.g. sft")
+    parser.add_argument("--parent-run-id", required=True, help="the pipeline's MLflow parent run id")
+    args = parser.parse_args(argv)
+    os.environ.setdefault(INSIDE_ENV, "1")  # never dispatch to another TrainJob from inside one
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+    store = open_store(args.staging)
+    cfg = parse_config(store.read_bytes("config.json").decode())
+    work = local_workdir()
+    inputs = work / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    _fetch_inputs(store, inputs, local_rank)
+
+    from components.steps import train  # torch/deepspeed: import after the cheap checks
+
+    # Each rank writes its own folder: ranks on one node share the filesystem.
+    out_dir = work / f"out-rank{rank}"
+    extra = {}
+    if (inputs / "sft_filter").is_dir() and "sft_filter_dir" in inspect.signature(train).parameters:
+        extra["sft_filter_dir"] = inputs / "sft_filter"
+    result = train(cfg, args.stage, inputs / "data", inputs / "init", out_dir, args.parent_run_id,
+                   progress=rank == 0, **extra)
+    if rank == 0:
+        store.upload_dir(out_dir, "output/model")
+        store.write_bytes("output/result.json", json.dumps(result, default=float).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Install the cluster services omni-platform runs on, in order, at pinned versions.
+#
+#   bash infra/install.sh            # every step, in order
+#   bash infra/install.sh kserve     # one step (cert-manager, knative, kserve, trainer, kfp)
+#
+# Needs kubectl >= 1.31 pointed at the target cluster with cluster-admin rights (these are
+# cluster-scoped installs; the platform itself needs none, see charts/omni-platform).
+# The order matters: KServe's webhooks need cert-manager's certificates and Knative's CRDs; the
+# Trainer brings JobSet; KFP is independent but its UI is where runs are started.
+# Versions: KServe and the Trainer match the CRD schemas our manifests are validated against
+# (infra/crds/README.md); KFP matches kfp-server-api in constraints.txt.
+set -euo pipefail
+
+CERT_MANAGER_VERSION=v1.17.2
+KNATIVE_SERVING_VERSION=knative-v1.18.1
+KNATIVE_KOURIER_VERSION=knative-v1.18.0
+KSERVE_VERSION=v0.20.0
+TRAINER_VERSION=v2.3.0
+KFP_VERSION=2.17.3
+
+wait_deployments() {  # namespace
+  kubectl wait --for=condition=Available --timeout=600s deployment --all -n "$1"
+}
+
+cert_manager() {
+  kubectl apply -f "https://github.com/cert-manager/cert-manager/releases/download/${CERT_MANAGER_VERSION}/cert-manager.yaml"
+  wait_deployments cert-manager
+}
+
+knative() {
+  # Serverless mode: KServe's canaryTrafficPercent splits traffic between Knative revisions.
+  kubectl apply -f "https://github.com/knative/serving/releases/download/${KNATIVE_SERVING_VERSION}/serving-crds.yaml"
+  kubectl apply -f "https://github.com/knative/serving/releases/download/${KNATIVE_SERVING_VERSION}/serving-core.yaml"
+  kubectl apply -f "https://github.com/knative/net-kourier/releases/download/${KNATIVE_KOURIER_VERSION}/kourier.yaml"
+  kubectl patch configmap/config-network -n knative-serving --type merge \
+    -p '{"data":{"ingress-class":"kourier.ingress.networking.knative.dev"}}'
+  # The champion InferenceService sets nodeSelector/tolerations (GPU pool); Knative refuses them
+  # unless these features are on. secure-pod-defaults makes queue-proxy pass Pod Security "restricted".
+  kubectl patch configmap/config-features -n knative-serving --type merge -p \
+    '{"data":{"kubernetes.podspec-nodeselector":"enabled","kubernetes.podspec-tolerations":"enabled","secure-pod-defaults":"enabled"}}'
+  wait_deployments knative-serving
+  wait_deployments kourier-system
+}
+
+kserve() {
+  kubectl apply --server-side -f "https://github.com/kserve/kserve/releases/download/${KSERVE_VERSION}/kserve.yaml"
+  wait_deployments kserve
+  kubectl apply --server-side -f "https://github.com/kserve/kserve/releases/download/${KSERVE_VERSION}/kserve-cluster-resources.yaml"
+}
+
+trainer() {
+  kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/manager?ref=${TRAINER_VERSION}"
+  wait_deployments kubeflow-system
+}
+
+kfp() {
+  kubectl apply -k "github.com/kubeflow/pipelines/manifests/kustomize/cluster-scoped-resources?ref=${KFP_VERSION}"
+  kubectl wait --for condition=established --timeout=120s crd/applications.app.k8s.io
+  kubectl apply -k "github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=${KFP_VERSION}"
+  wait_deployments kubeflow
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(cert_manager knative kserve trainer kfp)
+for step in "${steps[@]}"; do
+  step=${step//-/_}
+  echo "== ${step}"
+  "$step"
+done

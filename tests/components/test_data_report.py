@@ -1,0 +1,52 @@
+"""The data-prep HTML report and the counts logged as KFP/MLflow metrics."""
+
+from __future__ import annotations
+
+import json
+import wave
+
+import numpy as np
+from PIL import Image
+
+from components.data_report import data_report
+from components.steps import data_prep_metrics
+from model.config import DataConfig
+from model.prep import prepare
+
+
+def test_report_and_metrics_from_a_real_prep_run(tmp_path, tiny_cfg):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (32, 32), "red").save(src / "red.png")
+    (src / "bad.png").write_text("<script>not an image</script>")
+    with wave.open(str(src / "a.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.random.default_rng(0).normal(0, 0.1, 16000) * 32767).astype("<i2").tobytes())
+
+    def rec(rid, user, answer, **media):
+        return json.dumps({"id": rid, "task": "caption", "messages": [
+            {"role": "user", "content": user}, {"role": "assistant", "content": answer}], **media})
+
+    (src / "data.jsonl").write_text("\n".join([
+        rec("img", "<image>Color?", "red", images=["red.png"]),
+        rec("aud", "<audio>Transcribe.", "noise", audios=["a.wav"]),
+        rec("txt", "2 plus 2?", "4"),
+        rec("<b>bad</b>", "<image>Color?", "red", images=["bad.png"]),
+        "{oops",
+    ]) + "\n")
+    result = prepare([src], tmp_path / "out", DataConfig(val_fraction=0.5), tiny_cfg, progress=False)
+
+    html = data_report(result.manifest, result.quarantined, result.stats)
+    assert html.count("<img") == 2  # the modality/task mix and the length histograms
+    assert "in = out + quarantined: holds" in html
+    assert "bad image" in html and "malformed JSON" in html
+    assert "<b>bad</b>" not in html and "&lt;b&gt;bad&lt;/b&gt;" in html  # ids and reasons are escaped
+    assert result.stats["audio_seconds"] == [1.0] and len(result.stats["image_pixels"]) == 1
+
+    metrics = data_prep_metrics(result.manifest)
+    assert metrics["records_in"] == 5 and metrics["records_out"] == 3 and metrics["records_quarantined"] == 2
+    assert metrics["split.train"] + metrics["split.val"] == 3
+    assert metrics["quarantined.bad_image"] == 1 and metrics["quarantined.malformed_JSON"] == 1
+    assert metrics["modality.text_only"] == 1
