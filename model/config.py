@@ -120,6 +120,10 @@ class ModelConfig(Strict):
     tokenizer: TokenizerConfig = TokenizerConfig()
     pretrained: str | None = Field(None, description="omni checkpoint dir to start from; null = fresh weights")
     max_seq_len: int = Field(512, gt=0)
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="the LLM's attention kernel. auto: flash_attention_2 on a bf16 GPU with the "
+                            "flash-attn package (packed rows then train through its varlen kernel), else sdpa. "
+                            "The encoders always use sdpa.")
 
 
 MODULES = ("vision_tower", "vision_projector", "video_projector", "audio_encoder", "audio_projector", "llm")

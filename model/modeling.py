@@ -132,7 +132,7 @@ class AudioEncoder(nn.Module):
 
     def forward(self, mel: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         enc = self.encoder
-        x = F.gelu(enc.conv1(mel))
+        x = F.gelu(enc.conv1(mel.to(enc.conv1.weight.dtype)))  # features come in fp32; weights may be bf16
         if frames is not None:
             # Zero what conv1 made of the padding, so conv2 sees at the edge what an unpadded clip sees.
             x = x * (torch.arange(x.shape[-1], device=x.device)[None, :] < frames[:, None])[:, None, :]
@@ -158,6 +158,7 @@ def _hf_configs(cfg: ModelConfig, vocab_size: int) -> tuple[SiglipVisionConfig, 
         hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
         num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
         num_channels=v.num_channels,
+        vision_use_head=False,  # the pooled head is unused (we take every patch) and would get no gradient
     )
     audio = WhisperConfig(
         num_mel_bins=a.num_mel_bins, d_model=a.d_model, encoder_layers=a.encoder_layers,
@@ -170,9 +171,20 @@ def _hf_configs(cfg: ModelConfig, vocab_size: int) -> tuple[SiglipVisionConfig, 
         num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
         rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings, rms_norm_eps=m.rms_norm_eps,
     )
-    for c in (vision, audio, llm):
-        c._attn_implementation = "sdpa"
+    for c in (vision, audio):
+        c._attn_implementation = "sdpa"  # the audio path hands its layers a 4D additive mask
+    llm._attn_implementation = llm_attention(cfg.attn_implementation)
     return vision, audio, llm
+
+
+def llm_attention(choice: str) -> str:
+    """Resolve `model.attn_implementation`: "auto" takes flash-attention where it can run."""
+    if choice != "auto":
+        return choice
+    import importlib.util
+
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "flash_attention_2" if gpu_bf16 and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 class OmniModel(nn.Module):
@@ -187,6 +199,13 @@ class OmniModel(nn.Module):
         self.audio_encoder = AudioEncoder(audio_cfg)
         self.audio_projector = ConvGMLPProjector(cfg.audio.d_model, cfg.llm.hidden_size, cfg.audio.projector_stride)
         self.llm = Qwen2ForCausalLM(llm_cfg)
+        # Parameters the towers freeze by design (Whisper's sinusoidal positions): no stage trains them.
+        self.fixed_parameters = frozenset(n for n, p in self.named_parameters() if not p.requires_grad)
+
+    @property
+    def varlen(self) -> bool:
+        """True when the LLM runs flash-attention: packed rows go unpadded, bounded by position ids."""
+        return self.llm.config._attn_implementation == "flash_attention_2"
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each transformer layer's activations in backward (vision tower, audio encoder,

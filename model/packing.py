@@ -17,11 +17,13 @@ which is the order `OmniModel.embed`'s `masked_scatter` fills them in.
 The padding after a row's last sample is a block of its own (causal within itself, so no attention
 row is empty: fully masked rows give NaN in some SDPA kernels), with label -100.
 
-GPU alternative (varlen): with `explicit_mask=False` no attention mask is returned and the sample
-boundaries are carried by the restarting `position_ids` alone. Transformers then derives the packed
-mask itself (``find_packed_sequence_indices``): with `attn_implementation="flash_attention_2"` that
-becomes flash-attention's varlen kernel (no seq x seq mask at all); with SDPA a block mask is built
-from it. The CPU path keeps the explicit mask.
+GPU alternative (varlen): with `explicit_mask=False` all bins are laid end to end in ONE row with no
+padding and no attention mask; the sample boundaries are carried by the restarting `position_ids`
+alone. With `attn_implementation="flash_attention_2"` transformers turns those into `cu_seqlens` for
+flash-attention's varlen kernel (``_is_packed_sequence``: it only does so for a single flattened row,
+hence one row), so no seq x seq mask exists at all. With SDPA it builds the block mask from the same
+position ids (``find_packed_sequence_indices``), which is how the CPU tests check this layout. The
+trainer picks this route when the LLM runs flash-attention (`OmniModel.varlen`).
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ def plan_bins(lengths: list[int], max_seq_len: int) -> list[list[int]]:
 
 def collate_packed(processor: OmniProcessor, bins: list[list[Encoded]], explicit_mask: bool = True) -> dict[str, torch.Tensor]:
     """One row per bin: input_ids, labels, position_ids, a (rows, 1, seq, seq) bool attention mask
-    (unless `explicit_mask=False`, the varlen route above) and the media of all samples in order."""
+    and the media of all samples in order. With `explicit_mask=False` (the varlen route above): one
+    unpadded row of every bin's samples and no mask."""
+    if not explicit_mask:
+        bins = [[s for row in bins for s in row]]
     width = max(sum(len(s.input_ids) for s in row) for row in bins)
     ids = torch.full((len(bins), width), processor.tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)

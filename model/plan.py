@@ -68,19 +68,24 @@ def plan_stage(cfg: ModelConfig, stage: StageConfig, zero_stage: int, gpus: int,
     return StagePlan(stage.name, zero_stage, gpus, weights / GIB, grads / GIB, optimizer / GIB, acts / GIB)
 
 
-def format_plan(cfg: ModelConfig, stages: list[StageConfig], gpus: int, gpu_gib: float, micro_batch: int,
+def format_plan(cfg: ModelConfig, stages: list[StageConfig], gpus: int, gpu_gib: float, micro_batch: int | None = None,
                 checkpointing: bool | None = None) -> str:
+    """The parameter table and a ZeRO-2/ZeRO-3 row per stage; `micro_batch=None` takes each stage's
+    configured micro_batch_size (the `mb` column)."""
     counts = parameter_counts(cfg)
     lines = [f"model {cfg.name}: {sum(counts.values()) / 1e9:.3f}B parameters"]
     lines += [f"  {name:<17}{n / 1e6:>10.1f}M" for name, n in counts.items()]
-    lines.append(f"\nper-GPU memory on {gpus} GPUs x {gpu_gib:g} GiB, micro-batch {micro_batch}, seq "
+    batch = "micro-batch per stage (mb)" if micro_batch is None else f"micro-batch {micro_batch}"
+    lines.append(f"\nper-GPU memory on {gpus} GPUs x {gpu_gib:g} GiB, {batch}, seq "
                  f"{cfg.max_seq_len}, bf16 + fp32 Adam (ckpt: activation checkpointing)")
-    lines.append(f"  {'stage':<11}{'ZeRO':>5}{'ckpt':>5}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'total':>8}  fits")
+    lines.append(f"  {'stage':<11}{'ZeRO':>5}{'mb':>4}{'ckpt':>5}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}"
+                 f"{'total':>8}  fits")
     for stage in stages:
+        mb = micro_batch or stage.micro_batch_size
         for zero in (2, 3):
-            p = plan_stage(cfg, stage, zero, gpus, micro_batch=micro_batch, checkpointing=checkpointing, counts=counts)
+            p = plan_stage(cfg, stage, zero, gpus, micro_batch=mb, checkpointing=checkpointing, counts=counts)
             fits = "yes" if p.total_gib < 0.9 * gpu_gib else "NO"  # ~10% for CUDA context, buffers, fragmentation
             ckpt = stage.activation_checkpointing if checkpointing is None else checkpointing
-            lines.append(f"  {stage.name:<11}{zero:>5}{'on' if ckpt else 'off':>5}{p.weights_gib:>9.1f}{p.gradients_gib:>8.1f}"
-                         f"{p.optimizer_gib:>8.1f}{p.activations_gib:>8.1f}{p.total_gib:>8.1f}  {fits}")
+            lines.append(f"  {stage.name:<11}{zero:>5}{mb:>4}{'on' if ckpt else 'off':>5}{p.weights_gib:>9.1f}"
+                         f"{p.gradients_gib:>8.1f}{p.optimizer_gib:>8.1f}{p.activations_gib:>8.1f}{p.total_gib:>8.1f}  {fits}")
     return "\n".join(lines)

@@ -108,7 +108,9 @@ class OmniProcessor:
             for i, piece in enumerate(TAG_PATTERN.split(msg["content"])):
                 if i % 2 == 0:
                     if piece:
-                        self._add(out, self.tok.encode(piece), train_on)
+                        # Split special tokens: typed "<img_pad>" or "<|im_end|>" stays text, so a user
+                        # can neither fake a turn boundary nor break the placeholder count.
+                        self._add(out, self.tok.encode(piece, split_special_tokens=True), train_on)
                     continue
                 if not queues[piece]:
                     raise ValueError(f"more <{piece}> tags than {piece}s supplied")

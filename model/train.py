@@ -82,10 +82,12 @@ def init_distributed() -> None:
 
 
 def set_trainable(model: OmniModel, modules: list[str]) -> int:
-    """Freeze everything, then unfreeze the named modules. Returns the trainable parameter count."""
+    """Freeze everything, then unfreeze the named modules, except the parameters their towers keep
+    fixed by design (`OmniModel.fixed_parameters`). Returns the trainable parameter count."""
     model.requires_grad_(False)
     for name in modules:
-        getattr(model, name).requires_grad_(True)
+        for pname, p in getattr(model, name).named_parameters(prefix=name):
+            p.requires_grad_(pname not in model.fixed_parameters)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -169,6 +171,19 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     return t.item() / torch.distributed.get_world_size()
 
 
+def _gather_zero3(model: OmniModel) -> dict[str, torch.Tensor]:
+    """Full copies of ZeRO-3's partitioned parameters, on every rank. Each gather is a collective that
+    every rank joins (DeepSpeed's consolidated state dict would leave ranks > 0 with nothing), so any
+    rank can go on to save or evaluate the trained model."""
+    import deepspeed
+
+    full = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            full[name] = p.data.detach().clone()
+    return full
+
+
 def train_stage(
     model: OmniModel,
     processor: OmniProcessor,
@@ -195,7 +210,7 @@ def train_stage(
     )
     # --- data source: streamed shards (model/shards.py) or an in-memory list of Encoded samples ---
     streaming = isinstance(dataset, ShardStream)
-    collate = partial(collate_packed, processor) if stage.packing else processor.collate
+    collate = partial(collate_packed, processor, explicit_mask=not model.varlen) if stage.packing else processor.collate
     if stage.packing and not streaming:  # the items become packed rows (bins of samples); micro_batch_size counts rows
         dataset = pack([dataset[i] for i in range(len(dataset))], model.cfg.max_seq_len)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -263,9 +278,10 @@ def train_stage(
                 raise Preempted(step)
     bar.close()
     result.seconds = time.perf_counter() - start
-    if stage.zero_stage == 3:
-        # ZeRO-3 partitions parameters: gather them back so the caller's model holds full weights.
-        model.load_state_dict(engine._zero3_consolidated_16bit_state_dict(), strict=False)
+    full = _gather_zero3(model) if stage.zero_stage == 3 else None
     engine.destroy()
+    if full is not None:
+        for name, p in model.named_parameters():
+            p.data = full[name]
     model.eval()
     return result

@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                "ZeRO-3 (meta device: nothing is allocated). Example: omni model plan model=omni-7b recipe=paper")
     plan.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
     plan.add_argument("--gpu-gib", type=float, default=80, help="memory per GPU in GiB (default 80)")
-    plan.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step (default 1)")
+    plan.add_argument("--micro-batch", type=int, default=None,
+                      help="sequences per GPU per step (default: each stage's micro_batch_size)")
     plan.add_argument("--checkpointing", choices=("stage", "on", "off"), default="stage",
                       help="activation checkpointing: as each stage's config says (default), or on/off for all")
 

@@ -59,11 +59,16 @@ def main() -> None:
             args.progress.write_text(str(step))
         time.sleep(args.sleep)
 
+    def checksum() -> float:  # of the full weights: after ZeRO-3 every rank must hold all of them
+        return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+    initial = checksum()
     result = train_stage(model, processor, samples, stage, checkpoint_dir=args.ckpt, on_step=on_step,
                          progress=False)
     rank = int(os.environ.get("RANK", "0"))
     out = args.out if rank == 0 else args.out.with_name(f"{args.out.name}.rank{rank}")
-    out.write_text(json.dumps({"losses": result.losses, "resumed_step": result.resumed_step, "rank": rank}))
+    out.write_text(json.dumps({"losses": result.losses, "resumed_step": result.resumed_step, "rank": rank,
+                               "initial_checksum": initial, "checksum": checksum()}))
 
 
 if __name__ == "__main__":

@@ -84,3 +84,16 @@ def test_save_and_reload_roundtrip(parts, tmp_path, tokenizer):
     batch = processor.collate([processor.encode(_sample())])
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, again(**batch).logits)
+
+
+def test_attention_kernel_auto_is_sdpa_without_a_gpu_and_choices_are_kept(tiny_cfg, tokenizer):
+    from model.modeling import llm_attention
+
+    assert llm_attention("sdpa") == "sdpa" and llm_attention("flash_attention_2") == "flash_attention_2"
+    if not torch.cuda.is_available():
+        assert llm_attention("auto") == "sdpa"
+    processor = OmniProcessor(tokenizer, tiny_cfg)
+    eager = OmniModel(tiny_cfg.model_copy(update={"attn_implementation": "eager"}), len(tokenizer),
+                      processor.placeholder_ids)
+    assert eager.llm.config._attn_implementation == "eager" and not eager.varlen
+    assert eager.vision_tower.config._attn_implementation == "sdpa"

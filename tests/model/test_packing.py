@@ -50,8 +50,13 @@ def test_packed_logits_equal_alone(setup, explicit_mask):
     model, processor, samples = setup
     # Two rows, media of every kind, two images and two audio clips in different rows and places.
     bins = [[samples[0], samples[1], samples[2]], [samples[4], samples[3]]]
+    batch = collate_packed(processor, bins, explicit_mask=explicit_mask)
+    if not explicit_mask:  # varlen layout: every bin in one unpadded row, boundaries in position_ids only
+        assert "attention_mask" not in batch
+        assert batch["input_ids"].shape == (1, sum(len(s.input_ids) for row in bins for s in row))
+        bins = [[s for row in bins for s in row]]
     with torch.no_grad():
-        packed = model(**collate_packed(processor, bins, explicit_mask=explicit_mask)).logits
+        packed = model(**batch).logits
         worst = 0.0
         for r, row in enumerate(bins):
             for s, span in zip(row, _spans(row), strict=True):

@@ -1,6 +1,6 @@
 """Checkpoint/resume of train_stage, through real processes: a run killed with SIGKILL and resumed
 reproduces the uninterrupted loss curve exactly (CPU), SIGTERM checkpoints and exits with
-PREEMPTED_EXIT_CODE, and two ranks under torch.distributed.run (ZeRO-2, gloo) agree."""
+PREEMPTED_EXIT_CODE, and two ranks under torch.distributed.run (ZeRO-2 and ZeRO-3, gloo) agree."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from model.train import PREEMPTED_EXIT_CODE
 
@@ -81,17 +83,22 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits(tmp_path):
     assert not (tmp_path / "d.json").exists()  # train_stage did not return as if finished
 
 
-def test_two_ranks_zero2_gloo_report_the_same_losses(tmp_path):
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_ranks_gloo_agree_on_losses_and_end_with_the_same_full_weights(tmp_path, zero):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(port)]
-    proc = _worker(tmp_path / "e.json", "--steps", "4", "--every", "2", "--zero", "2", "--ckpt",
+    proc = _worker(tmp_path / "e.json", "--steps", "4", "--every", "2", "--zero", str(zero), "--ckpt",
                    str(tmp_path / "ckpt"), launcher=launcher)
     code, output = _finish(proc)
     assert code == 0, output
     rank0, rank1 = _losses(tmp_path / "e.json"), _losses(tmp_path / "e.json.rank1")
     assert (rank0["rank"], rank1["rank"]) == (0, 1)
     assert len(rank0["losses"]) == 4 and rank0["losses"] == rank1["losses"]
+    # Both ranks trained the same replica (ZeRO-3: gathered back from the partitions on each rank).
+    assert rank0["initial_checksum"] == rank1["initial_checksum"]
+    assert rank0["checksum"] == pytest.approx(rank1["checksum"], rel=1e-9)
+    assert rank0["checksum"] != pytest.approx(rank0["initial_checksum"], rel=1e-9)
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step-4"

@@ -10,7 +10,7 @@ from model.config import MODULES, StageConfig
 from model.inference import OmniChat
 from model.modeling import OmniModel
 from model.processor import ChatInput, OmniProcessor
-from model.train import set_trainable, train_stage
+from model.train import deepspeed_config, param_groups, set_trainable, train_stage, warmup_cosine
 
 STAGE_FILES = sorted((Path(__file__).resolve().parents[2] / "conf" / "stage").glob("*.yaml"))
 COLORS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
@@ -30,13 +30,17 @@ def test_gradients_reach_exactly_the_trainable_modules(stage_file, tiny_cfg, tok
     processor = OmniProcessor(tokenizer, tiny_cfg)
     model = OmniModel(tiny_cfg, len(tokenizer), processor.placeholder_ids)
     set_trainable(model, stage.trainable)
+    assert "audio_encoder.encoder.embed_positions.weight" in model.fixed_parameters  # Whisper's sinusoids
     model(**processor.collate([processor.encode(_omni_sample())])).loss.backward()
     for name in MODULES:
-        grads = [p.grad for p in getattr(model, name).parameters()]
+        params = dict(getattr(model, name).named_parameters(prefix=name))
         if name in stage.trainable:
-            assert any(g is not None and g.abs().sum() > 0 for g in grads), f"{stage.name}: no gradient in {name}"
-        else:
-            assert all(g is None for g in grads), f"{stage.name}: frozen {name} got a gradient"
+            # Every parameter of a trainable module learns, except those its tower keeps fixed.
+            missed = [n for n, p in params.items() if n not in model.fixed_parameters and p.grad is None]
+            assert not missed, f"{stage.name}: no gradient reached {missed[:3]}"
+            assert any(p.grad.abs().sum() > 0 for n, p in params.items() if p.grad is not None)
+        assert all(params[n].grad is None for n in params if name not in stage.trainable or n in model.fixed_parameters), \
+            f"{stage.name}: a frozen parameter of {name} got a gradient"
 
 
 def test_activation_checkpointing_saves_less_and_keeps_gradients(tiny_cfg, tokenizer):
@@ -85,3 +89,35 @@ def test_deepspeed_stage_learns_and_generation_agrees(zero_stage, tiny_cfg, toke
     assert batched == [chat.generate([q], max_new_tokens=6)[0] for q in questions]
     assert batched == list(COLORS)
     assert "".join(chat.stream(questions[0], max_new_tokens=6)) == batched[0]
+
+
+def test_param_groups_give_the_vit_its_own_rate_and_skip_frozen_modules(tiny_cfg, tokenizer):
+    stage = StageConfig(**OmegaConf.to_container(OmegaConf.load(STAGE_FILES[0].with_name("image_3.yaml"))))
+    assert stage.lr_overrides["vision_tower"] < stage.lr  # the paper-recipe file sets a slower ViT
+    processor = OmniProcessor(tokenizer, tiny_cfg)
+    model = OmniModel(tiny_cfg, len(tokenizer), processor.placeholder_ids)
+    set_trainable(model, stage.trainable)
+    groups = {g["name"]: g for g in param_groups(model, stage)}
+    assert set(groups) == set(stage.trainable)
+    assert groups["vision_tower"]["lr"] == stage.lr_overrides["vision_tower"]
+    assert groups["vision_projector"]["lr"] == groups["llm"]["lr"] == stage.lr
+    assert sum(p.numel() for g in groups.values() for p in g["params"]) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_warmup_then_cosine_to_zero():
+    stage = StageConfig(name="s", trainable=["llm"], lr=1.0, data_tasks=["t"], steps=110, warmup_steps=10)
+    f = warmup_cosine(stage)
+    assert [f(i) for i in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5)  # halfway through the cosine
+    assert f(109) < 0.001 and f(500) == 0.0
+    assert all(f(i) >= f(i + 1) for i in range(10, 120))
+
+
+def test_deepspeed_config_carries_clipping_accumulation_and_zero_stage():
+    stage = StageConfig(name="s", trainable=["llm"], lr=1.0, data_tasks=["t"], steps=1, grad_clip=0.5,
+                        grad_accum=4, micro_batch_size=2, zero_stage=3)
+    ds = deepspeed_config(stage)
+    assert ds["gradient_clipping"] == 0.5 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["zero_optimization"]["stage"] == 3
