@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from model.modeling import OmniModel
@@ -97,3 +98,35 @@ def test_attention_kernel_auto_is_sdpa_without_a_gpu_and_choices_are_kept(tiny_c
                       processor.placeholder_ids)
     assert eager.llm.config._attn_implementation == "eager" and not eager.varlen
     assert eager.vision_tower.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_conv_gmlp_is_gated_convs_down_projection_plus_a_linear_shortcut_then_layernorm(n):
+    from model.modeling import ConvGMLPProjector
+
+    torch.manual_seed(n)
+    proj = ConvGMLPProjector(audio_dim=6, llm_dim=10, stride=n).eval()
+    frames = torch.randn(2, 5 * n + 1, 6)  # one trailing frame short of a window: dropped
+    with torch.no_grad():
+        out = proj(frames)
+        assert out.shape == (2, 5, 10)
+        assert proj.gate.kernel_size == proj.gate.stride == (n,) and proj.gate.out_channels == 6 * n
+        # The same computation written out by hand, window by window.
+        windows = frames[:, : 5 * n].reshape(2, 5, n, 6)  # (b, token, frame in window, channel)
+        stacked = windows.reshape(2, 5, n * 6)
+
+        def conv(c):  # kernel = stride = n: each output token sees exactly its own n frames
+            w = c.weight.permute(0, 2, 1).reshape(c.out_channels, n * 6)  # (out, frame-major in)
+            return stacked @ w.T + c.bias
+
+        expected = proj.norm(proj.down(F.silu(conv(proj.gate)) * conv(proj.value)) + proj.shortcut(stacked))
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_weights_take_fp32_media_features(parts):
+    """DeepSpeed's bf16 mode casts the weights, not the batch: every encoder must cast its input."""
+    model, processor = parts
+    batch = processor.collate([processor.encode(_sample())])
+    half = OmniModel(model.cfg, model.vocab_size, model.media_token_ids).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        assert torch.isfinite(half(**batch).loss.float())
