@@ -1,5 +1,5 @@
-"""HTML report of a data-prep run: record accounting, quarantine reasons (counts + the first
-lines of each kind), modality and task mix, and histograms of token lengths, audio durations and
+"""HTML report of a data-prep run: record accounting, quarantine reasons (counts as a table and a
+bar chart, plus the first lines of each kind), modality and task mix, and histograms of token lengths, audio durations and
 video lengths (self-contained, like the evaluation report)."""
 
 from __future__ import annotations
@@ -53,6 +53,22 @@ def _mix_chart(modalities: Mapping[str, Mapping[str, int]], tasks: Mapping[str, 
     return _png(fig)
 
 
+def _quarantine_chart(kinds: Sequence[tuple[str, int]]) -> str:
+    """Quarantined records per reason, most frequent first: the table gives the numbers, the bars
+    make one dominant problem (a broken media folder, a wrong encoding) obvious at a glance."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 0.5 + 0.3 * len(kinds)))
+    ax = fig.add_subplot(1, 1, 1)
+    bars = ax.barh([k for k, _ in kinds], [n for _, n in kinds], color="#cf222e")
+    ax.bar_label(bars, fontsize=7)
+    ax.set_title("quarantined records per reason", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    return _png(fig)
+
+
 def data_report(manifest: Mapping, quarantine: Sequence[Mapping], stats: Mapping[str, Sequence[float]]) -> str:
     """`quarantine`: the quarantine.jsonl lines; `stats`: `PrepResult.stats` (raw distributions)."""
     m = manifest
@@ -73,6 +89,7 @@ def data_report(manifest: Mapping, quarantine: Sequence[Mapping], stats: Mapping
             if len(examples[q["kind"]]) < _EXAMPLES_PER_KIND:
                 examples[q["kind"]].append(q)
         parts.append(_table(["reason", "records"], kinds.most_common()))
+        parts.append(f'<img alt="quarantine reasons" src="data:image/png;base64,{_quarantine_chart(kinds.most_common())}">')
         rows = "".join(
             f"<tr><td>{escape(kind)}</td><td>{escape(str(q['source']))}:{q['line']}</td>"
             f"<td>{escape(str(q.get('id') or '—'))}</td><td class='text'>{_clip(q['reason'])}</td></tr>"

@@ -8,8 +8,9 @@ the model brings none) and written as tar shards + content-addressed media + man
 
 Inputs are JSONL files or folders/prefixes of them, local or s3://; media paths in a record resolve
 against its JSONL's folder, in the same store. The output is a folder or s3://bucket/prefix (built
-in a local staging folder, then uploaded; the manifest goes last, so a reader that finds it finds
-everything it lists).
+in a local staging folder, then uploaded). An earlier run's manifest is removed first and the new
+one written last, so a reader that finds a manifest finds everything it lists; the earlier run's
+shards, media and tokenizer files the new run did not write are removed afterwards.
 
 Every non-blank input line ends up either in a shard or in `quarantine.jsonl` with its source,
 line, id and a reason that says what is wrong and what to do: `records_in == records_out +
@@ -19,6 +20,7 @@ give byte-identical shards and manifest.
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
@@ -56,7 +58,7 @@ from model.shards import (
     shard_bytes,
     shard_name,
 )
-from model.storage import StorageError, Store, open_store
+from model.storage import S3Store, StorageError, Store, open_store
 from model.tokenizer import load_tokenizer, train_tokenizer
 
 # What to do about each kind of rejection; the reason line is "<kind>: <detail> (<fix>)".
@@ -285,6 +287,8 @@ def _parse(raw: bytes, data: DataConfig) -> Record:
         raise Rejected("not UTF-8", f"invalid byte 0x{raw[err.start]:02x} at byte {err.start} of the line") from None
     except json.JSONDecodeError as err:
         raise Rejected("malformed JSON", f"{err.msg} at column {err.colno}") from None
+    except RecursionError:  # e.g. "[[[[..." thousands deep: the parser gives up, the line is not a record
+        raise Rejected("malformed JSON", "nested too deeply to parse") from None
     if not isinstance(obj, dict):
         raise Rejected("invalid record", f"expected a JSON object, got {type(obj).__name__}")
     try:
@@ -356,16 +360,36 @@ def prepare(inputs: list[str | Path], out: str | Path, data: DataConfig, model: 
     if out.startswith("s3://"):
         with tempfile.TemporaryDirectory(prefix="omni-prep-") as staging:
             result = _prepare(inputs, Path(staging), data, model, progress)
-            store = open_store(out)
-            keys = [k for k in (p.relative_to(staging).as_posix() for p in sorted(Path(staging).rglob("*"))
-                                if p.is_file()) if k != MANIFEST]
-            for key in tqdm(keys, desc="upload", unit="file", disable=not progress):
-                store.upload_file(key, Path(staging) / key)
-            store.upload_file(MANIFEST, Path(staging) / MANIFEST)  # last: it vouches for the rest
+            _publish(Path(staging), out, progress)
     else:
         result = _prepare(inputs, Path(out), data, model, progress)
     result.out = out
     return result
+
+
+# The areas of an output prefix a prep run owns: what an earlier run left there and this one did not
+# write is removed. Anything else under the prefix (e.g. a report.html a pipeline put there) stays.
+_OWNED_AREAS = ("shards/", "media/", "tokenizer/")
+
+
+def _publish(staging: Path, out: str, progress: bool) -> None:
+    """Upload a staged data set to `out` (s3://bucket/prefix), replacing any earlier run there.
+    The old manifest goes first and the new one last, so while shards are being overwritten a
+    reader finds no manifest (a clear "not found") rather than one listing half-replaced shards."""
+    store = open_store(out)
+    if not isinstance(store, S3Store):
+        raise TypeError(f"{out!r} is not an s3:// URI")
+    keys = [k for k in (p.relative_to(staging).as_posix() for p in sorted(staging.rglob("*")) if p.is_file())
+            if k != MANIFEST]
+    store.delete([MANIFEST])
+    for key in tqdm(keys, desc="upload", unit="file", disable=not progress):
+        store.upload_file(key, staging / key)
+    store.upload_file(MANIFEST, staging / MANIFEST)  # last: it vouches for the rest
+    written = set(keys)
+    stale = [k for area in _OWNED_AREAS for k in store.list(area) if k not in written]
+    store.delete(stale)  # after the manifest: no reader of the new one needs them
+    if stale:
+        log.info("removed %d object(s) of an earlier run from %s", len(stale), out)
 
 
 def _prepare(inputs: list[str | Path], out_dir: Path, data: DataConfig, model: ModelConfig, progress: bool) -> PrepResult:
@@ -390,7 +414,9 @@ def _prepare(inputs: list[str | Path], out_dir: Path, data: DataConfig, model: M
     for f in files:
         blob = f.read()
         inputs_info.append({"uri": f.uri, "sha256": sha256(blob)})
-        for line_no, raw in enumerate(blob.split(b"\n"), 1):
+        # Windows editors save UTF-8 with a byte-order mark: it is encoding metadata, not line content.
+        body = blob.removeprefix(codecs.BOM_UTF8)
+        for line_no, raw in enumerate(body.split(b"\n"), 1):
             if not raw.strip():
                 continue
             records_in += 1
@@ -414,7 +440,8 @@ def _prepare(inputs: list[str | Path], out_dir: Path, data: DataConfig, model: M
                 raise  # the store, not the record: stop rather than quarantine good data
             except Exception as err:  # noqa: BLE001 - a record must never crash the run or vanish
                 log.exception("unexpected error on %s:%d", f.uri, line_no)
-                reject(origin, rid, f"unexpected error: {type(err).__name__}: {err} ({FIXES['unexpected error']})",
+                reject(origin, rid if rid is not None else _maybe_id(raw),
+                       f"unexpected error: {type(err).__name__}: {err} ({FIXES['unexpected error']})",
                        "unexpected error")
                 continue
             seen_content[content] = (record.id, f"{f.uri}:{line_no}")
@@ -481,10 +508,11 @@ def _prepare(inputs: list[str | Path], out_dir: Path, data: DataConfig, model: M
 
 
 def _maybe_id(raw: bytes) -> str | None:
-    """The id of a line rejected before it became a Record, if it has one."""
+    """The id of a line rejected before it became a Record, if it has one. Never raises: it runs
+    inside the error handlers (a line nested too deep for the parser fails here as it did there)."""
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
     rid = obj.get("id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, str) else None

@@ -182,7 +182,9 @@ class ShardStream(IterableDataset):
         self.shards = [s for s in self.manifest["shards"] if s["split"] == split]
         self.seed, self.shuffle_buffer, self.epochs = seed, max(1, shuffle_buffer), epochs
         self.cache_items, self.num_workers = cache_items, num_workers
-        self.position = 0  # items yielded (in this process) or set by load_state_dict
+        # Items yielded by *this process's* iterators, or set by load_state_dict. With DataLoader
+        # workers the iterating copies live in the workers, so this one never advances: see state_dict.
+        self.position = 0
         self.processor: OmniProcessor | None = None
         self.batch_size, self.packing, self.max_seq_len = 1, False, 0
         self.rank, self.world_size = _rank_world()
@@ -208,6 +210,14 @@ class ShardStream(IterableDataset):
         return self
 
     def state_dict(self) -> dict:
+        """The position to resume from, as `{"items", "manifest_sha256", "split"}`.
+
+        `items` is authoritative only when this object did the iterating (no DataLoader workers:
+        `num_workers=0`). With workers, each worker iterates its own copy and this process's
+        `items` stays at the last `load_state_dict` value (0 if none), so a caller must supply the
+        consumed count itself, as `train_stage` does: `{**stream.state_dict(), "items": step *
+        grad_accum * micro_batch_size}` (items handed to the model so far, counted on this rank).
+        """
         return {"items": self.position, "manifest_sha256": self.manifest["sha256"], "split": self.split}
 
     def load_state_dict(self, state: dict) -> None:

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -157,6 +158,7 @@ class Store(Protocol):
     def exists(self, key: str) -> bool: ...
     def upload_dir(self, local_dir: str | Path, prefix: str = "") -> list[str]: ...
     def download_dir(self, prefix: str, local_dir: str | Path) -> list[Path]: ...
+    def delete(self, keys: Iterable[str]) -> None: ...
     # Last, so that `list[...]` in the annotations above still means the builtin for type checkers.
     def list(self, prefix: str = "") -> list[str]: ...
 
@@ -241,6 +243,11 @@ class LocalStore(_DirMixin):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Remove these objects; keys that do not exist are fine."""
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> list[str]:
         if not self.root.is_dir():
@@ -346,6 +353,23 @@ class S3Store(_DirMixin):
         except FileNotFoundError:
             return False
         return True
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Remove these objects in batched DeleteObjects requests; missing keys and a missing bucket are fine."""
+        names = [self._name(k) for k in keys]
+        if not names:
+            return
+
+        def remove() -> list:  # remove_objects is lazy: the requests happen while it is consumed
+            return list(self.client.remove_objects(self.bucket, [DeleteObject(n) for n in names]))
+
+        try:
+            errors = [e for e in self._call(remove) if e.code != "NoSuchKey"]
+        except FileNotFoundError:  # no bucket: nothing to delete
+            return
+        if errors:
+            raise StorageError(f"could not delete {len(errors)} object(s) under {self.uri()}, e.g. {errors[0].name!r}: "
+                               f"{errors[0].code} ({errors[0].message}); the credentials need delete permission there")
 
     def list(self, prefix: str = "") -> list[str]:
         base = f"{self.prefix}/" if self.prefix else ""

@@ -39,7 +39,8 @@ def test_report_and_metrics_from_a_real_prep_run(tmp_path, tiny_cfg):
     result = prepare([src], tmp_path / "out", DataConfig(val_fraction=0.5), tiny_cfg, progress=False)
 
     html = data_report(result.manifest, result.quarantined, result.stats)
-    assert html.count("<img") == 2  # the modality/task mix and the length histograms
+    assert html.count("<img") == 3  # quarantine reasons, the modality/task mix, the length histograms
+    assert 'alt="quarantine reasons" src="data:image/png;base64,' in html
     assert "in = out + quarantined: holds" in html
     assert "bad image" in html and "malformed JSON" in html
     assert "<b>bad</b>" not in html and "&lt;b&gt;bad&lt;/b&gt;" in html  # ids and reasons are escaped

@@ -114,3 +114,36 @@ def test_an_unexpected_error_quarantines_the_record_instead_of_crashing(corpus, 
     assert q["kind"] == "unexpected error" and "RuntimeError: decoder bug" in q["reason"]
     m = result.manifest
     assert m["records_in"] == m["records_out"] + m["records_quarantined"] and m["records_out"] == 1
+
+
+def test_an_unexpected_error_while_parsing_keeps_the_record_id(corpus, tmp_path, tiny_cfg, monkeypatch):
+    import model.prep
+    from model.records import Record
+
+    class Exploding:  # a bug inside _parse's validation, after the JSON parsed
+        @staticmethod
+        def model_validate(obj):
+            if obj.get("id") == "good-2":
+                raise RuntimeError("validator bug")
+            return Record.model_validate(obj)
+
+    monkeypatch.setattr(model.prep, "Record", Exploding)
+    result = prepare([corpus], tmp_path / "out", DataConfig(), tiny_cfg, progress=False)
+    q = next(q for q in result.quarantined if "validator bug" in q["reason"])
+    assert q["id"] == "good-2" and q["kind"] == "unexpected error" and q["line"] == 2
+    m = result.manifest
+    assert m["records_in"] == m["records_out"] + m["records_quarantined"] and m["records_out"] == 1
+
+
+def test_utf8_bom_is_accepted_and_deep_nesting_is_malformed_json(tmp_path, tiny_cfg):
+    src = tmp_path / "in"
+    src.mkdir()
+    lines = [json.dumps(_rec("bom-first", content="What is 1 plus 1?", answer="2", images=())),
+             json.dumps(_rec("second", content="What is 2 plus 2?", answer="4", images=())),
+             "[" * 100_000]
+    (src / "windows.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    result = prepare([src], tmp_path / "out", DataConfig(), tiny_cfg, progress=False)
+    m = result.manifest
+    assert m["records_in"] == 3 and m["records_out"] == 2 and m["records_quarantined"] == 1
+    assert result.quarantined[0]["line"] == 3
+    assert result.quarantined[0]["reason"].startswith("malformed JSON: nested too deeply to parse")

@@ -52,6 +52,37 @@ def _no_frames_mp4() -> bytes:
     return bytes(blob)
 
 
+def _video_track_without_frames() -> bytes:
+    """A valid container (NUT: it keeps a track that got no packets, where mp4 drops it) with an
+    H.264 video stream that has no frames at all, next to 1 s of audio that gives it a duration."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="nut") as container:
+        video = container.add_stream("libx264", rate=4)
+        video.width = video.height = 32
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), dtype=np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, 0
+        for packet in [*audio.encode(frame), *audio.encode(), *video.encode()]:
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def _long_mp4(seconds: int) -> bytes:
+    """A tiny clip (16x16, 1 fps) that is long only in time."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=1)
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuv420p"
+        for i in range(seconds):
+            frame = av.VideoFrame.from_image(Image.new("RGB", (16, 16), (30 * i % 255, 90, 200)))
+            frame.pts, frame.time_base = i, Fraction(1, 1)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
 def _audio_only_mp4() -> bytes:
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
@@ -89,14 +120,26 @@ def _cases() -> dict[str, tuple[bytes, str, list[str]]]:
                                "tag/media mismatch", ["2 <image> tag(s) in the text but 1 item(s) in `images`"]),
         "unknown_tag": (line(_rec("unknown_tag", user="<img>What is it?")), "unknown media tag",
                         ["unknown media tag '<img>'", "use <image>, <video> or <audio>"]),
+        "video_corrupt_frames": (line(_rec("video_corrupt_frames", user="<video>What moves?",
+                                           videos=["zeroed.mp4"])), "bad video",
+                                 ["'zeroed.mp4'", "corrupt video", "readable video"]),
         "video_no_decodable_frames": (line(_rec("video_no_decodable_frames", user="<video>What moves?",
-                                                videos=["zeroed.mp4"])), "bad video",
-                                      ["'zeroed.mp4'", "corrupt video", "readable video"]),
+                                                videos=["no_frames.nut"])), "bad video",
+                                      ["'no_frames.nut': no decodable video frames", "readable video"]),
+        "video_zero_bytes": (line(_rec("video_zero_bytes", user="<video>What moves?", videos=["empty.mp4"])),
+                             "bad video", ["'empty.mp4' is an empty file (0 bytes)", "readable video"]),
+        "video_too_long": (line(_rec("video_too_long", user="<video>What moves?", videos=["long.mp4"])),
+                           "video too long", ["'long.mp4' is 4.0 s, over data.max_video_seconds=3.0",
+                                              "cut the video"]),
         "video_without_video_stream": (line(_rec("video_without_video_stream", user="<video>What moves?",
                                                  videos=["sound_only.mp4"])), "bad video",
                                        ["'sound_only.mp4'", "no video stream"]),
         "audio_wrong_format": (line(_rec("audio_wrong_format", user="<audio>Transcribe.", audios=["text.wav"])),
                                "bad audio", ["'text.wav': cannot open it as audio", "readable audio"]),
+        "audio_zero_bytes": (line(_rec("audio_zero_bytes", user="<audio>Transcribe.", audios=["empty.wav"])),
+                             "bad audio", ["'empty.wav' is an empty file (0 bytes)", "readable audio"]),
+        "audio_too_short": (line(_rec("audio_too_short", user="<audio>Transcribe.", audios=["short.wav"])),
+                            "audio length", ["'short.wav' is 0.050 s, under data.min_audio_seconds=0.1"]),
         "audio_too_long": (line(_rec("audio_too_long", user="<audio>Transcribe.", audios=["long.wav"])),
                            "audio length", ["'long.wav' is 3.0 s, over data.max_audio_seconds=2.0"]),
         "audio_low_sample_rate": (line(_rec("audio_low_sample_rate", user="<audio>Transcribe.", audios=["4k.wav"])),
@@ -131,7 +174,8 @@ GOOD = [
     _rec("good_video", user="<video>What color?", answer="blue", videos=["clip.mp4"]),
     _rec("good_text", user="What is 2 plus 3?", answer="5"),
 ]
-LIMITS = DataConfig(max_image_pixels=10_000, max_audio_seconds=2.0, max_text_chars=400, val_fraction=0.5)
+LIMITS = DataConfig(max_image_pixels=10_000, max_audio_seconds=2.0, min_audio_seconds=0.1, max_video_seconds=3.0,
+                    max_text_chars=400, val_fraction=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +197,11 @@ def prepared(tmp_path_factory, tiny_cfg):
     (src / "clip.mp4").write_bytes(_mp4(8))
     (src / "zeroed.mp4").write_bytes(_no_frames_mp4())
     (src / "sound_only.mp4").write_bytes(_audio_only_mp4())
+    (src / "no_frames.nut").write_bytes(_video_track_without_frames())
+    (src / "long.mp4").write_bytes(_long_mp4(4))
+    (src / "empty.mp4").write_bytes(b"")
+    (src / "empty.wav").write_bytes(b"")
+    _wav(src / "short.wav", 0.05)
     cases = _cases()
     lines = [json.dumps(r).encode() for r in GOOD] + [bad for bad, _, _ in cases.values()]
     (src / "data.jsonl").write_bytes(b"\n".join(lines) + b"\n\n")  # a blank line is not a record

@@ -83,3 +83,44 @@ def test_cli_prep_s3_to_s3(raw, s3_env, capsys):
                  "--out", f"s3://{bucket}/out", "data.val_fraction=0.5"]) == 0
     assert f"8 in, 6 out, 2 quarantined (see s3://{bucket}/out/quarantine.jsonl)" in capsys.readouterr().out
     assert S3Store(bucket, "out", s3_env.config()).exists("manifest.json")
+
+
+def test_rerun_into_the_same_prefix_replaces_the_earlier_run(raw, tmp_path, s3_env, tiny_cfg, monkeypatch):
+    """The old manifest is gone before any object is overwritten (a reader sees no manifest, not a
+    torn one), the new one goes last, and the earlier run's shards and media the new manifest does
+    not list are removed; objects outside prep's areas stay."""
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    S3Store(bucket, "corpus", s3_env.config()).upload_dir(raw)
+    out = f"s3://{bucket}/prepared"
+    store = S3Store(bucket, "prepared", s3_env.config())
+    # Many one-record shards and the media of both files first ...
+    prepare([f"s3://{bucket}/corpus/"], out, DataConfig(records_per_shard=1, val_fraction=0.3), tiny_cfg,
+            progress=False)
+    old_keys = set(store.list())
+    store.write_bytes("notes/keep.txt", b"not prep's")
+
+    uploads: list[tuple[str, bool]] = []
+    real_upload = S3Store.upload_file
+
+    def watched(self, key, path):
+        uploads.append((key, self.exists("manifest.json")))
+        return real_upload(self, key, path)
+
+    monkeypatch.setattr(S3Store, "upload_file", watched)
+    # ... then fewer records (one input file) in bigger shards.
+    again = prepare([f"s3://{bucket}/corpus/part-0.jsonl"], out, DataConfig(records_per_shard=4, val_fraction=0.3),
+                    tiny_cfg, progress=False)
+    assert uploads[-1] == ("manifest.json", False), "the manifest must be uploaded last, after the old one is gone"
+    assert not any(had_manifest for _, had_manifest in uploads), "the old manifest was still there during upload"
+
+    m = again.manifest
+    assert json.loads(store.read_bytes("manifest.json")) == m
+    records = [json.loads(line) for s in ("train", "val") for line in store.read_bytes(f"{s}.jsonl").decode().splitlines()]
+    media = {p for r in records for p in r["images"] + r["videos"] + r["audios"]}
+    assert set(store.list("shards/")) == {s["path"] for s in m["shards"]}
+    assert set(store.list("media/")) == media and len(media) == m["media"]["files"] == 4  # r0..r3 of part-0
+    assert {k for k in old_keys if k.startswith(("shards/", "media/"))} - set(store.list()), "nothing stale removed"
+    assert store.read_bytes("notes/keep.txt") == b"not prep's"
+    store.download_dir("tokenizer", tmp_path / "tok")
+    processor = OmniProcessor(load_tokenizer(tmp_path / "tok"), tiny_cfg)
+    assert len(list(ShardStream(out, "train", epochs=1).configure(processor))) == m["splits"]["train"]

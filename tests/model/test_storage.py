@@ -171,6 +171,14 @@ def test_list_is_recursive_sorted_and_filtered_by_prefix(store):
     assert store.list("zzz") == []
 
 
+def test_delete_removes_only_the_named_keys_and_ignores_missing_ones(store):
+    for key in ("a/1", "a/2", "b/3"):
+        store.write_bytes(key, b"x")
+    store.delete(["a/1", "b/3", "never/written"])
+    assert store.list() == ["a/2"]
+    store.delete([])
+
+
 def test_dir_round_trip(store, tmp_path):
     src = tmp_path / "ckpt"
     files = {"config.json": b"{}", "weights/model.safetensors": os.urandom(50_000), "weights/.hidden": b"h"}

@@ -1,0 +1,74 @@
+"""The KFP data_prep component's own function (what the task pod runs), with real kfp artifact
+objects on local paths and a real MLflow (sqlite): its metrics, the dataset's metadata and the HTML
+report it hands the KFP UI."""
+
+from __future__ import annotations
+
+import json
+import re
+import wave
+
+import numpy as np
+import torch
+from kfp.dsl import HTML, Dataset, Metrics
+from PIL import Image
+
+from components.pipeline_components import make_components
+from pipelines.config import load_config
+
+torch.set_num_threads(1)
+
+
+def _rec(rid: str, user: str, answer: str, **media) -> str:
+    return json.dumps({"id": rid, "task": "caption", "messages": [
+        {"role": "user", "content": user}, {"role": "assistant", "content": answer}], **media})
+
+
+def test_data_prep_component_logs_balanced_metrics_and_writes_the_report(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (32, 32), "red").save(src / "red.png")
+    (src / "text.png").write_text("not an image")
+    with wave.open(str(src / "a.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.random.default_rng(0).normal(0, 0.1, 16000) * 32767).astype("<i2").tobytes())
+    (src / "data.jsonl").write_text("\n".join([
+        _rec("img", "<image>Color?", "red", images=["red.png"]),
+        _rec("aud", "<audio>Transcribe.", "noise", audios=["a.wav"]),
+        _rec("txt", "2 plus 2?", "4"),
+        _rec("bad", "<image>Color?", "red", images=["text.png"]),
+        _rec("gone", "<image>Color?", "red", images=["missing.png"]),
+        "{oops",
+    ]) + "\n")
+
+    cfg = load_config([f"run.workdir={tmp_path / 'work'}", "data.val_fraction=0.5"])
+    ops = make_components("cpu-image", "gpu-image")
+    parent = ops.start_tracking.python_func(config_json=cfg.to_json(), pipeline_run="test-run")
+    dataset = Dataset(name="dataset", uri=str(tmp_path / "artifacts" / "dataset"))
+    metrics = Metrics(name="metrics", uri=str(tmp_path / "artifacts" / "metrics"))
+    report = HTML(name="report", uri=str(tmp_path / "artifacts" / "report.html"))
+
+    extra = tmp_path / "extra.jsonl"  # a second input: the pipeline parameter is comma-separated
+    extra.write_text(_rec("more", "3 plus 3?", "6") + "\n")
+    sha = ops.data_prep.python_func(config_json=cfg.to_json(), data_uri=f"{src}, {extra},", parent_run_id=parent,
+                                    dataset=dataset, metrics=metrics, report=report)
+
+    manifest = json.loads((tmp_path / "artifacts" / "dataset" / "manifest.json").read_text())
+    assert sha == manifest["sha256"]
+    m = metrics.metadata
+    assert m["records_in"] == 7 and m["records_out"] == 4 and m["records_quarantined"] == 3
+    assert m["records_in"] == m["records_out"] + m["records_quarantined"]
+    assert m["quarantined.bad_image"] == 1 and m["quarantined.missing_media"] == 1
+    assert m["quarantined.malformed_JSON"] == 1
+    assert dataset.metadata["records_out"] == 4 and dataset.metadata["sha256"] == sha
+
+    html = (tmp_path / "artifacts" / "report.html").read_text()
+    table = re.search(r"<table><tr><th>reason</th><th>records</th></tr>(.*?)</table>", html)
+    assert table, "no per-reason quarantine table in the report"
+    rows = dict(re.findall(r"<tr><td>([^<]+)</td><td class='num'>(\d+)</td></tr>", table.group(1)))
+    assert rows == {"bad image": "1", "missing media": "1", "malformed JSON": "1"}
+    assert 'alt="quarantine reasons" src="data:image/png;base64,' in html
+    assert html.count('src="data:image/png;base64,') >= 2  # the reasons chart and the other plots
+    assert "in = out + quarantined: holds" in html
