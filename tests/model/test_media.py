@@ -203,3 +203,36 @@ def test_audio_errors(tmp_path):
     _write_wav(silent, seconds=0.0)
     with pytest.raises(MediaError, match="no samples"):
         load_audio(silent)
+
+
+def test_sampling_seeks_and_decodes_a_fraction_of_the_frames(tmp_path, monkeypatch):
+    """The cost claim itself: 0.5 fps from a 5 fps clip with 1 s keyframes decodes about one frame
+    per sample (each target is a keyframe reached by a seek), not the whole stream."""
+    import model.media as media
+
+    path = tmp_path / "v.mp4"
+    _write_video(path, seconds=12, fps=5, gop=5)  # 60 frames (the grey levels stay within uint8)
+    counts = {"decoded": 0, "seeks": 0}
+    real_open = media._open
+
+    class Counting:  # the container as load_video_frames uses it, counting decodes and seeks
+        def __init__(self, container):
+            self._c = container
+
+        def __getattr__(self, name):
+            return getattr(self._c, name)
+
+        def seek(self, *args, **kwargs):
+            counts["seeks"] += 1
+            return self._c.seek(*args, **kwargs)
+
+        def decode(self, *args, **kwargs):
+            for frame in self._c.decode(*args, **kwargs):
+                counts["decoded"] += 1
+                yield frame
+
+    monkeypatch.setattr(media, "_open", lambda src: Counting(real_open(src)))
+    frames, _ = load_video_frames(path, fps=0.5, max_frames=48)
+    assert [_frame_index(f) for f in frames] == [10 * i for i in range(6)]
+    assert counts["seeks"] >= 5
+    assert counts["decoded"] <= 2 * len(frames)  # 12 at most, of the 60 frames in the clip
