@@ -153,7 +153,8 @@ def rollback(uri: str, model_name: str) -> str:
     """Move `champion` back to `previous-champion`; returns the version that is champion now.
 
     The `previous-champion` alias is removed so a second rollback cannot bounce back to the
-    version that was just rolled back. Re-apply the serving manifest afterwards.
+    version that was just rolled back. `components.lifecycle.rollback` applies the serving manifest
+    for that version first and calls this only once the cluster serves it.
     """
     previous = tracking.get_alias_version(uri, model_name, tracking.PREVIOUS_CHAMPION)
     if previous is None:

@@ -60,15 +60,26 @@ def promote(cfg: OmniConfig, version: str, out_dir: Path, kube: Kube | None = No
 
 
 def rollback(cfg: OmniConfig, out_dir: Path | None = None, kube: Kube | None = None) -> tuple[str, dict]:
-    """Move `champion` back to `previous-champion` and serve it again (full traffic at once).
-    Returns the version that is champion now and its InferenceService."""
-    version = gate.rollback(mlflow_uri(cfg), cfg.tracking.registered_model)
+    """Serve `previous-champion` again (full traffic at once), then move `champion` back to it.
+    Same order as promote: a failed apply or rollout leaves both aliases where they were, so the
+    registry keeps naming what the cluster serves. Returns the version that is champion now and
+    its InferenceService."""
+    uri, model = mlflow_uri(cfg), cfg.tracking.registered_model
+    previous = tracking.get_alias_version(uri, model, tracking.PREVIOUS_CHAMPION)
+    if previous is None:
+        raise LookupError(f"model {model!r} has no {tracking.PREVIOUS_CHAMPION!r} version to roll back to")
+    version = str(previous.version)
     isvc = champion_inference_service(cfg, version)
     validate_custom_resource(isvc)
     if out_dir is not None:
         write_manifest(isvc, Path(out_dir) / "inferenceservice.yaml")
     if cfg.cluster.target == "kubernetes":
         endpoint.rollout(cfg, isvc, kube or connect(), canary=False)
+    moved = gate.rollback(uri, model)
+    if moved != version:  # someone promoted in between: the cluster serves `version`, say so
+        raise RuntimeError(f"{tracking.PREVIOUS_CHAMPION!r} moved from version {version} to {moved} during the "
+                           f"rollback; the cluster serves version {version}: run `omni rollback` again or promote "
+                           "the version that should serve")
     return version, isvc
 
 

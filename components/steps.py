@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -92,19 +93,24 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path, init_dir: Path, out_
                           shuffle_buffer=cfg.data.shuffle_buffer, cache_items=cfg.data.reader_cache_items,
                           num_workers=cfg.data.loader_workers)
     uri = mlflow_uri(cfg)
-    with tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, f"train-{stage_name}",
-                            params={"stage": stage.model_dump(), "model": cfg.model.model_dump(),
-                                    "train_samples": dataset.num_samples()}) as run:
+    # Under torchrun every rank runs this; only global rank 0 records the stage and saves the checkpoint.
+    primary = tracking.is_primary_process()
+    stage_run = tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, f"train-{stage_name}",
+                                   params={"stage": stage.model_dump(), "model": cfg.model.model_dump(),
+                                           "train_samples": dataset.num_samples()}) if primary else nullcontext()
+    with stage_run as run:
         result = train_stage(model, processor, dataset, stage, checkpoint_dir=out_dir / "deepspeed",
                              progress=progress)
-        tracking.log_metric_history(uri, run.run_id, "loss", result.losses)
         summary = {"final_loss": result.losses[-1], "first_loss": result.losses[0], "seconds": result.seconds,
                    "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
                    "trainable_params": result.trainable_params}
-        run.log_metrics(summary)
+        if run is not None:
+            tracking.log_metric_history(uri, run.run_id, "loss", result.losses)
+            run.log_metrics(summary)
     shutil.rmtree(out_dir / "deepspeed", ignore_errors=True)  # resumable state; the checkpoint below is what flows on
-    model.save_pretrained(out_dir, tokenizer)
-    write_losses(out_dir, {**read_losses(init_dir), stage_name: result.losses})
+    if primary:
+        model.save_pretrained(out_dir, tokenizer)
+        write_losses(out_dir, {**read_losses(init_dir), stage_name: result.losses})
     return {"skipped": False, "steps": len(result.losses), "losses": result.losses, **summary}
 
 

@@ -4,8 +4,9 @@
 
 Reads what `components.trainjob.run_stage` staged (config.json, inputs/data, inputs/init and any
 extra inputs), runs the very same `components.steps.train` as a single-machine task (DeepSpeed
-takes RANK/WORLD_SIZE/MASTER_ADDR from torchrun), and on rank 0 uploads the checkpoint and the
-summary to `output/` for the waiting KFP task.
+takes RANK/WORLD_SIZE/MASTER_ADDR from torchrun). Every rank trains; only global rank 0 opens the
+stage's MLflow run, saves the checkpoint and uploads it with the summary to `output/` for the
+waiting KFP task. The other ranks exit when training ends.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         extra["sft_filter_dir"] = inputs / "sft_filter"
     result = train(cfg, args.stage, inputs / "data", inputs / "init", out_dir, args.parent_run_id,
                    progress=rank == 0, **extra)
-    if rank == 0:
+    if rank == 0:  # the only rank steps.train saved a checkpoint on (tracking.is_primary_process)
         store.upload_dir(out_dir, "output/model")
         store.write_bytes("output/result.json", json.dumps(result, default=float).encode())
     return 0

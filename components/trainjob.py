@@ -7,8 +7,8 @@ gets (`cluster.gpu_pool.accelerator_limit`), `components.steps.train` hands the 
 1. stage the task's inputs (config, dataset, start checkpoint) under `cluster.trainer.staging_uri`,
    because TrainJob pods on other nodes cannot see the task pod's files;
 2. apply a TrainJob against the chart's TrainingRuntime: the GPU image, `torchrun -m
-   components.train_entry` (which calls the same `steps.train` on every rank), resources per node,
-   and the GPU pool's node selector, tolerations and /dev/shm as a runtime patch;
+   components.train_entry` (the same `steps.train` on every rank; rank 0 alone logs and saves),
+   resources per node, and the GPU pool's node selector, tolerations and /dev/shm as a runtime patch;
 3. wait for it while streaming rank 0's log, and raise `TrainJobFailed` with the job's reason;
 4. fetch rank 0's checkpoint into the task's output folder.
 

@@ -9,7 +9,7 @@
 # The order matters: KServe's webhooks need cert-manager's certificates and Knative's CRDs; the
 # Trainer brings JobSet; KFP is independent but its UI is where runs are started.
 # Versions: KServe and the Trainer match the CRD schemas our manifests are validated against
-# (infra/crds/README.md); KFP matches kfp-server-api in constraints.txt.
+# (serving/crds/README.md); KFP matches kfp-server-api in constraints.txt.
 set -euo pipefail
 
 CERT_MANAGER_VERSION=v1.17.2

@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                  "InferenceService that promote applies, an example 2-node TrainJob, GKE node pools and a kind "
                  "config. Images, pool labels/taints and the endpoint come from conf/cluster (change them there or "
                  "with overrides such as cluster.images.tag=0.2.0); custom resources are validated against "
-                 "infra/crds. Apply with: kubectl apply -f OUT/00-namespace.yaml -f OUT/10-chart.yaml "
+                 "serving/crds. Apply with: kubectl apply -f OUT/00-namespace.yaml -f OUT/10-chart.yaml "
                  "(see docs/deploy.md).")
     render.add_argument("--out", type=Path, required=True, help="output folder (created; files are overwritten)")
     render.add_argument("--values", type=Path, help="a chart values file, e.g. charts/omni-platform/ci/"

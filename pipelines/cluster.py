@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHART_DIR = REPO / "charts" / "omni-platform"
 INFRA_DIR = REPO / "infra"
 RELEASE = "omni"
-# API groups whose kinds are validated against infra/crds rather than the core OpenAPI schemas.
+# API groups whose kinds are validated against serving/crds rather than the core OpenAPI schemas.
 CUSTOM_GROUPS = ("serving.kserve.io", "trainer.kubeflow.org")
 
 
@@ -79,6 +79,17 @@ def merge_values(user: Mapping[str, Any], owned: Mapping[str, Any], path: str = 
     return out
 
 
+def check_canary(cfg: OmniConfig, values: Mapping[str, Any]) -> None:
+    """The chart's `endpoint.canaryTrafficPercent` is either null (the champion at rest: all
+    traffic) or the share promote's rollout uses, `cluster.endpoint.canary_percent`: one canary
+    share for the pipeline and for a Helm-managed champion."""
+    share = (values.get("endpoint") or {}).get("canaryTrafficPercent")
+    if share is not None and share != cfg.cluster.endpoint.canary_percent:
+        raise ValuesConflict(f"values file sets endpoint.canaryTrafficPercent={share!r} but conf/cluster says "
+                             f"cluster.endpoint.canary_percent={cfg.cluster.endpoint.canary_percent}: use that share "
+                             "(or null for all traffic), or change cluster.endpoint.canary_percent")
+
+
 def load_values(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -97,6 +108,7 @@ def render_chart(cfg: OmniConfig, values: Mapping[str, Any] | None = None,
     merged = merge_values(values or {}, conf_values(cfg))
     rendered = Chart.load(str(chart_dir)).render(merged, name=RELEASE, namespace=cfg.cluster.namespace,
                                                  is_install=True)
+    check_canary(cfg, merged)  # after Helm, so values.schema.json reports out-of-range values first
     docs, notes = [], ""
     for template in sorted(rendered):
         if template.endswith("NOTES.txt"):
@@ -198,7 +210,7 @@ def write_node_pools(cfg: OmniConfig, out_dir: Path) -> list[Path]:
 
 
 def validate_custom_resources(docs: list[dict[str, Any]]) -> int:
-    """jsonschema against infra/crds for every custom resource (unknown fields fail). Returns the count."""
+    """jsonschema against serving/crds for every custom resource (unknown fields fail). Returns the count."""
     count = 0
     for doc in docs:
         if doc.get("apiVersion", "").split("/")[0] in CUSTOM_GROUPS:

@@ -6,7 +6,7 @@ same functions):
 1. render the platform with the chart's default values and with charts/omni-platform/ci/*-values.yaml;
 2. `kubernetes-validate --strict` on every core object (unknown fields fail), against the oldest
    and newest Kubernetes the chart supports;
-3. jsonschema against infra/crds for every custom resource (unknown fields fail);
+3. jsonschema against serving/crds for every custom resource (unknown fields fail);
 4. yamllint on the rendered YAML; `helm lint --strict` on the chart;
 5. checkov on the rendered manifests and on images/*/Dockerfile (exceptions in .checkov.yaml);
 6. hadolint on images/*/Dockerfile (settings in .hadolint.yaml).

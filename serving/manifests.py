@@ -20,8 +20,8 @@ import yaml
 
 ISVC_API_VERSION = "serving.kserve.io/v1beta1"
 GPU_RESOURCE = "nvidia.com/gpu"
-# The repo's copy of the upstream CRDs.
-DEFAULT_CRD_DIR = Path(__file__).resolve().parents[1] / "infra" / "crds"
+# The upstream CRDs, shipped as package data so validation works from an installed wheel/image too.
+DEFAULT_CRD_DIR = Path(__file__).resolve().parent / "crds"
 
 # KServe derives Knative/Service names from the InferenceService name: a DNS-1035 label.
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -180,7 +180,8 @@ def _validator(crd_dir: Path, group: str, version: str, kind: str) -> jsonschema
 @functools.lru_cache(maxsize=4)
 def _crds(crd_dir: Path) -> tuple[dict[str, Any], ...]:
     if not crd_dir.is_dir():
-        raise ValueError(f"CRD directory {crd_dir} does not exist")
+        raise ValueError(f"CRD directory {crd_dir} does not exist: reinstall the package (the CRDs are package data "
+                         "of `serving`, serving/crds) or pass crd_dir")
     # libyaml when available: the InferenceService CRD alone is ~2 MB of YAML.
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     found = []

@@ -5,8 +5,10 @@ objects (tests/cluster/fake_kube.py), not a real API server."""
 from __future__ import annotations
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from components import endpoint, lifecycle, tracking
+from components.kube import KubeError
 from serving.manifests import validate_custom_resource
 
 
@@ -85,7 +87,7 @@ def test_a_revision_that_cannot_load_fails_the_rollout_with_kserves_reason(cfg, 
         endpoint.rollout(c, endpoint.champion_isvc(c, "s3://m/1"), fake_kube, sleep=lambda _: None, emit=lambda _: None)
 
 
-def test_promote_rolls_out_before_moving_champion_and_rollback_reapplies(cfg, fake_kube, tmp_path) -> None:
+def test_promote_and_rollback_apply_before_moving_champion(cfg, fake_kube, tmp_path, monkeypatch) -> None:
     c = _cluster_cfg(cfg, tmp_path, canary_hold_s=0)
     uri = lifecycle.mlflow_uri(c)
     model = c.tracking.registered_model
@@ -111,6 +113,26 @@ def test_promote_rolls_out_before_moving_champion_and_rollback_reapplies(cfg, fa
     assert live["metadata"]["labels"]["omni-platform/model-version"] == v2
     assert (tmp_path / "m2" / "inferenceservice.yaml").exists()
 
+    def aliases():
+        return tuple(str(tracking.get_alias_version(uri, model, a).version)
+                     for a in (tracking.CHAMPION, tracking.PREVIOUS_CHAMPION))
+
+    # A rollback whose apply the API server refuses, or whose revision never comes up, moves no
+    # alias: the registry still names what the cluster serves.
+    def refuse(*_a, **_k):
+        raise ApiException(status=403, reason="Forbidden")
+
+    with monkeypatch.context() as m:
+        m.setattr(fake_kube.custom, "patch_namespaced_custom_object", refuse)
+        with pytest.raises(KubeError, match="HTTP 403 Forbidden"):
+            lifecycle.rollback(c, tmp_path / "rb0", kube=fake_kube)
+    assert aliases() == (v2, v1)
+    fake_kube.custom.controller = lambda obj: obj.update(status={"modelStatus": {"transitionStatus": "InvalidSpec"}})
+    with pytest.raises(endpoint.RolloutFailed):
+        lifecycle.rollback(c, tmp_path / "rb1", kube=fake_kube)
+    assert aliases() == (v2, v1)
+
+    fake_kube.custom.controller = _ready
     fake_kube.custom.calls.clear()
     version, isvc = lifecycle.rollback(c, tmp_path / "rb", kube=fake_kube)
     assert version == v1 and str(tracking.get_alias_version(uri, model, tracking.CHAMPION).version) == v1
@@ -119,3 +141,6 @@ def test_promote_rolls_out_before_moving_champion_and_rollback_reapplies(cfg, fa
     live = next(iter(fake_kube.custom.objects.values()))
     assert live["metadata"]["labels"]["omni-platform/model-version"] == v1
     assert live["spec"]["predictor"]["model"]["storageUri"] == isvc["spec"]["predictor"]["model"]["storageUri"]
+    assert tracking.get_alias_version(uri, model, tracking.PREVIOUS_CHAMPION) is None
+    with pytest.raises(LookupError, match="previous-champion"):  # nothing left to roll back to
+        lifecycle.rollback(c, tmp_path / "rb2", kube=fake_kube)

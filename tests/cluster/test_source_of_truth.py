@@ -70,6 +70,28 @@ def test_rendered_chart_runtime_and_endpoint_agree_with_conf_and_promote(cfg) ->
     assert ours["metadata"]["labels"].items() <= chart_isvc["metadata"]["labels"].items()
 
 
+def test_chart_canary_share_is_confs(cfg) -> None:
+    """One canary share: the chart's canaryTrafficPercent is null (at rest) or conf's canary_percent."""
+    defaults = yaml.safe_load((cluster.CHART_DIR / "values.yaml").read_text())
+    assert defaults["endpoint"]["canaryTrafficPercent"] is None
+    shares = {p.name: (yaml.safe_load(p.read_text()).get("endpoint") or {}).get("canaryTrafficPercent")
+              for p in sorted((cluster.CHART_DIR / "ci").glob("*-values.yaml"))}
+    assert shares["production-values.yaml"] == cfg.cluster.endpoint.canary_percent
+    assert {name: s for name, s in shares.items() if s not in (None, cfg.cluster.endpoint.canary_percent)} == {}
+    other = cfg.cluster.endpoint.canary_percent + 15
+    conf_share = rf"endpoint\.canaryTrafficPercent={other} .*canary_percent={cfg.cluster.endpoint.canary_percent}"
+    with pytest.raises(cluster.ValuesConflict, match=conf_share):
+        cluster.render_chart(cfg, {"endpoint": {"enabled": True, "storageUri": "s3://b/m", "canaryTrafficPercent": other}})
+    # ...and a conf override moves the accepted share with it.
+    from pipelines.config import load_config
+
+    moved = load_config([f"cluster.endpoint.canary_percent={other}"])
+    docs, _ = cluster.render_chart(moved, {"endpoint": {"enabled": True, "storageUri": "s3://b/m",
+                                                        "canaryTrafficPercent": other}})
+    isvc = next(d for d in docs if d["kind"] == "InferenceService")
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == other
+
+
 def test_trainjob_placement_matches_the_runtime_and_conf(cfg) -> None:
     job = cluster.example_trainjob(cfg)
     pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][

@@ -198,3 +198,47 @@ def test_train_entry_runs_the_stage_and_uploads_rank0_output(multi, monkeypatch,
     assert calls == [("sft", "data", "init", "p", True, {})]
     assert store.read_bytes("output/model/model.safetensors") == b"w"
     assert json.loads(store.read_bytes("output/result.json"))["steps"] == 3
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_only_global_rank_0_logs_the_stage_and_saves(multi, monkeypatch, tmp_path, rank) -> None:
+    """Inside a TrainJob every rank runs steps.train; one MLflow run and one checkpoint, not N.
+    The model, data and DeepSpeed are stand-ins (what each rank trains is tested in tests/model);
+    MLflow is real (sqlite)."""
+    from types import SimpleNamespace
+
+    from components import steps, tracking
+    from model.train import TrainResult
+
+    cfg, data, init = multi
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workdir": str(tmp_path / "omni")})})
+    uri = steps.mlflow_uri(cfg)
+    parent = tracking.start_pipeline_run(uri, cfg.tracking.experiment, "p")
+    saved = []
+
+    def save_pretrained(out, _tokenizer):
+        out.mkdir(parents=True)
+        saved.append(out)
+
+    model = SimpleNamespace(cfg=cfg.model, save_pretrained=save_pretrained)
+    trained = []
+    monkeypatch.setattr(steps.OmniModel, "from_pretrained", lambda _d: model)
+    monkeypatch.setattr(steps, "load_tokenizer", lambda _d: object())
+    monkeypatch.setattr(steps, "OmniProcessor", lambda *_a: object())
+    monkeypatch.setattr(steps, "ShardStream", lambda *_a, **_k: SimpleNamespace(num_samples=lambda: 8))
+    monkeypatch.setattr(steps, "train_stage", lambda *a, **k: trained.append(a) or TrainResult(
+        losses=[2.0, 1.0], seconds=1.0, trainable_params=5, tokens=10))
+    monkeypatch.setenv(trainjob.INSIDE_ENV, "omni-sft-x")
+    monkeypatch.setenv("RANK", rank)
+
+    out = tmp_path / f"out-rank{rank}"
+    result = steps.train(cfg, "sft", data, init, out, parent)
+
+    assert len(trained) == 1 and result["steps"] == 2 and result["final_loss"] == 1.0  # every rank trains
+    experiment = tracking.client(uri).get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    children = [r for r in tracking.client(uri).search_runs([experiment]) if r.info.run_id != parent]
+    if rank == "0":
+        assert [r.info.run_name for r in children] == ["train-sft"] and children[0].data.metrics["final_loss"] == 1.0
+        assert saved == [out] and (out / "losses.json").exists()
+    else:
+        assert children == [] and saved == [] and not (out / "losses.json").exists()

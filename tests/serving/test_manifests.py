@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from serving.manifests import inference_service, validate_custom_resource, write_manifest
+from serving.manifests import DEFAULT_CRD_DIR, inference_service, validate_custom_resource, write_manifest
 
-CRD_DIR = Path(__file__).resolve().parents[2] / "infra" / "crds"
+REPO = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO / "serving" / "crds"
+# A reference copy of the upstream CRDs beside the checkout, where there is one.
+SHARED_CRDS = REPO / ".." / "shared" / "crds"
 STORAGE = "s3://models/omni-tiny/3/model"
 
 
@@ -102,3 +110,48 @@ def test_write_manifest_round_trips(tmp_path: Path) -> None:
     assert yaml.safe_load(path.read_text()) == isvc
     both = write_manifest([isvc, isvc], tmp_path / "two.yaml")
     assert list(yaml.safe_load_all(both.read_text())) == [isvc, isvc]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_default_crd_dir_is_inside_the_serving_package() -> None:
+    assert DEFAULT_CRD_DIR == CRD_DIR
+    assert {"kserve/serving.kserve.io_inferenceservices.yaml", "kubeflow-trainer/trainer.kubeflow.org_trainjobs.yaml"} \
+        <= set(_tree(CRD_DIR))
+
+
+@pytest.mark.skipif(not SHARED_CRDS.is_dir(), reason=f"no reference CRDs at {SHARED_CRDS.resolve()}")
+def test_packaged_crds_are_the_reference_copies_byte_for_byte() -> None:
+    ours, reference = _tree(CRD_DIR), _tree(SHARED_CRDS)
+    assert sorted(ours) == sorted(reference)
+    assert [name for name in ours if ours[name] != reference[name]] == []
+
+
+def test_wheel_ships_the_crds_and_validates_from_an_installed_layout(tmp_path: Path) -> None:
+    """`pip install .` puts the package in site-packages, away from the repository: the CRDs must
+    travel inside the wheel, and validation must find them there."""
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("model", "components", "pipelines", "serving"):
+        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(dist)], check=True, cwd=tmp_path, timeout=300)
+    (wheel,) = dist.glob("omni_platform-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        packed = {n.removeprefix("serving/crds/"): zf.read(n) for n in zf.namelist() if n.startswith("serving/crds/")}
+        zf.extractall(tmp_path / "site")
+    assert packed == _tree(CRD_DIR)
+
+    # Import from the unpacked wheel (not the checkout) and validate against its own CRDs.
+    code = ("import serving.manifests as m; assert m.__file__.startswith(%r), m.__file__; "
+            "m.validate_custom_resource(m.inference_service('omni', 'omni', 's3://b/m')); print(m.DEFAULT_CRD_DIR)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", code % str(tmp_path / "site")], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "site" / "serving" / "crds")
