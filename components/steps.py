@@ -131,8 +131,9 @@ def sft_filter(cfg: OmniConfig, data_dir: Path, model_dir: Path, out_dir: Path, 
     model = OmniModel.from_pretrained(model_dir)
     processor = OmniProcessor(load_tokenizer(model_dir / TOKENIZER_DIR), model.cfg)
     records = [r for r in read_records(data_dir / "train.jsonl") if r.task in stage.data_tasks]
-    samples = [processor.encode(to_chat_input(r, data_dir, model.cfg)) for r in records]
-    losses = sample_losses(model, processor, samples, fcfg.batch_size, progress=progress)
+    # Encoded lazily, one batch at a time: at SFT scale the decoded media would not fit in memory.
+    samples = (processor.encode(to_chat_input(r, data_dir, model.cfg)) for r in records)
+    losses = sample_losses(model, processor, samples, fcfg.batch_size, progress=progress, total=len(records))
     result = loss_filter([r.id for r in records], [r.task for r in records], losses, fcfg)
     by_group: dict[str, list[float]] = {}
     for r, loss in zip(records, losses, strict=True):

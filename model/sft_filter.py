@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
@@ -49,23 +50,27 @@ class FilterResult:
 
 
 @torch.no_grad()
-def sample_losses(model: torch.nn.Module, processor: OmniProcessor, samples: Sequence[Encoded],
-                  batch_size: int = 8, progress: bool = False) -> list[float]:
-    """Mean next-token loss over each sample's answer tokens (its labels), one float per sample."""
+def sample_losses(model: torch.nn.Module, processor: OmniProcessor, samples: Iterable[Encoded],
+                  batch_size: int = 8, progress: bool = False, total: int | None = None) -> list[float]:
+    """Mean next-token loss over each sample's answer tokens (its labels), one float per sample.
+    `samples` may be a lazy iterable: only one batch of encoded media is in memory at a time."""
     from tqdm import tqdm
 
     was_training = model.training
     model.eval()
     losses: list[float] = []
-    starts = range(0, len(samples), batch_size)
-    for start in tqdm(starts, desc="scoring SFT samples", unit="batch", disable=not progress):
-        batch = processor.collate(list(samples[start : start + batch_size]))
-        labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1].float()
-        target = labels[:, 1:]
-        token_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
-        counts = (target != IGNORE_INDEX).sum(1).clamp(min=1)
-        losses += (token_loss.sum(1) / counts).tolist()
+    total = total if total is not None else len(samples) if isinstance(samples, Sized) else None
+    it = iter(samples)
+    with tqdm(total=total, desc="scoring SFT samples", unit="sample", disable=not progress) as bar:
+        while batch_samples := list(islice(it, batch_size)):
+            batch = processor.collate(batch_samples)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits[:, :-1].float()
+            target = labels[:, 1:]
+            token_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+            counts = (target != IGNORE_INDEX).sum(1).clamp(min=1)
+            losses += (token_loss.sum(1) / counts).tolist()
+            bar.update(len(batch_samples))
     model.train(was_training)
     return losses
 

@@ -44,6 +44,10 @@ def test_every_stage_produced_its_artifacts(demo):
     assert len(checkpoints) >= 8  # init + 7 stages
     losses = json.loads(sorted(root.rglob("model/losses.json"), key=lambda p: len(p.read_text()))[-1].read_text())
     assert list(losses) == ["image_1", "image_2", "image_3", "video", "audio", "omni_align", "sft"]
+    # The loss filter scored every SFT sample before sft: each one is either kept or listed as dropped.
+    summary = json.loads(next(root.rglob("sft_filter.json")).read_text())
+    scored = sum(f["n"] for f in summary["fits"].values())
+    assert summary["enabled"] and scored > 0 and summary["kept"] + len(summary["dropped"]) == scored
     assert next(root.rglob("results/report.html")).read_text().count("<img") >= 2
     repo = next(root.rglob("triton_repo/export_report.json")).parent
     assert {"vision_encoder", "audio_encoder", "omni"} <= {p.name for p in repo.iterdir()}

@@ -55,6 +55,9 @@ def test_per_sample_loss_is_the_models_loss_and_ignores_batch_padding(tiny_cfg, 
     batched = sample_losses(model, processor, samples, batch_size=2)
     alone = [sample_losses(model, processor, [s], batch_size=1)[0] for s in samples]
     np.testing.assert_allclose(batched, alone, rtol=1e-4)
+    # A lazy stream (how the pipeline step feeds it) scores the same, in batches of any size.
+    streamed = sample_losses(model, processor, (s for s in samples * 2), batch_size=3)
+    np.testing.assert_allclose(streamed, batched * 2, rtol=1e-4)
     with torch.no_grad():
         reference = model(**processor.collate([samples[0]])).loss.item()
     assert abs(alone[0] - reference) < 1e-4
