@@ -379,13 +379,16 @@ def _publish(staging: Path, out: str, progress: bool) -> None:
     store = open_store(out)
     if not isinstance(store, S3Store):
         raise TypeError(f"{out!r} is not an s3:// URI")
-    keys = [k for k in (p.relative_to(staging).as_posix() for p in sorted(staging.rglob("*")) if p.is_file())
-            if k != MANIFEST]
+    staged = [k for k in (p.relative_to(staging).as_posix() for p in sorted(staging.rglob("*")) if p.is_file())
+              if k != MANIFEST]
+    # Media keys are the sha256 of their bytes: one already there from an earlier run is this very file.
+    present = set(store.list("media/"))
     store.delete([MANIFEST])
-    for key in tqdm(keys, desc="upload", unit="file", disable=not progress):
+    for key in tqdm([k for k in staged if not (k.startswith("media/") and k in present)], desc="upload",
+                    unit="file", disable=not progress):
         store.upload_file(key, staging / key)
     store.upload_file(MANIFEST, staging / MANIFEST)  # last: it vouches for the rest
-    written = set(keys)
+    written = set(staged)
     stale = [k for area in _OWNED_AREAS for k in store.list(area) if k not in written]
     store.delete(stale)  # after the manifest: no reader of the new one needs them
     if stale:

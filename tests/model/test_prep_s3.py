@@ -112,6 +112,7 @@ def test_rerun_into_the_same_prefix_replaces_the_earlier_run(raw, tmp_path, s3_e
                     tiny_cfg, progress=False)
     assert uploads[-1] == ("manifest.json", False), "the manifest must be uploaded last, after the old one is gone"
     assert not any(had_manifest for _, had_manifest in uploads), "the old manifest was still there during upload"
+    assert not [k for k, _ in uploads if k.startswith("media/")], "media already in the store were uploaded again"
 
     m = again.manifest
     assert json.loads(store.read_bytes("manifest.json")) == m
