@@ -90,7 +90,7 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path, init_dir: Path, out_
     processor = OmniProcessor(tokenizer, model.cfg)
     # Streamed from data prep's shards (local or s3://): rank/worker split, resumable position.
     dataset = ShardStream(data_dir, "train", stage.data_tasks, exclude_ids=read_filtered_out(sft_filter_dir),
-                          shuffle_buffer=cfg.data.shuffle_buffer, cache_items=cfg.data.reader_cache_items,
+                          shuffle_buffer=cfg.data.shuffle_buffer, cache_bytes=int(cfg.data.reader_cache_mb * 2**20),
                           num_workers=cfg.data.loader_workers)
     uri = mlflow_uri(cfg)
     # Under torchrun every rank runs this; only global rank 0 records the stage and saves the checkpoint.

@@ -183,9 +183,9 @@ class DataConfig(Strict):
     records_per_shard: int = Field(1000, gt=0, description="samples per tar shard")
     # Training reader (model/shards.py).
     shuffle_buffer: int = Field(1024, ge=1, description="samples mixed across shard boundaries; 1 = no shuffle")
-    reader_cache_items: int = Field(
-        4096, ge=0, description="encoded samples kept in memory, so repeats in small sets skip decoding; "
-                                "0 for corpora far larger than one epoch in RAM")
+    reader_cache_mb: float = Field(
+        512, ge=0, description="MiB of encoded samples (pixels, log-mel) each reader process keeps, so repeats "
+                               "in small sets skip decoding; 0 turns the cache off")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes decoding media for training")
 
 

@@ -159,6 +159,12 @@ class StaleShardsError(RuntimeError):
     """The shards were tokenised with a different processor than the one training uses."""
 
 
+def _encoded_bytes(e: Encoded) -> int:
+    """Memory an encoded sample holds: its media tensors and its id lists (8 bytes an int)."""
+    tensors = [*e.pixel_values, *e.video_pixel_values, *e.audio_mel]
+    return sum(t.numel() * t.element_size() for t in tensors) + 8 * (len(e.input_ids) + len(e.labels))
+
+
 class ShardStream(IterableDataset):
     """Streams one split of a prepared data set (local folder or s3:// URI) as encoded samples.
 
@@ -168,11 +174,12 @@ class ShardStream(IterableDataset):
 
     `epochs=None` repeats forever (training counts steps, not epochs). `exclude_ids` leaves those
     record ids out (e.g. what the SFT loss filter dropped). `num_workers` is what `train_stage`
-    gives its DataLoader; `cache_items` bounds the in-memory cache of encoded samples."""
+    gives its DataLoader; `cache_bytes` bounds the in-memory cache of encoded samples (per process:
+    each DataLoader worker has its own)."""
 
     def __init__(self, root: str | Path | Store, split: str = "train", tasks: list[str] | None = None, *,
                  seed: int = 0, shuffle_buffer: int = 1024, epochs: int | None = None,
-                 exclude_ids: set[str] | None = None, cache_items: int = 0, num_workers: int = 0):
+                 exclude_ids: set[str] | None = None, cache_bytes: int = 0, num_workers: int = 0):
         super().__init__()
         self.store = open_store(str(root)) if isinstance(root, str | Path) else root
         self.manifest = json.loads(self.store.read_bytes(MANIFEST))
@@ -181,14 +188,15 @@ class ShardStream(IterableDataset):
         self.split, self.tasks, self.exclude_ids = split, tasks, exclude_ids or set()
         self.shards = [s for s in self.manifest["shards"] if s["split"] == split]
         self.seed, self.shuffle_buffer, self.epochs = seed, max(1, shuffle_buffer), epochs
-        self.cache_items, self.num_workers = cache_items, num_workers
+        self.cache_bytes, self.num_workers = cache_bytes, num_workers
         # Items yielded by *this process's* iterators, or set by load_state_dict. With DataLoader
         # workers the iterating copies live in the workers, so this one never advances: see state_dict.
         self.position = 0
         self.processor: OmniProcessor | None = None
         self.batch_size, self.packing, self.max_seq_len = 1, False, 0
         self.rank, self.world_size = _rank_world()
-        self._cache: OrderedDict[str, Encoded] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Encoded, int]] = OrderedDict()  # sha256 -> (sample, bytes)
+        self._cached_bytes = 0
 
     # --- setup ---
     def configure(self, processor: OmniProcessor, batch_size: int = 1, packing: bool = False,
@@ -293,17 +301,19 @@ class ShardStream(IterableDataset):
     def _encode(self, sample: dict) -> Encoded:
         if sample["sha256"] in self._cache:
             self._cache.move_to_end(sample["sha256"])
-            return self._cache[sample["sha256"]]
+            return self._cache[sample["sha256"]][0]
         record = Record.model_validate(sample["record"])
         encoded = self.processor.encode(to_chat_input(record, None, self.processor.cfg, fetch=self.store.read_bytes))
         if len(encoded.input_ids) != sample["num_tokens"]:
             raise StaleShardsError(
                 f"record {record.id!r} encodes to {len(encoded.input_ids)} tokens, data prep recorded "
                 f"{sample['num_tokens']}: the processor changed since prep; re-run `omni data prep`")
-        if self.cache_items:
-            self._cache[sample["sha256"]] = encoded
-            if len(self._cache) > self.cache_items:
-                self._cache.popitem(last=False)
+        size = _encoded_bytes(encoded)
+        if size <= self.cache_bytes:  # least recently used out until it fits
+            self._cache[sample["sha256"]] = (encoded, size)
+            self._cached_bytes += size
+            while self._cached_bytes > self.cache_bytes:
+                self._cached_bytes -= self._cache.popitem(last=False)[1][1]
         return encoded
 
     def __iter__(self) -> Iterator[Encoded | list[Encoded]]:

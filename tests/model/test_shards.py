@@ -86,6 +86,19 @@ def test_stream_order_is_deterministic_and_resumes_at_a_position(prepared, proce
     assert sorted(epoch0) == sorted(r.id for r in stream().records())  # each sample once per epoch
 
 
+def test_cache_stays_within_its_byte_budget_and_serves_the_same_samples(prepared, processor):
+    plain = ShardStream(prepared, "train", shuffle_buffer=5, epochs=2).configure(processor)
+    budget = 200_000  # a few image/audio samples' worth: the cache must evict
+    cached = ShardStream(prepared, "train", shuffle_buffer=5, epochs=2, cache_bytes=budget).configure(processor)
+    a, b = list(plain), list(cached)
+    assert [x.input_ids for x in a] == [x.input_ids for x in b]
+    assert all(torch.equal(p, q) for x, y in zip(a, b, strict=True) for p, q in zip(x.pixel_values, y.pixel_values,
+                                                                                   strict=True))
+    assert not plain._cache and 0 < cached._cached_bytes <= budget
+    assert cached._cached_bytes == sum(size for _, size in cached._cache.values())
+    assert len(cached._cache) < cached.num_samples()  # it evicted
+
+
 def test_ranks_split_the_samples(prepared, processor):
     def ids(rank: int) -> list[str]:
         s = ShardStream(prepared, "train", epochs=1).configure(processor, rank=rank, world_size=3)
