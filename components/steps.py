@@ -69,9 +69,10 @@ def init_model(cfg: OmniConfig, data_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def train(cfg: OmniConfig, stage_name: str, data_dir: Path, init_dir: Path, out_dir: Path,
+def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path, out_dir: Path,
           parent_run_id: str, progress: bool = True, sft_filter_dir: Path | None = None) -> dict:
     """One training stage from `init_dir` to `out_dir`; skipped stages pass the checkpoint on.
+    `data_dir`: data prep's output, a folder or a store URI (s3://...) the shards stream from.
     `sft_filter_dir`: the loss filter's output; the samples it dropped are left out."""
     stage = cfg.stages[stage_name]
     if stage_name in cfg.run.skip_stages or stage_name not in cfg.stages:

@@ -4,7 +4,9 @@
 
 Reads what `components.trainjob.run_stage` staged (config.json, inputs/data, inputs/init and any
 extra inputs), runs the very same `components.steps.train` as a single-machine task (DeepSpeed
-takes RANK/WORLD_SIZE/MASTER_ADDR from torchrun). Every rank trains; only global rank 0 opens the
+takes RANK/WORLD_SIZE/MASTER_ADDR from torchrun). The data set is not downloaded: every rank streams
+its share of the shards (and their media) straight from `inputs/data` in the staging store; only the
+checkpoint and the small extra inputs are fetched, once per node. Every rank trains; only global rank 0 opens the
 stage's MLflow run, saves the checkpoint and uploads it with the summary to `output/` for the
 waiting KFP task. The other ranks exit when training ends.
 """
@@ -23,13 +25,14 @@ from components.trainjob import INSIDE_ENV, local_workdir
 from model.storage import Store, open_store
 
 READY = ".inputs-ready"
+DATA = "data"  # streamed by the reader, never downloaded
 
 
 def _fetch_inputs(store: Store, dest: Path, local_rank: int, timeout_s: float = 3600) -> None:
     """One download per node: local rank 0 fetches, the node's other ranks wait for its marker."""
     marker = dest / READY
     if local_rank == 0:
-        for key in sorted({k.split("/", 2)[1] for k in store.list("inputs/")}):
+        for key in sorted({k.split("/", 2)[1] for k in store.list("inputs/")} - {DATA}):
             store.download_dir(f"inputs/{key}", dest / key)
         marker.touch()
         return
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {}
     if (inputs / "sft_filter").is_dir() and "sft_filter_dir" in inspect.signature(train).parameters:
         extra["sft_filter_dir"] = inputs / "sft_filter"
-    result = train(cfg, args.stage, inputs / "data", inputs / "init", out_dir, args.parent_run_id,
+    result = train(cfg, args.stage, store.uri(f"inputs/{DATA}"), inputs / "init", out_dir, args.parent_run_id,
                    progress=rank == 0, **extra)
     if rank == 0:  # the only rank steps.train saved a checkpoint on (tracking.is_primary_process)
         store.upload_dir(out_dir, "output/model")

@@ -5,7 +5,9 @@ gets (`cluster.gpu_pool.accelerator_limit`), `components.steps.train` hands the 
 `run_stage` here instead of training in-process:
 
 1. stage the task's inputs (config, dataset, start checkpoint) under `cluster.trainer.staging_uri`,
-   because TrainJob pods on other nodes cannot see the task pod's files;
+   because TrainJob pods on other nodes cannot see the task pod's files; the pods stream the
+   dataset's shards and media from there (each rank reads only its share), and download only the
+   checkpoint, once per node;
 2. apply a TrainJob against the chart's TrainingRuntime: the GPU image, `torchrun -m
    components.train_entry` (the same `steps.train` on every rank; rank 0 alone logs and saves),
    resources per node, and the GPU pool's node selector, tolerations and /dev/shm as a runtime patch;

@@ -185,7 +185,7 @@ def test_train_entry_runs_the_stage_and_uploads_rank0_output(multi, monkeypatch,
     calls = []
 
     def fake_train(c, stage, data_dir, init_dir, out_dir, parent, progress=True, **extra):
-        calls.append((stage, data_dir.name, init_dir.name, parent, progress, extra))
+        calls.append((stage, data_dir, init_dir.name, parent, progress, extra))
         out_dir.mkdir(parents=True)
         (out_dir / "model.safetensors").write_bytes(b"w")
         return {"steps": 3, "losses": [1.0, 0.5]}
@@ -195,7 +195,9 @@ def test_train_entry_runs_the_stage_and_uploads_rank0_output(multi, monkeypatch,
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert train_entry.main(["--staging", str(staging), "--stage", "sft", "--parent-run-id", "p"]) == 0
-    assert calls == [("sft", "data", "init", "p", True, {})]
+    # The data set streams from the staging store (what ShardStream opens); only the checkpoint is fetched.
+    assert calls == [("sft", store.uri("inputs/data"), "init", "p", True, {})]
+    assert (tmp_path / "work" / "inputs" / "init").is_dir() and not (tmp_path / "work" / "inputs" / "data").exists()
     assert store.read_bytes("output/model/model.safetensors") == b"w"
     assert json.loads(store.read_bytes("output/result.json"))["steps"] == 3
 
