@@ -156,6 +156,13 @@ def test_mcq_letters_vary(demo):
     assert len(letters) >= 3
 
 
+def _decoded(path: Path) -> list[bytes]:
+    import av
+
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24").tobytes() for frame in container.decode(video=0)]
+
+
 def test_same_seed_same_output_other_seed_differs(demo, tmp_path):
     out, _ = demo
     again = tmp_path / "again"
@@ -163,7 +170,12 @@ def test_same_seed_same_output_other_seed_differs(demo, tmp_path):
     for name in ("train.jsonl", "val.jsonl"):
         assert (again / name).read_bytes() == (out / name).read_bytes()
     for f in (out / "media").iterdir():
-        assert (again / "media" / f.name).read_bytes() == f.read_bytes(), f.name
+        if f.suffix == ".mp4":
+            # x264's bitstream is not byte-reproducible run to run (seen here: the same frames encode
+            # to differently coded slices that decode to the same pixels), so compare what it decodes to.
+            assert _decoded(again / "media" / f.name) == _decoded(f), f.name
+        else:
+            assert (again / "media" / f.name).read_bytes() == f.read_bytes(), f.name
     other = tmp_path / "other"
     make_demo(other, CFG.model_copy(update={"seed": 4}), progress=False)
     assert (other / "train.jsonl").read_bytes() != (out / "train.jsonl").read_bytes()
