@@ -149,6 +149,16 @@ def promote_if_better(
     return decision
 
 
+def rollback_target(uri: str, model_name: str) -> str:
+    """The version a rollback returns to (`previous-champion`); LookupError if there is none."""
+    previous = tracking.get_alias_version(uri, model_name, tracking.PREVIOUS_CHAMPION)
+    if previous is None:
+        raise LookupError(
+            f"model {model_name!r} has no {tracking.PREVIOUS_CHAMPION!r} version to roll back to"
+        )
+    return str(previous.version)
+
+
 def rollback(uri: str, model_name: str) -> str:
     """Move `champion` back to `previous-champion`; returns the version that is champion now.
 
@@ -156,16 +166,10 @@ def rollback(uri: str, model_name: str) -> str:
     version that was just rolled back. `components.lifecycle.rollback` applies the serving manifest
     for that version first and calls this only once the cluster serves it.
     """
-    previous = tracking.get_alias_version(uri, model_name, tracking.PREVIOUS_CHAMPION)
-    if previous is None:
-        raise LookupError(
-            f"model {model_name!r} has no {tracking.PREVIOUS_CHAMPION!r} version to roll back to"
-        )
+    previous = rollback_target(uri, model_name)
     current = tracking.get_alias_version(uri, model_name, tracking.CHAMPION)
-    tracking.set_alias(uri, model_name, tracking.CHAMPION, previous.version)
+    tracking.set_alias(uri, model_name, tracking.CHAMPION, previous)
     tracking.delete_alias(uri, model_name, tracking.PREVIOUS_CHAMPION)
     if current is not None:
-        tracking.set_version_tags(
-            uri, model_name, current.version, {"promotion.rolled_back_to": str(previous.version)}
-        )
-    return str(previous.version)
+        tracking.set_version_tags(uri, model_name, current.version, {"promotion.rolled_back_to": previous})
+    return previous

@@ -65,10 +65,7 @@ def rollback(cfg: OmniConfig, out_dir: Path | None = None, kube: Kube | None = N
     registry keeps naming what the cluster serves. Returns the version that is champion now and
     its InferenceService."""
     uri, model = mlflow_uri(cfg), cfg.tracking.registered_model
-    previous = tracking.get_alias_version(uri, model, tracking.PREVIOUS_CHAMPION)
-    if previous is None:
-        raise LookupError(f"model {model!r} has no {tracking.PREVIOUS_CHAMPION!r} version to roll back to")
-    version = str(previous.version)
+    version = gate.rollback_target(uri, model)
     isvc = champion_inference_service(cfg, version)
     validate_custom_resource(isvc)
     if out_dir is not None:
