@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import re
-import wave
 
-import numpy as np
 import torch
 from kfp.dsl import HTML, Dataset, Metrics
-from PIL import Image
+from raw_corpus import chat_record, write_media
 
 from components.pipeline_components import make_components
 from pipelines.config import load_config
@@ -19,27 +17,14 @@ from pipelines.config import load_config
 torch.set_num_threads(1)
 
 
-def _rec(rid: str, user: str, answer: str, **media) -> str:
-    return json.dumps({"id": rid, "task": "caption", "messages": [
-        {"role": "user", "content": user}, {"role": "assistant", "content": answer}], **media})
-
-
 def test_data_prep_component_logs_balanced_metrics_and_writes_the_report(tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    Image.new("RGB", (32, 32), "red").save(src / "red.png")
-    (src / "text.png").write_text("not an image")
-    with wave.open(str(src / "a.wav"), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.random.default_rng(0).normal(0, 0.1, 16000) * 32767).astype("<i2").tobytes())
+    src = write_media(tmp_path / "in")
     (src / "data.jsonl").write_text("\n".join([
-        _rec("img", "<image>Color?", "red", images=["red.png"]),
-        _rec("aud", "<audio>Transcribe.", "noise", audios=["a.wav"]),
-        _rec("txt", "2 plus 2?", "4"),
-        _rec("bad", "<image>Color?", "red", images=["text.png"]),
-        _rec("gone", "<image>Color?", "red", images=["missing.png"]),
+        chat_record("img", "<image>Color?", "red", images=["red.png"]),
+        chat_record("aud", "<audio>Transcribe.", "noise", audios=["a.wav"]),
+        chat_record("txt", "2 plus 2?", "4"),
+        chat_record("bad", "<image>Color?", "red", images=["bad.png"]),
+        chat_record("gone", "<image>Color?", "red", images=["missing.png"]),
         "{oops",
     ]) + "\n")
 
@@ -51,7 +36,7 @@ def test_data_prep_component_logs_balanced_metrics_and_writes_the_report(tmp_pat
     report = HTML(name="report", uri=str(tmp_path / "artifacts" / "report.html"))
 
     extra = tmp_path / "extra.jsonl"  # a second input: the pipeline parameter is comma-separated
-    extra.write_text(_rec("more", "3 plus 3?", "6") + "\n")
+    extra.write_text(chat_record("more", "3 plus 3?", "6") + "\n")
     sha = ops.data_prep.python_func(config_json=cfg.to_json(), data_uri=f"{src}, {extra},", parent_run_id=parent,
                                     dataset=dataset, metrics=metrics, report=report)
 

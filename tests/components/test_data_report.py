@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import wave
-
-import numpy as np
-from PIL import Image
+from raw_corpus import chat_record, write_media
 
 from components.data_report import data_report
 from components.steps import data_prep_metrics
@@ -15,20 +11,7 @@ from model.prep import prepare
 
 
 def test_report_and_metrics_from_a_real_prep_run(tmp_path, tiny_cfg):
-    src = tmp_path / "in"
-    src.mkdir()
-    Image.new("RGB", (32, 32), "red").save(src / "red.png")
-    (src / "bad.png").write_text("<script>not an image</script>")
-    with wave.open(str(src / "a.wav"), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.random.default_rng(0).normal(0, 0.1, 16000) * 32767).astype("<i2").tobytes())
-
-    def rec(rid, user, answer, **media):
-        return json.dumps({"id": rid, "task": "caption", "messages": [
-            {"role": "user", "content": user}, {"role": "assistant", "content": answer}], **media})
-
+    src, rec = write_media(tmp_path / "in"), chat_record
     (src / "data.jsonl").write_text("\n".join([
         rec("img", "<image>Color?", "red", images=["red.png"]),
         rec("aud", "<audio>Transcribe.", "noise", audios=["a.wav"]),
