@@ -28,9 +28,9 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from model.config import DataConfig, ModelConfig
-from model.demo_data import make_demo
-from model.media import load_video_frames, sample_times
-from model.prep import prepare
+from model.data.demo import make_demo
+from model.data.prep import prepare
+from model.media.decode import load_video_frames, sample_times
 
 REPO = Path(__file__).resolve().parents[1]
 

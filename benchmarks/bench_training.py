@@ -30,11 +30,11 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import RandomSampler  # noqa: E402
 
 from model.config import ModelConfig, StageConfig  # noqa: E402
-from model.modeling import OmniModel  # noqa: E402
-from model.packing import pack  # noqa: E402
-from model.processor import ChatInput, Encoded, OmniProcessor  # noqa: E402
-from model.tokenizer import train_tokenizer  # noqa: E402
-from model.train import train_stage  # noqa: E402
+from model.data.packing import pack  # noqa: E402
+from model.nn.omni import OmniModel  # noqa: E402
+from model.text.processor import ChatInput, Encoded, OmniProcessor  # noqa: E402
+from model.text.tokenizer import train_tokenizer  # noqa: E402
+from model.training.recipe import train_stage  # noqa: E402
 
 # The modules that run on this data (no video), all trained, as in the sft / omni_align stages.
 TRAINABLE = ["vision_tower", "vision_projector", "audio_encoder", "audio_projector", "llm"]

@@ -12,16 +12,12 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from model.config import DataConfig, EvalConfig, ModelConfig, SftFilterConfig, StageConfig
+from model.config import DataConfig, EvalConfig, ModelConfig, SftFilterConfig, StageConfig, Strict
 from serving.config import ServingConfig
 
 STAGE_ORDER = ("image_1", "image_2", "image_3", "video", "audio", "omni_align", "sft")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class RunConfig(Strict):
@@ -166,7 +162,7 @@ class ClusterConfig(Strict):
         return self
 
 
-class PromotionRules(BaseModel):
+class PromotionRules(Strict):
     """The `promotion` section of the config.
 
     floors: metric -> the bound the candidate must meet. For a metric listed in
@@ -174,8 +170,6 @@ class PromotionRules(BaseModel):
     higher_is_better / lower_is_better: the metrics compared against the champion.
     max_regression: how much worse (absolute) than the champion each compared metric may be.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     floors: dict[str, float] = Field(default_factory=dict)
     higher_is_better: list[str] = Field(default_factory=list)

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 
 from components.report import _CSS, _clip, _grid, _png
-from model.sft_filter import FilterResult
+from model.training.sft_filter import FilterResult
 
 
 def _histograms(result: FilterResult, losses_by_group: Mapping[str, Sequence[float]]) -> str:

@@ -69,6 +69,25 @@ def train_stage(config_json: str, stage: str, parent_run_id: str, dataset: Input
             metrics.log_metric(key, result[key])
 
 
+def train_stage_trainjob(config_json: str, stage: str, parent_run_id: str, dataset: Input[Dataset],
+                         init_model: Input[Model], model: Output[Model], metrics: Output[Metrics],
+                         sft_filter: Input[Dataset] = None) -> None:
+    """Launcher of a multi-node stage: stage the inputs, run the stage as a Kubeflow Trainer TrainJob
+    (every rank runs the same training entry as `train_stage`), stream rank 0's log, fetch the checkpoint."""
+    from pathlib import Path
+
+    from components.config import parse_config
+    from components.trainjob import run_stage
+
+    extra = {"sft_filter": Path(sft_filter.path) if sft_filter is not None else None}
+    result = run_stage(parse_config(config_json), stage, Path(dataset.path), Path(init_model.path), Path(model.path),
+                       parent_run_id, extra_dirs=extra)
+    model.metadata["stage"] = stage
+    for key in ("steps", "first_loss", "final_loss", "tokens_per_second"):
+        if key in result:
+            metrics.log_metric(key, result[key])
+
+
 def sft_filter(config_json: str, parent_run_id: str, dataset: Input[Dataset], model: Input[Model],
                filtered: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]) -> None:
     """Loss-based SFT filter: per-sample loss under the pre-SFT model, Gaussian fit per task, drop
@@ -162,14 +181,22 @@ def keep_champion(config_json: str, version: str, parent_run_id: str) -> None:
     finish_tracking(cfg, parent_run_id)
 
 
-CPU_STEPS = (start_tracking, data_prep, register, gate, promote, keep_champion)
-GPU_STEPS = (init_model, train_stage, sft_filter, evaluate, export_triton)
+# Where each step runs: its image and its node pool (pipelines/dag.py places the task by the same
+# entry). GPU: the steps that run the model. CPU: bookkeeping, data prep, and the TrainJob launcher,
+# which only waits while the job's own pods hold the GPUs.
+POOLS = {
+    start_tracking: "cpu", data_prep: "cpu", register: "cpu", gate: "cpu", promote: "cpu", keep_champion: "cpu",
+    train_stage_trainjob: "cpu",
+    init_model: "gpu", train_stage: "gpu", sft_filter: "gpu", evaluate: "gpu", export_triton: "gpu",
+}
 
 
-def make_components(cpu_image: str, gpu_image: str) -> SimpleNamespace:
-    """Each step as a KFP component on its image (CPU pool steps vs GPU pool steps)."""
+def make_components(images: dict[str, str]) -> SimpleNamespace:
+    """Each step as a KFP component on its pool's image (`images`: pool -> image ref); every
+    component carries its pool as `.pool`."""
     built = {}
-    for fn in CPU_STEPS + GPU_STEPS:
-        image = gpu_image if fn in GPU_STEPS else cpu_image
-        built[fn.__name__] = dsl.component(fn, base_image=image, install_kfp_package=False)
+    for fn, pool in POOLS.items():
+        component = dsl.component(fn, base_image=images[pool], install_kfp_package=False)
+        component.pool = pool
+        built[fn.__name__] = component
     return SimpleNamespace(**built)

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
 
-from model.metrics import higher_is_better
+from model.eval.metrics import higher_is_better
 
 _MAX_TEXT = 600  # characters of a prompt/prediction shown; longer ones are cut with a note
 

@@ -17,17 +17,19 @@ from components.data_report import data_report
 from components.filter_report import filter_report
 from components.lifecycle import mlflow_uri
 from components.report import html_report, write_report
-from model.data import read_records, to_chat_input
-from model.evaluate import EvalResult, evaluate
-from model.export import write_triton_repository
-from model.inference import OmniChat
-from model.modeling import TOKENIZER_DIR, OmniModel
-from model.prep import prepare
-from model.processor import OmniProcessor
-from model.sft_filter import loss_filter, sample_losses
-from model.shards import ShardStream
-from model.tokenizer import load_tokenizer
-from model.train import train_stage
+from model import runtime
+from model.data.loading import to_chat_input
+from model.data.prep import prepare
+from model.data.shards import ShardStream
+from model.eval.runner import EvalResult, evaluate
+from model.export.triton import write_triton_repository
+from model.nn.checkpoint import TOKENIZER_DIR
+from model.nn.generation import OmniChat
+from model.nn.omni import OmniModel
+from model.text.processor import OmniProcessor
+from model.text.tokenizer import load_tokenizer
+from model.training.recipe import train_stage
+from model.training.sft_filter import loss_filter, sample_losses
 
 
 def data_prep(cfg: OmniConfig, inputs: list[str | Path], out_dir: Path, parent_run_id: str, progress: bool = True,
@@ -73,19 +75,14 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path
           parent_run_id: str, progress: bool = True, sft_filter_dir: Path | None = None) -> dict:
     """One training stage from `init_dir` to `out_dir`; skipped stages pass the checkpoint on.
     `data_dir`: data prep's output, a folder or a store URI (s3://...) the shards stream from.
-    `sft_filter_dir`: the loss filter's output; the samples it dropped are left out."""
-    stage = cfg.stages[stage_name]
+    `sft_filter_dir`: the loss filter's output; the samples it dropped are left out.
+
+    The one entry of a stage, wherever it runs: the DAG's stage task, and every rank of a TrainJob
+    (components/train_entry.py) that the DAG's launcher task submits for multi-node stages."""
     if stage_name in cfg.run.skip_stages or stage_name not in cfg.stages:
         shutil.copytree(init_dir, out_dir, dirs_exist_ok=True)
         return {"skipped": True, "steps": 0}
-    # -- multi-node dispatch: more nodes/GPUs than one task pod gets -> a Kubeflow Trainer TrainJob
-    # whose pods run this same function (components/train_entry.py); otherwise train in-process.
-    from components import trainjob
-
-    if trainjob.needs_trainjob(cfg, stage_name) and not trainjob.inside_trainjob():
-        return trainjob.run_stage(cfg, stage_name, data_dir, init_dir, out_dir, parent_run_id,
-                                  extra_dirs={"sft_filter": sft_filter_dir})
-    # -- end of dispatch
+    stage = cfg.stages[stage_name]
     model = OmniModel.from_pretrained(init_dir)
     tokenizer = load_tokenizer(init_dir / TOKENIZER_DIR)
     processor = OmniProcessor(tokenizer, model.cfg)
@@ -95,7 +92,7 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path
                           num_workers=cfg.data.loader_workers)
     uri = mlflow_uri(cfg)
     # Under torchrun every rank runs this; only global rank 0 records the stage and saves the checkpoint.
-    primary = tracking.is_primary_process()
+    primary = runtime.ranks().primary
     stage_run = tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, f"train-{stage_name}",
                                    params={"stage": stage.model_dump(), "model": cfg.model.model_dump(),
                                            "train_samples": dataset.num_samples()}) if primary else nullcontext()
@@ -131,9 +128,10 @@ def sft_filter(cfg: OmniConfig, data_dir: Path, model_dir: Path, out_dir: Path, 
         return summary
     model = OmniModel.from_pretrained(model_dir)
     processor = OmniProcessor(load_tokenizer(model_dir / TOKENIZER_DIR), model.cfg)
-    records = [r for r in read_records(data_dir / "train.jsonl") if r.task in stage.data_tasks]
+    stream = ShardStream(data_dir, "train", stage.data_tasks)
+    records = list(stream.records())
     # Encoded lazily, one batch at a time: at SFT scale the decoded media would not fit in memory.
-    samples = (processor.encode(to_chat_input(r, data_dir, model.cfg)) for r in records)
+    samples = (processor.encode(to_chat_input(r, None, model.cfg, fetch=stream.store.read_bytes)) for r in records)
     losses = sample_losses(model, processor, samples, fcfg.batch_size, progress=progress, total=len(records))
     result = loss_filter([r.id for r in records], [r.task for r in records], losses, fcfg)
     by_group: dict[str, list[float]] = {}
@@ -171,7 +169,9 @@ def write_losses(model_dir: Path, curves: dict[str, list[float]]) -> None:
 
 
 def _eval(model_dir: Path, data_dir: Path, cfg: OmniConfig, progress: bool) -> EvalResult:
-    return evaluate(OmniChat.load(model_dir), read_records(data_dir / "val.jsonl"), data_dir, cfg.evaluation, progress)
+    held_out = ShardStream(data_dir, "val")
+    return evaluate(OmniChat.load(model_dir), list(held_out.records()), held_out.store.read_bytes, cfg.evaluation,
+                    progress)
 
 
 def run_evaluation(cfg: OmniConfig, data_dir: Path, model_dir: Path, baseline_dir: Path | None, out_dir: Path,

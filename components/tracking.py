@@ -47,14 +47,6 @@ MAX_KEY_LENGTH = 250
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 
 
-def is_primary_process(env: Mapping[str, str] | None = None) -> bool:
-    """Global rank 0 of a distributed launch (torchrun and DeepSpeed set RANK), or a lone process.
-    Only this process records stage runs and writes checkpoints: every rank would otherwise log
-    its own copy of the stage and race on the output folder."""
-    env = os.environ if env is None else env
-    return int(env.get("RANK") or 0) == 0
-
-
 def tracking_uri(uri: str | None, workdir: Path) -> str:
     """The URI to use: `uri` as given, or the embedded default, a sqlite file under `workdir`."""
     if uri:

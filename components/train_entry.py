@@ -14,14 +14,13 @@ waiting KFP task. The other ranks exit when training ends.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import os
 import time
 from pathlib import Path
 
 from components.config import parse_config
-from components.trainjob import INSIDE_ENV, local_workdir
+from components.trainjob import local_workdir
+from model import runtime
 from model.storage import Store, open_store
 
 READY = ".inputs-ready"
@@ -49,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", required=True, help="stage name, e.g. sft")
     parser.add_argument("--parent-run-id", required=True, help="the pipeline's MLflow parent run id")
     args = parser.parse_args(argv)
-    os.environ.setdefault(INSIDE_ENV, "1")  # never dispatch to another TrainJob from inside one
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    where = runtime.ranks()
+    rank, local_rank = where.rank, where.local_rank
 
     store = open_store(args.staging)
     cfg = parse_config(store.read_bytes("config.json").decode())
@@ -63,11 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Each rank writes its own folder: ranks on one node share the filesystem.
     out_dir = work / f"out-rank{rank}"
-    extra = {}
-    if (inputs / "sft_filter").is_dir() and "sft_filter_dir" in inspect.signature(train).parameters:
-        extra["sft_filter_dir"] = inputs / "sft_filter"
+    sft_filter = inputs / "sft_filter"
     result = train(cfg, args.stage, store.uri(f"inputs/{DATA}"), inputs / "init", out_dir, args.parent_run_id,
-                   progress=rank == 0, **extra)
+                   progress=rank == 0, sft_filter_dir=sft_filter if sft_filter.is_dir() else None)
     if rank == 0:  # the only rank steps.train saved a checkpoint on (tracking.is_primary_process)
         store.upload_dir(out_dir, "output/model")
         store.write_bytes("output/result.json", json.dumps(result, default=float).encode())

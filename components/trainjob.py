@@ -1,8 +1,8 @@
 """Multi-node training stages as Kubeflow Trainer `TrainJob`s (`trainer.kubeflow.org/v1alpha1`).
 
 A KFP task is one pod. When a stage asks for more than one node, or for more GPUs than a task pod
-gets (`cluster.gpu_pool.accelerator_limit`), `components.steps.train` hands the stage to
-`run_stage` here instead of training in-process:
+gets (`cluster.gpu_pool.accelerator_limit`), the DAG is built with a launcher task for it
+(`pipelines/dag.py`, decided by `needs_trainjob` when the pipeline is compiled) that calls `run_stage`:
 
 1. stage the task's inputs (config, dataset, start checkpoint) under `cluster.trainer.staging_uri`,
    because TrainJob pods on other nodes cannot see the task pod's files; the pods stream the
@@ -38,8 +38,6 @@ from model.storage import open_store
 TRAINJOB_API_VERSION = "trainer.kubeflow.org/v1alpha1"
 # The replicated job and container names of the chart's TrainingRuntime (and the torch runtime's).
 NODE_JOB = "node"
-# Set in every TrainJob pod: `steps.train` there trains in-process instead of dispatching again.
-INSIDE_ENV = "OMNI_TRAINJOB"
 PATCH_MANAGER = "omni-platform.io/train-stage"
 ENTRY_MODULE = "components.train_entry"
 
@@ -52,10 +50,6 @@ def needs_trainjob(cfg: OmniConfig, stage_name: str) -> bool:
     """More than one node, or more GPUs per node than one KFP task pod is given."""
     stage = cfg.stages[stage_name]
     return stage.nodes > 1 or stage.gpus_per_node > cfg.cluster.gpu_pool.accelerator_limit
-
-
-def inside_trainjob() -> bool:
-    return bool(os.environ.get(INSIDE_ENV))
 
 
 def trainjob_name(stage_name: str, parent_run_id: str) -> str:
@@ -81,9 +75,8 @@ def build_trainjob(cfg: OmniConfig, stage_name: str, name: str, staging_uri: str
     if gpus and pool.accelerator_type:
         resources["requests"][pool.accelerator_type] = resources["limits"][pool.accelerator_type] = gpus
     secret = cluster.trainer.storage_secret
-    env = [{"name": INSIDE_ENV, "value": name}]
-    # Only rank 0 talks to object storage, but every rank reads its inputs from there.
-    env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+    # Every rank reads its inputs from object storage; only rank 0 writes the output there.
+    env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
             for key in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
     pod_spec: dict[str, Any] = {
         "nodeSelector": dict(pool.node_selector),

@@ -12,7 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    """The base of every schema in the project (config tree, records, requests): unknown keys are
+    errors, so a misspelt field fails naming itself instead of being silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class LLMConfig(Strict):

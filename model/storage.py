@@ -30,7 +30,9 @@ import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from model.config import Strict
 
 T = TypeVar("T")
 
@@ -46,10 +48,8 @@ class StorageError(Exception):
     """A storage operation failed for a reason other than a missing key."""
 
 
-class StorageConfig(BaseModel):
+class StorageConfig(Strict):
     """How to reach an S3 endpoint. `secret_key` is kept out of repr so configs can be logged."""
-
-    model_config = ConfigDict(extra="forbid")
 
     endpoint: str  # host:port, no scheme: `secure` says http or https
     access_key: str

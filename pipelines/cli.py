@@ -135,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(cfg, keep_serving=args.keep_serving)
     elif args.command == "data" and args.data_command == "make-demo":
-        from model.demo_data import make_demo
+        from model.data.demo import make_demo
 
         print(make_demo(args.out, cfg.data))
     elif args.command == "data":
-        from model.prep import prepare
+        from model.data.prep import prepare
         from model.storage import StorageError
 
         try:
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(run_local(cfg, args.data))
     elif args.command == "model":
-        from model.plan import format_plan
+        from model.nn.plan import format_plan
 
         print(format_plan(cfg.model, cfg.ordered_stages(), args.gpus, args.gpu_gib, args.micro_batch,
                           checkpointing={"stage": None, "on": True, "off": False}[args.checkpointing]))

@@ -12,6 +12,7 @@ from kfp import dsl, kubernetes
 
 from components.config import STAGE_ORDER, OmniConfig, PoolConfig
 from components.pipeline_components import make_components
+from components.trainjob import needs_trainjob
 
 PIPELINE_NAME = "omni-platform"
 # Deterministic steps are cached; steps with side effects in MLflow are not.
@@ -45,56 +46,51 @@ def _storage_env(task: dsl.PipelineTask, secret: str) -> dsl.PipelineTask:
 
 def build_pipeline(cfg: OmniConfig):
     """The pipeline function for this config; the resolved config is its default parameter, so a
-    compiled YAML is self-contained and `key=value` at submit time can still replace it."""
-    ops = make_components(cfg.cluster.images.ref("cpu"), cfg.cluster.images.ref("gpu"))
+    compiled YAML is self-contained and `key=value` at submit time can still replace it. A stage
+    that needs more than one task pod (`trainjob.needs_trainjob`) gets the TrainJob launcher."""
     cluster = cfg.cluster
+    ops = make_components({"cpu": cluster.images.ref("cpu"), "gpu": cluster.images.ref("gpu")})
+    pools = {"cpu": cluster.cpu_pool, "gpu": cluster.gpu_pool}
     stages = [s for s in STAGE_ORDER if s in cfg.stages]
 
-    def gpu(task):
-        _storage_env(task, cluster.trainer.storage_secret)
-        return _place(task, cluster.gpu_pool, cluster.retries)
-
-    def cpu(task, name):
+    def step(component, name: str, **inputs) -> dsl.PipelineTask:
+        task = component(**inputs).set_display_name(name)
         task.set_caching_options(cluster.caching and name not in UNCACHED)
         _storage_env(task, cluster.trainer.storage_secret)
-        return _place(task, cluster.cpu_pool, cluster.retries if name not in UNCACHED else 0)
+        return _place(task, pools[component.pool], 0 if name in UNCACHED else cluster.retries)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Omni-modal LLM: data prep, staged training, evaluation, "
                   "Triton export, MLflow registry, gated promotion to KServe")
     def omni_pipeline(data_uri: str, config_json: str = cfg.to_json()) -> str:
         run_id = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-        parent = cpu(ops.start_tracking(config_json=config_json, pipeline_run=run_id), "start-tracking")
-        parent.set_display_name("start-tracking")
-        prep = cpu(ops.data_prep(config_json=config_json, data_uri=data_uri, parent_run_id=parent.output),
-                   "data-prep").set_display_name("data-prep")
-        init = cpu(ops.init_model(config_json=config_json, dataset=prep.outputs["dataset"]), "init-model")
-        init.set_display_name("init-model")
+        parent = step(ops.start_tracking, "start-tracking", config_json=config_json, pipeline_run=run_id)
+        prep = step(ops.data_prep, "data-prep", config_json=config_json, data_uri=data_uri, parent_run_id=parent.output)
+        dataset = prep.outputs["dataset"]
+        init = step(ops.init_model, "init-model", config_json=config_json, dataset=dataset)
         current = init.outputs["model"]
         for stage in stages:
             extra = {}
             if stage == "sft":  # the loss filter scores SFT data with the checkpoint SFT starts from
-                scored = gpu(ops.sft_filter(config_json=config_json, parent_run_id=parent.output,
-                                            dataset=prep.outputs["dataset"], model=current))
-                scored.set_display_name("sft-loss-filter").set_caching_options(cluster.caching)
+                scored = step(ops.sft_filter, "sft-loss-filter", config_json=config_json, parent_run_id=parent.output,
+                              dataset=dataset, model=current)
                 extra["sft_filter"] = scored.outputs["filtered"]
-            task = gpu(ops.train_stage(config_json=config_json, stage=stage, parent_run_id=parent.output,
-                                       dataset=prep.outputs["dataset"], init_model=current, **extra))
-            task.set_display_name(stage.replace("_", "-")).set_caching_options(cluster.caching)
+            trainer = ops.train_stage_trainjob if needs_trainjob(cfg, stage) else ops.train_stage
+            task = step(trainer, stage.replace("_", "-"), config_json=config_json, stage=stage,
+                        parent_run_id=parent.output, dataset=dataset, init_model=current, **extra)
             current = task.outputs["model"]
-        ev = gpu(ops.evaluate(config_json=config_json, parent_run_id=parent.output, dataset=prep.outputs["dataset"],
-                              model=current, baseline=init.outputs["model"])).set_display_name("evaluate")
-        export = gpu(ops.export_triton(model=current)).set_display_name("export-triton")
-        reg = cpu(ops.register(config_json=config_json, parent_run_id=parent.output, pipeline_run=run_id,
-                               model=current, eval_metrics=ev.outputs["Output"], manifest_sha256=prep.outputs["Output"]),
-                  "register").set_display_name("register")
+        ev = step(ops.evaluate, "evaluate", config_json=config_json, parent_run_id=parent.output, dataset=dataset,
+                  model=current, baseline=init.outputs["model"])
+        export = step(ops.export_triton, "export-triton", model=current)
+        reg = step(ops.register, "register", config_json=config_json, parent_run_id=parent.output,
+                   pipeline_run=run_id, model=current, eval_metrics=ev.outputs["Output"],
+                   manifest_sha256=prep.outputs["Output"])
         reg.after(export)  # register only what exported cleanly
-        verdict = cpu(ops.gate(config_json=config_json, version=reg.output), "gate").set_display_name("gate")
+        verdict = step(ops.gate, "gate", config_json=config_json, version=reg.output)
         with dsl.If(verdict.output == "promote", name="gate-passed"):
-            cpu(ops.promote(config_json=config_json, version=reg.output, parent_run_id=parent.output),
-                "promote").set_display_name("promote")
+            step(ops.promote, "promote", config_json=config_json, version=reg.output, parent_run_id=parent.output)
         with dsl.Else(name="gate-failed"):
-            cpu(ops.keep_champion(config_json=config_json, version=reg.output, parent_run_id=parent.output),
-                "keep-champion").set_display_name("keep-champion")
+            step(ops.keep_champion, "keep-champion", config_json=config_json, version=reg.output,
+                 parent_run_id=parent.output)
         return ev.outputs["Output"]
 
     return omni_pipeline

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import requests
@@ -21,8 +21,8 @@ import requests
 from components import tracking
 from components.config import OmniConfig
 from components.lifecycle import mlflow_uri
-from model.data import read_records
-from model.demo_data import make_demo
+from model.data.demo import make_demo
+from model.data.shards import ShardStream
 from pipelines.local import resolve_local, run_local
 
 HOST = "127.0.0.1"
@@ -65,12 +65,12 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def data_uri(path: Path, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def chat_request(record, base: Path, model_name: str) -> dict:
-    """An OpenAI-style request from a held-out record: text parts + media as data URIs."""
+def chat_request(record, fetch: Callable[[str], bytes], model_name: str) -> dict:
+    """An OpenAI-style request from a held-out record: text parts + media (read with `fetch`) as data URIs."""
     parts: list[dict] = []
     media = iter(record.media_order())
     user = next(m for m in record.prompt_messages if m.role == "user").content
@@ -80,13 +80,13 @@ def chat_request(record, base: Path, model_name: str) -> dict:
                 parts.append({"type": "text", "text": piece})
             continue
         _, uri = next(media)
-        path = base / uri
+        blob = fetch(uri)
         if piece == "image":
-            parts.append({"type": "image_url", "image_url": {"url": data_uri(path, "image/png")}})
+            parts.append({"type": "image_url", "image_url": {"url": data_uri(blob, "image/png")}})
         elif piece == "video":
-            parts.append({"type": "video_url", "video_url": {"url": data_uri(path, "video/mp4")}})
+            parts.append({"type": "video_url", "video_url": {"url": data_uri(blob, "video/mp4")}})
         else:
-            wav = base64.b64encode(path.read_bytes()).decode()
+            wav = base64.b64encode(blob).decode()
             parts.append({"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}})
     return {"model": model_name, "messages": [{"role": "user", "content": parts}], "max_tokens": 16,
             "temperature": 0}
@@ -94,11 +94,12 @@ def chat_request(record, base: Path, model_name: str) -> dict:
 
 def ask_examples(port: int, data_dir: Path, model_name: str) -> list[dict]:
     """One image question, one audio transcription, one video question from the held-out split."""
-    val = read_records(data_dir / "val.jsonl")
+    held_out = ShardStream(data_dir, "val")
+    val = list(held_out.records())
     picks = [next(r for r in val if r.task == t) for t in ("image_mcq", "asr", "video_mcq") if any(r.task == t for r in val)]
     answers = []
     for record in picks:
-        body = chat_request(record, data_dir, model_name)
+        body = chat_request(record, held_out.store.read_bytes, model_name)
         resp = requests.post(f"http://{HOST}:{port}/openai/v1/chat/completions", json=body, timeout=120)
         resp.raise_for_status()
         answers.append({"task": record.task, "question": record.prompt_messages[-1].content,

@@ -32,54 +32,51 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
-from model.records import TAG_PATTERN
+from model.config import Strict
+from model.media.tags import TAG_PATTERN
 from serving.predictor import BadRequest, Conversation, MediaItem, OmniPredictor, decode_base64, kserve
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ schema
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TextPart(_Strict):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ImageURL(_Strict):
+class ImageURL(Strict):
     url: str
     detail: Literal["auto", "low", "high"] | None = None  # accepted; images are always resized the same way
 
 
-class ImagePart(_Strict):
+class ImagePart(Strict):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-class InputAudio(_Strict):
+class InputAudio(Strict):
     data: str  # base64 (a data URI is accepted too)
     format: str = "wav"  # informational: ffmpeg sniffs the real format
 
 
-class InputAudioPart(_Strict):
+class InputAudioPart(Strict):
     type: Literal["input_audio"]
     input_audio: InputAudio
 
 
-class MediaURL(_Strict):
+class MediaURL(Strict):
     url: str
 
 
-class AudioURLPart(_Strict):
+class AudioURLPart(Strict):
     type: Literal["audio_url"]
     audio_url: MediaURL
 
 
-class VideoURLPart(_Strict):
+class VideoURLPart(Strict):
     type: Literal["video_url"]
     video_url: MediaURL
 
@@ -90,7 +87,7 @@ ContentPart = Annotated[
 _PART = TypeAdapter(ContentPart)
 
 
-class ChatMessage(_Strict):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     # A string or raw parts; parts are validated one by one so errors can name messages[i].content[j].
     content: Any
@@ -104,11 +101,11 @@ class ChatMessage(_Strict):
         raise ValueError("must be a string or a list of content parts (objects with a 'type')")
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Strict):
+class ChatCompletionRequest(Strict):
     model: str | None = None  # None: the served model
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)

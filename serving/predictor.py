@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.inference import OmniChat
-from model.media import MediaError, load_audio, load_image, load_video_frames, media_duration
-from model.modeling import CONFIG_FILE
-from model.processor import ChatInput
-from model.records import TAG_PATTERN
+from model.media.decode import MediaError, load_audio, load_image, load_video_frames, media_duration
+from model.media.tags import TAG_PATTERN
+from model.nn.checkpoint import CONFIG_FILE
+from model.nn.generation import OmniChat
+from model.text.processor import ChatInput
 from serving.config import ServingConfig, resolve_storage_uri
 
 

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
-from model.tokenizer import train_tokenizer  # noqa: E402
+from model.text.tokenizer import train_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

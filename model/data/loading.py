@@ -9,9 +9,9 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from model.config import ModelConfig
-from model.media import Source, load_audio, load_image, load_video_frames
-from model.processor import ChatInput, Encoded, OmniProcessor
-from model.records import Record
+from model.data.records import Record
+from model.media.decode import Source, load_audio, load_image, load_video_frames
+from model.text.processor import ChatInput, Encoded, OmniProcessor
 
 
 def read_records(path: str | Path) -> list[Record]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from model.processor import IGNORE_INDEX, Encoded, OmniProcessor
+from model.text.processor import IGNORE_INDEX, Encoded, OmniProcessor
 
 MEDIA_KEYS = ("pixel_values", "video_pixel_values", "audio_mel", "audio_frames")
 

@@ -11,25 +11,20 @@ Media are paths (relative to the JSONL file's folder, or absolute) or s3:// URIs
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-MEDIA_TAGS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
-TAG_PATTERN = re.compile(r"<(image|video|audio)>")
-# Anything that looks like a media tag but is not one of ours, e.g. "<img>" or "<speech>".
-UNKNOWN_TAG_PATTERN = re.compile(r"<(img|picture|photo|vid|clip|speech|sound|wav)>", re.IGNORECASE)
+from model.config import Strict
+from model.media.tags import MEDIA_TAGS, TAG_PATTERN, UNKNOWN_TAG_PATTERN
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Message(Strict):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Record(Strict):
     id: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
     images: list[str] = Field(default_factory=list)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import tarfile
 import wave
@@ -55,15 +54,15 @@ from pathlib import Path
 
 import av
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from model.data import to_chat_input
-from model.packing import plan_bins
-from model.processor import Encoded, OmniProcessor
-from model.records import Record
+from model import runtime
+from model.data.loading import to_chat_input
+from model.data.packing import plan_bins
+from model.data.records import Record
 from model.storage import Store, open_store
+from model.text.processor import Encoded, OmniProcessor
 
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
@@ -149,12 +148,6 @@ def encoding_fingerprint(processor: OmniProcessor) -> str:
 # ------------------------------------------------------------------------------------ reading
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 class StaleShardsError(RuntimeError):
     """The shards were tokenised with a different processor than the one training uses."""
 
@@ -194,7 +187,8 @@ class ShardStream(IterableDataset):
         self.position = 0
         self.processor: OmniProcessor | None = None
         self.batch_size, self.packing, self.max_seq_len = 1, False, 0
-        self.rank, self.world_size = _rank_world()
+        where = runtime.ranks()
+        self.rank, self.world_size = where.rank, where.world_size
         self._cache: OrderedDict[str, tuple[Encoded, int]] = OrderedDict()  # sha256 -> (sample, bytes)
         self._cached_bytes = 0
 
@@ -212,9 +206,9 @@ class ShardStream(IterableDataset):
         self.max_seq_len = processor.cfg.max_seq_len
         if seed is not None:
             self.seed = seed
-        default_rank, default_world = _rank_world()
-        self.rank = default_rank if rank is None else rank
-        self.world_size = default_world if world_size is None else world_size
+        where = runtime.ranks()
+        self.rank = where.rank if rank is None else rank
+        self.world_size = where.world_size if world_size is None else world_size
         return self
 
     def state_dict(self) -> dict:

@@ -7,16 +7,17 @@ its family's metric (see `model.metrics.score_task`) and the overall metrics are
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tqdm import tqdm
 
 from model.config import EvalConfig
-from model.data import to_chat_input
-from model.inference import OmniChat
-from model.metrics import aggregate, score_task, worst_examples
-from model.records import Record
+from model.data.loading import to_chat_input
+from model.data.records import Record
+from model.eval.metrics import aggregate, score_task, worst_examples
+from model.media.decode import Source
+from model.nn.generation import OmniChat
 
 
 @dataclass
@@ -32,7 +33,9 @@ def prompt_text(record: Record) -> str:
     return "\n".join(m.content for m in record.prompt_messages if m.role == "user")
 
 
-def evaluate(chat: OmniChat, records: list[Record], base_dir: Path, cfg: EvalConfig, progress: bool = True) -> EvalResult:
+def evaluate(chat: OmniChat, records: list[Record], fetch: Callable[[str], Source], cfg: EvalConfig,
+             progress: bool = True) -> EvalResult:
+    """Greedy answers for `records` (their media read with `fetch(uri)`: bytes or a path), scored per task."""
     by_task: dict[str, list[Record]] = defaultdict(list)
     for r in records[: cfg.max_samples] if cfg.max_samples else records:
         by_task[r.task].append(r)
@@ -41,7 +44,8 @@ def evaluate(chat: OmniChat, records: list[Record], base_dir: Path, cfg: EvalCon
     for task, recs in sorted(by_task.items()):
         preds = []
         for i in range(0, len(recs), cfg.batch_size):
-            batch = [to_chat_input(r, base_dir, chat.model.cfg, include_answer=False) for r in recs[i : i + cfg.batch_size]]
+            batch = [to_chat_input(r, None, chat.model.cfg, include_answer=False, fetch=fetch)
+                     for r in recs[i : i + cfg.batch_size]]
             preds.extend(chat.generate(batch, max_new_tokens=cfg.max_new_tokens))
             bar.update(len(batch))
         refs, prompts = [r.reference for r in recs], [prompt_text(r) for r in recs]

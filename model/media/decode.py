@@ -14,6 +14,7 @@ import bisect
 import io
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -24,7 +25,13 @@ Source = str | Path | bytes
 
 
 class MediaError(ValueError):
-    """A media item that cannot be decoded (empty, truncated, wrong format, no usable stream)."""
+    """A media item that cannot be decoded (empty, truncated, wrong format, no usable stream) or
+    that breaks a limit (`model.media.limits`). `kind` names the class of problem ("bad image",
+    "image size", "video too long", ...): data prep quarantines under it, the predictor answers 400."""
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind
 
 
 def _describe(src: Source) -> str:
@@ -64,7 +71,7 @@ def load_image(src: Source) -> Image.Image:
     except UnidentifiedImageError as e:
         raise MediaError(f"{_describe(src)}: not a recognised image format") from e
     except Image.DecompressionBombError as e:
-        raise MediaError(f"{_describe(src)}: image too large ({e})") from e
+        raise MediaError(f"{_describe(src)}: image too large ({e})", "image size") from e
     except (OSError, SyntaxError, ValueError) as e:
         # Pillow reports truncated/corrupt data as OSError ("image file is truncated") or SyntaxError.
         raise MediaError(f"{_describe(src)}: corrupt or truncated image ({e})") from e
@@ -224,6 +231,32 @@ def load_audio(src: Source, sampling_rate: int = 16000) -> np.ndarray:
         raise MediaError(f"{_describe(src)}: audio stream has no samples")
     wave = np.concatenate(chunks).astype(np.float32, copy=False)
     return np.clip(wave, -1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a container says about its first stream before anything is decoded."""
+
+    duration: float | None  # seconds; None when the container does not say
+    width: int = 0  # video
+    height: int = 0
+    sample_rate: int = 0  # audio, of the source (before resampling)
+
+
+def probe(src: Source, kind: str) -> Header:
+    """Header facts of the first `kind` ("video" or "audio") stream; decodes nothing."""
+    container = _open(src)
+    try:
+        streams = container.streams.video if kind == "video" else container.streams.audio
+        if not streams:
+            raise MediaError(f"{_describe(src)}: no {kind} stream")
+        stream = streams[0]
+        if kind == "video":
+            ctx = stream.codec_context
+            return Header(_stream_duration(container, stream), width=ctx.width or 0, height=ctx.height or 0)
+        return Header(_stream_duration(container, stream), sample_rate=stream.sample_rate or 0)
+    finally:
+        container.close()
 
 
 def media_duration(src: Source) -> float:

@@ -10,9 +10,10 @@ from threading import Thread
 import torch
 from transformers import TextIteratorStreamer
 
-from model.modeling import TOKENIZER_DIR, OmniModel
-from model.processor import ChatInput, OmniProcessor
-from model.tokenizer import load_tokenizer
+from model.nn.checkpoint import TOKENIZER_DIR
+from model.nn.omni import OmniModel
+from model.text.processor import ChatInput, OmniProcessor
+from model.text.tokenizer import load_tokenizer
 
 
 class OmniChat:

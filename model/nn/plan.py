@@ -37,7 +37,7 @@ class StagePlan:
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters per module of the configured model, counted on the meta device."""
-    from model.modeling import OmniModel
+    from model.nn.omni import OmniModel
 
     vocab = cfg.llm.vocab_size or cfg.tokenizer.vocab_size
     with torch.device("meta"):

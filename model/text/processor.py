@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from transformers import WhisperFeatureExtractor
 
-from model.anyres import tile_image
 from model.config import ModelConfig
-from model.records import TAG_PATTERN
-from model.tokenizer import IM_END, IM_START, IMG_ROW_SEP, IMG_TILE_SEP, MEDIA_SPECIAL
+from model.media.anyres import tile_image
+from model.media.tags import TAG_PATTERN
+from model.text.tokenizer import IM_END, IM_START, IMG_ROW_SEP, IMG_TILE_SEP, MEDIA_SPECIAL
 
 IGNORE_INDEX = -100
 # SigLIP normalisation.

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import SftFilterConfig
-from model.processor import IGNORE_INDEX, Encoded, OmniProcessor
+from model.text.processor import IGNORE_INDEX, Encoded, OmniProcessor
 
 
 @dataclass

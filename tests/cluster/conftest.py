@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # fake_kube
-
-from fake_kube import FakeCore, FakeCustomObjects  # noqa: E402
-
-from components.kube import Kube  # noqa: E402
-from pipelines.config import load_config  # noqa: E402
+from components.kube import Kube
+from pipelines.config import load_config
+from tests.cluster.fake_kube import FakeCore, FakeCustomObjects
 
 
 @pytest.fixture(scope="session")

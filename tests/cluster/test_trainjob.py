@@ -1,11 +1,12 @@
 """Multi-node stages as Kubeflow Trainer TrainJobs: the object (validated against the real CRD),
-the dispatch in steps.train, and submit/wait/logs/failure against an in-process fake of the
-Kubernetes client (not a real API server)."""
+the launcher task the DAG gets for such a stage, and submit/wait/logs/failure against an in-process
+fake of the Kubernetes client (not a real API server)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 
@@ -42,7 +43,7 @@ def test_trainjob_carries_stage_image_resources_and_placement(cfg) -> None:
     assert t["args"] == ["--staging", "s3://b/trainjobs/omni-sft-abc", "--stage", "sft", "--parent-run-id", "run-1"]
     assert t["numNodes"] == 2 and t["numProcPerNode"] == 8
     assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
-    assert {"name": "OMNI_TRAINJOB", "value": "omni-sft-abc"} in t["env"]
+    assert {e["name"] for e in t["env"]} == {"S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     pod = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"][
         "spec"]["template"]["spec"]
     assert pod["nodeSelector"] == cfg.cluster.gpu_pool.node_selector
@@ -151,26 +152,26 @@ def test_retry_replaces_a_failed_job_and_attaches_to_a_running_one(multi, fake_k
     assert fake_kube.custom.verbs() == [] and any("attaching" in line for line in lines)
 
 
-def test_steps_train_dispatches_only_outside_a_trainjob(multi, monkeypatch, tmp_path) -> None:
-    from components import steps
+def test_the_dag_launches_a_trainjob_only_for_stages_that_need_one(cfg, tmp_path) -> None:
+    """Chosen when the pipeline is built: a 2-node stage compiles to the launcher (CPU pool, no GPU of
+    its own); the others to the in-process stage task on the GPU pool. steps.train never dispatches."""
+    import yaml
 
-    cfg, data, init = multi
-    seen = {}
-    monkeypatch.setattr(trainjob, "run_stage", lambda *a, **k: seen.setdefault("args", (a, k)) and {"via": "trainjob"})
-    monkeypatch.delenv(trainjob.INSIDE_ENV, raising=False)
-    assert steps.train(cfg, "sft", data, init, tmp_path / "o", "run") == {"via": "trainjob"}
-    assert seen["args"][0][:2] == (cfg, "sft")
+    from pipelines.compile import compile_pipeline
 
-    class InProcess(Exception):
-        pass
-
-    def in_process(*_a, **_k):
-        raise InProcess
-
-    monkeypatch.setattr(steps.OmniModel, "from_pretrained", in_process)
-    monkeypatch.setenv(trainjob.INSIDE_ENV, "omni-sft-x")  # inside the TrainJob's pods: train here
-    with pytest.raises(InProcess):
-        steps.train(cfg, "sft", data, init, tmp_path / "o2", "run")
+    docs = list(yaml.safe_load_all(compile_pipeline(_with_stage(cfg, nodes=2), tmp_path / "p.yaml").read_text()))
+    tasks, executors = docs[0]["root"]["dag"]["tasks"], docs[0]["deploymentSpec"]["executors"]
+    placement = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    by_stage = {t["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"]: t for t in tasks.values()
+                if "stage" in t.get("inputs", {}).get("parameters", {})}
+    launcher = by_stage["sft"]["componentRef"]["name"]
+    assert launcher == "comp-train-stage-trainjob"  # KFP numbers further uses of one component: -2, -3...
+    assert all(re.fullmatch(r"comp-train-stage(-\d+)?", t["componentRef"]["name"]) for s, t in by_stage.items()
+               if s != "sft")
+    exec_name = docs[0]["components"][launcher]["executorLabel"]
+    assert "accelerator" not in executors[exec_name]["container"].get("resources", {})
+    assert executors[exec_name]["container"]["image"] == cfg.cluster.images.ref("cpu")
+    assert placement[exec_name]["nodeSelector"]["labels"] == cfg.cluster.cpu_pool.node_selector
 
 
 def test_train_entry_runs_the_stage_and_uploads_rank0_output(multi, monkeypatch, tmp_path) -> None:
@@ -196,7 +197,7 @@ def test_train_entry_runs_the_stage_and_uploads_rank0_output(multi, monkeypatch,
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert train_entry.main(["--staging", str(staging), "--stage", "sft", "--parent-run-id", "p"]) == 0
     # The data set streams from the staging store (what ShardStream opens); only the checkpoint is fetched.
-    assert calls == [("sft", store.uri("inputs/data"), "init", "p", True, {})]
+    assert calls == [("sft", store.uri("inputs/data"), "init", "p", True, {"sft_filter_dir": None})]
     assert (tmp_path / "work" / "inputs" / "init").is_dir() and not (tmp_path / "work" / "inputs" / "data").exists()
     assert store.read_bytes("output/model/model.safetensors") == b"w"
     assert json.loads(store.read_bytes("output/result.json"))["steps"] == 3
@@ -210,7 +211,7 @@ def test_only_global_rank_0_logs_the_stage_and_saves(multi, monkeypatch, tmp_pat
     from types import SimpleNamespace
 
     from components import steps, tracking
-    from model.train import TrainResult
+    from model.training.recipe import TrainResult
 
     cfg, data, init = multi
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workdir": str(tmp_path / "omni")})})
@@ -230,7 +231,6 @@ def test_only_global_rank_0_logs_the_stage_and_saves(multi, monkeypatch, tmp_pat
     monkeypatch.setattr(steps, "ShardStream", lambda *_a, **_k: SimpleNamespace(num_samples=lambda: 8))
     monkeypatch.setattr(steps, "train_stage", lambda *a, **k: trained.append(a) or TrainResult(
         losses=[2.0, 1.0], seconds=1.0, trainable_params=5, tokens=10))
-    monkeypatch.setenv(trainjob.INSIDE_ENV, "omni-sft-x")
     monkeypatch.setenv("RANK", rank)
 
     out = tmp_path / f"out-rank{rank}"

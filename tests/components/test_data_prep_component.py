@@ -9,10 +9,10 @@ import re
 
 import torch
 from kfp.dsl import HTML, Dataset, Metrics
-from raw_corpus import chat_record, write_media
 
 from components.pipeline_components import make_components
 from pipelines.config import load_config
+from tests.components.raw_corpus import chat_record, write_media
 
 torch.set_num_threads(1)
 
@@ -29,7 +29,7 @@ def test_data_prep_component_logs_balanced_metrics_and_writes_the_report(tmp_pat
     ]) + "\n")
 
     cfg = load_config([f"run.workdir={tmp_path / 'work'}", "data.val_fraction=0.5"])
-    ops = make_components("cpu-image", "gpu-image")
+    ops = make_components({"cpu": "cpu-image", "gpu": "gpu-image"})
     parent = ops.start_tracking.python_func(config_json=cfg.to_json(), pipeline_run="test-run")
     dataset = Dataset(name="dataset", uri=str(tmp_path / "artifacts" / "dataset"))
     metrics = Metrics(name="metrics", uri=str(tmp_path / "artifacts" / "metrics"))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from raw_corpus import chat_record, write_media
-
 from components.data_report import data_report
 from components.steps import data_prep_metrics
 from model.config import DataConfig
-from model.prep import prepare
+from model.data.prep import prepare
+from tests.components.raw_corpus import chat_record, write_media
 
 
 def test_report_and_metrics_from_a_real_prep_run(tmp_path, tiny_cfg):

@@ -13,7 +13,6 @@ import pytest
 import requests
 import urllib3
 from minio.error import S3Error, ServerError
-from s3_server import S3Server, free_ports, s3_server_fixture
 
 from model.storage import (
     LocalStore,
@@ -24,6 +23,7 @@ from model.storage import (
     open_store,
     with_retries,
 )
+from tests.s3_server import S3Server, free_ports, s3_server_fixture
 
 s3_server = s3_server_fixture()
 

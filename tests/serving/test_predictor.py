@@ -30,8 +30,8 @@ import yaml
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from model.modeling import OmniModel
-from model.processor import OmniProcessor
+from model.nn.omni import OmniModel
+from model.text.processor import OmniProcessor
 from serving.config import ServingConfig, resolve_storage_uri
 
 # Deliberately no `serving.predictor` / `serving.server` import: they import kserve, whose protobuf

@@ -45,9 +45,9 @@ def _use_bundled_code() -> None:
 
 def chat_input(text: str, media: dict[str, list[bytes]], cfg):
     """One user turn as a ChatInput: media bytes decoded, tags added for media the text lacks."""
-    from model.media import load_audio, load_image, load_video_frames
-    from model.processor import ChatInput
-    from model.records import TAG_PATTERN
+    from model.media.decode import load_audio, load_image, load_video_frames
+    from model.media.tags import TAG_PATTERN
+    from model.text.processor import ChatInput
 
     tagged = TAG_PATTERN.findall(text)
     prefix = "".join(f"<{kind}>" * len(media.get(kind, [])) for kind in MEDIA_KINDS if kind not in tagged)
@@ -69,7 +69,7 @@ class TritonPythonModel:
                   int(params.get("max_new_tokens", "64")))
 
     def load(self, checkpoint: str | Path, max_new_tokens: int = 64) -> None:
-        from model.inference import OmniChat
+        from model.nn.generation import OmniChat
 
         self.chat = OmniChat.load(checkpoint)
         self.cfg = self.chat.model.cfg

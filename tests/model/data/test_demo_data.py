@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from model.config import DataConfig
-from model.demo_data import COLORS, make_demo
-from model.media import load_audio, load_image, load_video_frames
-from model.records import Record
+from model.data.demo import COLORS, make_demo
+from model.data.records import Record
+from model.media.decode import load_audio, load_image, load_video_frames
 
 TASKS = {"caption", "image_mcq", "ocr", "count", "video_mcq", "video_color_mcq", "asr", "spoken_vqa", "text_qa"}
 CFG = DataConfig(demo_images=16, demo_videos=8, demo_audios=8, demo_texts=8, val_fraction=0.25, seed=3)
@@ -192,7 +192,7 @@ def test_stage_task_lists_match_the_demo_tasks():
     from omegaconf import OmegaConf
 
     stages = {p.stem: set(OmegaConf.load(p).data_tasks)
-              for p in (Path(__file__).resolve().parents[2] / "conf" / "stage").glob("*.yaml")}
+              for p in (Path(__file__).resolve().parents[3] / "conf" / "stage").glob("*.yaml")}
     assert all(tasks <= TASKS for tasks in stages.values()), stages
     assert stages["sft"] == stages["omni_align"] == TASKS  # the mixed stages see every task
     assert {"ocr", "count"} <= stages["image_2"] and "video_color_mcq" in stages["video"]

@@ -5,10 +5,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model.config import StageConfig
-from model.modeling import OmniModel
-from model.packing import collate_packed, pack
-from model.processor import IGNORE_INDEX, ChatInput, Encoded, OmniProcessor
-from model.train import train_stage
+from model.data.packing import collate_packed, pack
+from model.nn.omni import OmniModel
+from model.text.processor import IGNORE_INDEX, ChatInput, Encoded, OmniProcessor
+from model.training.recipe import train_stage
 
 COLORS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from model.config import DataConfig
-from model.prep import prepare
+from model.data.prep import prepare
+from model.data.shards import SPLITS, ShardStream
 
 
 def _rec(rid, content="<image>What color?", answer="red", images=("img.png",), **extra):
@@ -56,7 +57,7 @@ def test_every_bad_record_is_quarantined_with_a_reason(corpus, tmp_path, tiny_cf
     assert sorted(q["reason"].split(":")[0] for q in anonymous) == ["malformed JSON", "not UTF-8"]
     assert all(q["line"] > 0 and q["source"].endswith("data.jsonl") for q in anonymous)
     # media normalised to content-addressed PNGs, stored once
-    kept = [json.loads(line) for split in ("train", "val") for line in (out / f"{split}.jsonl").read_text().splitlines()]
+    kept = [r.model_dump() for split in SPLITS for r in ShardStream(out, split).records()]
     assert all(r["images"][0].startswith("media/") and r["images"][0].endswith(".png") for r in kept)
     assert (out / "tokenizer").is_dir()
 
@@ -100,15 +101,15 @@ def test_over_long_records_are_quarantined(corpus, tmp_path, tiny_cfg):
 
 
 def test_an_unexpected_error_quarantines_the_record_instead_of_crashing(corpus, tmp_path, tiny_cfg, monkeypatch):
-    import model.prep
+    import model.data.normalise
 
     def broken(uri, *args):
         if uri == "blue.jpg":
             raise RuntimeError("decoder bug")
         return real(uri, *args)
 
-    real = model.prep._image
-    monkeypatch.setattr(model.prep, "_image", broken)
+    real = model.data.normalise.fetch_media
+    monkeypatch.setattr(model.data.normalise, "fetch_media", broken)
     result = prepare([corpus], tmp_path / "out", DataConfig(), tiny_cfg, progress=False)
     q = next(q for q in result.quarantined if q["id"] == "good-2")
     assert q["kind"] == "unexpected error" and "RuntimeError: decoder bug" in q["reason"]
@@ -117,17 +118,17 @@ def test_an_unexpected_error_quarantines_the_record_instead_of_crashing(corpus, 
 
 
 def test_an_unexpected_error_while_parsing_keeps_the_record_id(corpus, tmp_path, tiny_cfg, monkeypatch):
-    import model.prep
-    from model.records import Record
+    import model.data.validate
+    from model.data.records import Record
 
-    class Exploding:  # a bug inside _parse's validation, after the JSON parsed
+    class Exploding:  # a bug inside parse_record's validation, after the JSON parsed
         @staticmethod
         def model_validate(obj):
             if obj.get("id") == "good-2":
                 raise RuntimeError("validator bug")
             return Record.model_validate(obj)
 
-    monkeypatch.setattr(model.prep, "Record", Exploding)
+    monkeypatch.setattr(model.data.validate, "Record", Exploding)
     result = prepare([corpus], tmp_path / "out", DataConfig(), tiny_cfg, progress=False)
     q = next(q for q in result.quarantined if "validator bug" in q["reason"])
     assert q["id"] == "good-2" and q["kind"] == "unexpected error" and q["line"] == 2

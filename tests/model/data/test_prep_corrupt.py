@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from model.config import DataConfig
-from model.prep import prepare
+from model.data.prep import prepare
+from model.data.shards import SPLITS, ShardStream
 
 
 def _wav(path: Path, seconds: float, rate: int = 16000) -> None:
@@ -111,7 +112,7 @@ def _cases() -> dict[str, tuple[bytes, str, list[str]]]:
         "zero_byte_file": (line(_rec("zero_byte_file", images=["empty.png"])), "bad image",
                            ["'empty.png' is an empty file (0 bytes)"]),
         "text_named_png": (line(_rec("text_named_png", images=["text.png"])), "bad image",
-                           ["'text.png' is not a recognised image format"]),
+                           ["'text.png': not a recognised image format"]),
         "missing_file": (line(_rec("missing_file", images=["nowhere/missing.png"])), "missing media",
                          ["'nowhere/missing.png' not found", "relative paths resolve against the JSONL file's folder"]),
         "malformed_json": (b'{"id": "malformed_json", "messages": [', "malformed JSON",
@@ -135,7 +136,7 @@ def _cases() -> dict[str, tuple[bytes, str, list[str]]]:
                                                  videos=["sound_only.mp4"])), "bad video",
                                        ["'sound_only.mp4'", "no video stream"]),
         "audio_wrong_format": (line(_rec("audio_wrong_format", user="<audio>Transcribe.", audios=["text.wav"])),
-                               "bad audio", ["'text.wav': cannot open it as audio", "readable audio"]),
+                               "bad audio", ["'text.wav': cannot open container", "readable audio"]),
         "audio_zero_bytes": (line(_rec("audio_zero_bytes", user="<audio>Transcribe.", audios=["empty.wav"])),
                              "bad audio", ["'empty.wav' is an empty file (0 bytes)", "readable audio"]),
         "audio_too_short": (line(_rec("audio_too_short", user="<audio>Transcribe.", audios=["short.wav"])),
@@ -234,11 +235,11 @@ def test_accounting_good_records_kept_and_nothing_dropped_silently(prepared):
     assert m["records_out"] == len(GOOD) and m["records_quarantined"] == len(cases)
     assert sorted(q["line"] for q in result.quarantined) == sorted(line_of.values())
     out = Path(result.out)
-    kept = [json.loads(x)["id"] for s in ("train", "val") for x in (out / f"{s}.jsonl").read_text().splitlines()]
+    records = [r for split in SPLITS for r in ShardStream(out, split).records()]
+    kept = [r.id for r in records]
     assert sorted(kept) == sorted(r["id"] for r in GOOD)
     assert sum(1 for _ in (out / "quarantine.jsonl").open()) == len(cases)
     assert sum(m["quarantine_reasons"].values()) == len(cases)
     # Media of rejected records (the duplicate's, staged before the duplicate was found) are not kept.
-    referenced = {p for s in ("train", "val") for x in (out / f"{s}.jsonl").read_text().splitlines()
-                  for p in (lambda r: r["images"] + r["videos"] + r["audios"])(json.loads(x))}
+    referenced = {p for r in records for p in r.images + r.videos + r.audios}
     assert {f"media/{p.name}" for p in (out / "media").iterdir()} == referenced

@@ -9,15 +9,15 @@ import uuid
 
 import pytest
 from PIL import Image
-from s3_server import S3Server, s3_server_fixture
 
 from model.config import DataConfig
-from model.prep import prepare
-from model.processor import OmniProcessor
-from model.shards import ShardStream
+from model.data.prep import prepare
+from model.data.shards import SPLITS, ShardStream
 from model.storage import S3Store
-from model.tokenizer import load_tokenizer
+from model.text.processor import OmniProcessor
+from model.text.tokenizer import load_tokenizer
 from pipelines.cli import main
+from tests.s3_server import S3Server, s3_server_fixture
 
 s3_server = s3_server_fixture()
 
@@ -65,7 +65,7 @@ def test_s3_round_trip_equals_the_local_run(raw, tmp_path, s3_env, tiny_cfg):
 
     store = S3Store(bucket, "prepared", s3_env.config())
     keys = store.list()
-    assert {"manifest.json", "quarantine.jsonl", "train.jsonl", "val.jsonl"} <= set(keys)
+    assert {"manifest.json", "quarantine.jsonl"} <= set(keys)
     assert {s["path"] for s in m["shards"]} <= set(keys)
     assert json.loads(store.read_bytes("manifest.json")) == m
 
@@ -116,8 +116,8 @@ def test_rerun_into_the_same_prefix_replaces_the_earlier_run(raw, tmp_path, s3_e
 
     m = again.manifest
     assert json.loads(store.read_bytes("manifest.json")) == m
-    records = [json.loads(line) for s in ("train", "val") for line in store.read_bytes(f"{s}.jsonl").decode().splitlines()]
-    media = {p for r in records for p in r["images"] + r["videos"] + r["audios"]}
+    records = [r for split in SPLITS for r in ShardStream(store, split).records()]
+    media = {p for r in records for p in r.images + r.videos + r.audios}
     assert set(store.list("shards/")) == {s["path"] for s in m["shards"]}
     assert set(store.list("media/")) == media and len(media) == m["media"]["files"] == 4  # r0..r3 of part-0
     assert {k for k in old_keys if k.startswith(("shards/", "media/"))} - set(store.list()), "nothing stale removed"

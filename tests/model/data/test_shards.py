@@ -15,12 +15,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from model.config import DataConfig, StageConfig
-from model.modeling import OmniModel
-from model.prep import prepare
-from model.processor import OmniProcessor
-from model.shards import ShardStream, StaleShardsError, read_shard, shard_bytes
-from model.tokenizer import load_tokenizer, train_tokenizer
-from model.train import train_stage
+from model.data.prep import prepare
+from model.data.shards import ShardStream, StaleShardsError, read_shard, shard_bytes
+from model.nn.omni import OmniModel
+from model.text.processor import OmniProcessor
+from model.text.tokenizer import load_tokenizer, train_tokenizer
+from model.training.recipe import train_stage
 
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 0)}
 
@@ -114,7 +114,7 @@ def test_ranks_split_the_samples(prepared, processor):
 def test_dataloader_workers_give_the_same_batches_as_one_process(prepared, processor, packing):
     from functools import partial
 
-    from model.packing import collate_packed
+    from model.data.packing import collate_packed
 
     collate = partial(collate_packed, processor) if packing else processor.collate
 

@@ -2,24 +2,17 @@ import math
 
 import pytest
 
-from model.metrics import (
+from model.eval.answers import exact_match, normalize_answer
+from model.eval.mcq import extract_option_letter, mcq_accuracy, option_letter_from_text, parse_choices
+from model.eval.metrics import (
     aggregate,
-    bleu,
-    cer,
-    exact_match,
-    extract_option_letter,
     higher_is_better,
-    mcq_accuracy,
-    normalize_answer,
-    normalize_transcript,
-    option_letter_from_text,
-    parse_choices,
     per_example_scores,
     score_task,
     task_kind,
-    wer,
     worst_examples,
 )
+from model.eval.speech import bleu, cer, normalize_transcript, wer
 
 PROMPT = "<image>What color is the shape? A. red B. blue C. green D. dark red\nAnswer with the letter."
 

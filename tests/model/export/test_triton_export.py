@@ -26,24 +26,16 @@ from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
 
 from model.config import ModelConfig
-from model.export import (
-    AUDIO,
-    ENTRY,
-    REPORT_FILE,
-    VISION,
-    OnnxMismatchError,
-    export_onnx,
-    verify_onnx,
-    write_triton_repository,
-)
-from model.inference import OmniChat
-from model.media import load_audio, load_image
-from model.modeling import OmniModel
-from model.processor import ChatInput, OmniProcessor
-from model.tokenizer import train_tokenizer
+from model.export.onnx import AUDIO, VISION, OnnxMismatchError, export_onnx, verify_onnx
+from model.export.triton import ENTRY, REPORT_FILE, write_triton_repository
+from model.media.decode import load_audio, load_image
+from model.nn.generation import OmniChat
+from model.nn.omni import OmniModel
+from model.text.processor import ChatInput, OmniProcessor
+from model.text.tokenizer import train_tokenizer
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass
@@ -190,7 +182,10 @@ def test_entry_config_parses(exported):
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]
     checkpoint = exported.repo / ENTRY / "1" / config.parameters["checkpoint"].string_value
     assert (checkpoint / "omni_config.json").is_file() and (checkpoint / "model.safetensors").is_file()
-    assert (exported.repo / ENTRY / "1" / "omni_code" / "model" / "inference.py").is_file()
+    bundled = exported.repo / ENTRY / "1" / "omni_code" / "model"
+    assert (bundled / "nn" / "generation.py").is_file() and (bundled / "media" / "decode.py").is_file()
+    # Only what answering needs: no data prep, training, evaluation, export or object-store code.
+    assert not [p for p in ("data", "training", "eval", "export", "storage.py") if (bundled / p).exists()]
 
 
 def test_python_model_compiles(exported):

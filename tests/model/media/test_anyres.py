@@ -8,13 +8,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from model.anyres import select_grid, tile_image
 from model.config import ModelConfig
-from model.modeling import OmniModel, merge_2x2
-from model.processor import ChatInput, OmniProcessor
-from model.tokenizer import IMG_ROW_SEP, IMG_TILE_SEP
+from model.media.anyres import select_grid, tile_image
+from model.nn.omni import OmniModel
+from model.nn.projectors import merge_2x2
+from model.text.processor import ChatInput, OmniProcessor
+from model.text.tokenizer import IMG_ROW_SEP, IMG_TILE_SEP
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 GRIDS = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 1), (1, 3)]
 

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.media import MediaError, load_audio, load_image, load_video_frames, media_duration, sample_times
+from model.media.decode import (
+    MediaError,
+    load_audio,
+    load_image,
+    load_video_frames,
+    media_duration,
+    sample_times,
+)
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -208,7 +215,7 @@ def test_audio_errors(tmp_path):
 def test_sampling_seeks_and_decodes_a_fraction_of_the_frames(tmp_path, monkeypatch):
     """The cost claim itself: 0.5 fps from a 5 fps clip with 1 s keyframes decodes about one frame
     per sample (each target is a keyframe reached by a seek), not the whole stream."""
-    import model.media as media
+    import model.media.decode as media
 
     path = tmp_path / "v.mp4"
     _write_video(path, seconds=12, fps=5, gop=5)  # 60 frames (the grey levels stay within uint8)

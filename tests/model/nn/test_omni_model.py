@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.modeling import OmniModel
-from model.processor import ChatInput, Encoded, OmniProcessor
+from model.nn.omni import OmniModel
+from model.text.processor import ChatInput, Encoded, OmniProcessor
 
 
 @pytest.fixture()
@@ -71,7 +71,7 @@ def test_long_audio_is_windowed(parts):
 def test_video_merge_pads_odd_grids_to_a_square():
     from torch import nn
 
-    from model.modeling import merge_2x2_padded
+    from model.nn.projectors import merge_2x2_padded
 
     conv = nn.Conv2d(8, 8, 2, 2)
     assert merge_2x2_padded(torch.randn(2, 27 * 27, 8), conv).shape == (2, 14 * 14, 8)
@@ -88,11 +88,11 @@ def test_save_and_reload_roundtrip(parts, tmp_path, tokenizer):
 
 
 def test_attention_kernel_auto_is_sdpa_without_a_gpu_and_choices_are_kept(tiny_cfg, tokenizer):
-    from model.modeling import llm_attention
+    from model.runtime import attention_kernel
 
-    assert llm_attention("sdpa") == "sdpa" and llm_attention("flash_attention_2") == "flash_attention_2"
+    assert attention_kernel("sdpa") == "sdpa" and attention_kernel("flash_attention_2") == "flash_attention_2"
     if not torch.cuda.is_available():
-        assert llm_attention("auto") == "sdpa"
+        assert attention_kernel("auto") == "sdpa"
     processor = OmniProcessor(tokenizer, tiny_cfg)
     eager = OmniModel(tiny_cfg.model_copy(update={"attn_implementation": "eager"}), len(tokenizer),
                       processor.placeholder_ids)
@@ -102,7 +102,7 @@ def test_attention_kernel_auto_is_sdpa_without_a_gpu_and_choices_are_kept(tiny_c
 
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_conv_gmlp_is_gated_convs_down_projection_plus_a_linear_shortcut_then_layernorm(n):
-    from model.modeling import ConvGMLPProjector
+    from model.nn.projectors import ConvGMLPProjector
 
     torch.manual_seed(n)
     proj = ConvGMLPProjector(audio_dim=6, llm_dim=10, stride=n).eval()

@@ -1,6 +1,6 @@
 import pytest
 
-from model.plan import parameter_counts, plan_stage
+from model.nn.plan import parameter_counts, plan_stage
 from pipelines.config import load_config
 
 PAPER_TOTAL = 8.76e9  # LLM 7,615.6M + SigLIP 428.2M + Whisper encoder 637.0M + projectors

@@ -1,8 +1,8 @@
 import pytest
 from PIL import Image
 
-from model.processor import IGNORE_INDEX, ChatInput, OmniProcessor
-from model.tokenizer import IM_END, IM_START, SPECIAL_TOKENS
+from model.text.processor import IGNORE_INDEX, ChatInput, OmniProcessor
+from model.text.tokenizer import IM_END, IM_START, SPECIAL_TOKENS
 
 
 def test_labels_cover_only_assistant_turns(tiny_cfg, tokenizer):

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -20,10 +20,10 @@ from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from model.config import ModelConfig, StageConfig  # noqa: E402
-from model.modeling import OmniModel  # noqa: E402
-from model.processor import ChatInput, OmniProcessor  # noqa: E402
-from model.tokenizer import train_tokenizer  # noqa: E402
-from model.train import train_stage  # noqa: E402
+from model.nn.omni import OmniModel  # noqa: E402
+from model.text.processor import ChatInput, OmniProcessor  # noqa: E402
+from model.text.tokenizer import train_tokenizer  # noqa: E402
+from model.training.recipe import train_stage  # noqa: E402
 
 COLORS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 

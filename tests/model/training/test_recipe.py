@@ -7,12 +7,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from model.config import MODULES, StageConfig
-from model.inference import OmniChat
-from model.modeling import OmniModel
-from model.processor import ChatInput, OmniProcessor
-from model.train import deepspeed_config, param_groups, set_trainable, train_stage, warmup_cosine
+from model.nn.generation import OmniChat
+from model.nn.omni import OmniModel
+from model.text.processor import ChatInput, OmniProcessor
+from model.training.optim import deepspeed_config, param_groups, set_trainable, warmup_cosine
+from model.training.recipe import train_stage
 
-STAGE_FILES = sorted((Path(__file__).resolve().parents[2] / "conf" / "stage").glob("*.yaml"))
+STAGE_FILES = sorted((Path(__file__).resolve().parents[3] / "conf" / "stage").glob("*.yaml"))
 COLORS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 
 

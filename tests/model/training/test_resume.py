@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from model.train import PREEMPTED_EXIT_CODE
+from model.training.checkpointing import PREEMPTED_EXIT_CODE
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 WORKER = Path(__file__).with_name("_resume_worker.py")
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

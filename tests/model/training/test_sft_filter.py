@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from model.config import SftFilterConfig
-from model.modeling import OmniModel
-from model.processor import ChatInput, OmniProcessor
-from model.sft_filter import loss_filter, sample_losses
+from model.nn.omni import OmniModel
+from model.text.processor import ChatInput, OmniProcessor
+from model.training.sft_filter import loss_filter, sample_losses
 
 
 def _losses(n, mean, std, seed):

@@ -1,0 +1,111 @@
+"""Media limits, checked once for every edge: read the header, refuse what is out of bounds, then decode.
+
+Data prep and the predictor both call `read_image` / `read_video` / `read_audio`; a violation or an
+undecodable item raises `MediaError` with its `kind`, which each edge maps to its own answer (a
+quarantine reason in prep, a 400 naming the request field in the predictor). A 30000x30000 "image"
+or a ten-hour "clip" is refused from its header, before a pixel or a sample is decoded.
+
+`MediaLimits.source` names where the limits come from ("data" or "serving.limits"), so a message
+says which setting to change: "is 5000x5000 = 25000000 pixels, over data.max_image_pixels=16777216".
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from model.media.decode import MediaError, Source, load_audio, load_image, load_video_frames, probe
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    source: str  # the config section the limits come from, for messages
+    max_image_pixels: int
+    min_image_side: int = 1
+    max_image_aspect: float = math.inf
+    max_video_seconds: float = math.inf
+    min_audio_seconds: float = 0.0
+    max_audio_seconds: float = math.inf
+    min_audio_sample_rate: int = 0
+
+    def name(self, key: str) -> str:
+        """`data.max_image_pixels=16777216`: the setting to change, with its value."""
+        return f"{self.source}.{key}={getattr(self, key)}"
+
+
+class LimitExceeded(MediaError):
+    """A decodable item outside the limits. Its message continues the item's name: "is 4.0 s, over ..."."""
+
+
+@dataclass(frozen=True)
+class Video:
+    frames: list[Image.Image]
+    times: list[float]  # seconds from the start, one per frame
+    seconds: float
+
+
+def _check_size(width: int, height: int, limits: MediaLimits, what: str) -> None:
+    if width * height > limits.max_image_pixels:
+        raise LimitExceeded(f"{what} {width}x{height} = {width * height} pixels, over "
+                         f"{limits.name('max_image_pixels')}", "image size")
+    if min(width, height) < limits.min_image_side:
+        raise LimitExceeded(f"{what} {width}x{height}, a side under {limits.name('min_image_side')}", "image size")
+    if max(width, height) / min(width, height) > limits.max_image_aspect:
+        raise LimitExceeded(f"{what} {width}x{height}, aspect over {limits.name('max_image_aspect')}", "image size")
+
+
+def read_image(src: Source, limits: MediaLimits) -> Image.Image:
+    """The image as RGB, after its header passed the size, side and aspect limits."""
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as head:
+            width, height = head.size
+    except Exception:  # noqa: BLE001 - Pillow raises many types for broken headers; load_image says why
+        width = height = 0
+    if width and height:
+        _check_size(width, height, limits, "is")
+    return _kind(load_image, "bad image", src)
+
+
+def read_video(src: Source, limits: MediaLimits, fps: float, max_frames: int) -> Video:
+    """Frames sampled at `fps` (at most `max_frames`), after the header passed the duration and
+    frame-size limits. A container without a duration is checked on its sampled frames' times."""
+    header = _kind(probe, "bad video", src, "video")
+    if header.duration is not None and header.duration > limits.max_video_seconds:
+        raise LimitExceeded(f"is {header.duration:.1f} s, over {limits.name('max_video_seconds')}", "video too long")
+    if header.width and header.height:
+        _check_size(header.width, header.height, limits, "has frames of")
+    frames, times = _kind(load_video_frames, "bad video", src, fps, max_frames)
+    seconds = header.duration if header.duration is not None else times[-1]
+    if seconds > limits.max_video_seconds:
+        raise LimitExceeded(f"is {seconds:.1f} s, over {limits.name('max_video_seconds')}", "video too long")
+    return Video(frames, times, seconds)
+
+
+def read_audio(src: Source, limits: MediaLimits, sampling_rate: int) -> np.ndarray:
+    """Mono float32 at `sampling_rate`, after the header passed the source-rate and duration limits;
+    the decoded length is checked again (a header may lack a duration, or lie)."""
+    header = _kind(probe, "bad audio", src, "audio")
+    if header.sample_rate < limits.min_audio_sample_rate:
+        raise LimitExceeded(f"is sampled at {header.sample_rate} Hz, under {limits.name('min_audio_sample_rate')}",
+                         "audio sample rate")
+    if header.duration is not None and header.duration > limits.max_audio_seconds:
+        raise LimitExceeded(f"is {header.duration:.1f} s, over {limits.name('max_audio_seconds')}", "audio length")
+    wave = _kind(load_audio, "bad audio", src, sampling_rate)
+    seconds = wave.size / sampling_rate
+    if seconds > limits.max_audio_seconds:
+        raise LimitExceeded(f"is {seconds:.1f} s, over {limits.name('max_audio_seconds')}", "audio length")
+    if seconds < limits.min_audio_seconds:
+        raise LimitExceeded(f"is {seconds:.3f} s, under {limits.name('min_audio_seconds')}", "audio length")
+    return wave
+
+
+def _kind(fn, kind: str, *args):
+    """Call a decoder; its MediaError (which knows no limits) becomes one of `kind`."""
+    try:
+        return fn(*args)
+    except MediaError as err:
+        raise MediaError(str(err), err.kind or kind) from None

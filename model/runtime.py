@@ -1,0 +1,77 @@
+"""Where this process runs, decided in one place: its rank among the launched processes, the device
+it computes on, the dtype of its weights and the LLM's attention kernel.
+
+Training, the SFT filter, evaluation, export and the predictor all ask here, so a GPU node runs
+each of them in bf16 on CUDA and a CPU machine in fp32, and one launcher's environment (torchrun,
+the DeepSpeed launcher, a Kubeflow Trainer pod: RANK, LOCAL_RANK, WORLD_SIZE) means the same to
+every reader. The rank functions never import torch, so light steps (registry, gate) stay light.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def primary(self) -> bool:
+        """Global rank 0 (or a lone process): the one that records runs and writes checkpoints."""
+        return self.rank == 0
+
+
+def ranks(env: Mapping[str, str] | None = None) -> Ranks:
+    """This process's place in a distributed launch. An initialised process group has the last
+    word; otherwise the launcher's environment; a lone process is rank 0 of 1."""
+    dist = sys.modules.get("torch.distributed")  # only asked when torch is already loaded
+    if env is None and dist is not None and dist.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK") or 0)
+        return Ranks(dist.get_rank(), local, dist.get_world_size())
+    env = os.environ if env is None else env
+    return Ranks(int(env.get("RANK") or 0), int(env.get("LOCAL_RANK") or 0), int(env.get("WORLD_SIZE") or 1))
+
+
+@functools.cache
+def device() -> torch.device:
+    """This rank's GPU (`cuda:LOCAL_RANK`) when there is one, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", ranks().local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@functools.cache
+def dtype() -> torch.dtype:
+    """Weights and activations: bf16 where the GPU supports it, fp32 on the CPU (bf16 matmuls on a
+    CPU are slow, and the bit-exact resume tests need fp32)."""
+    import torch
+
+    return torch.bfloat16 if device().type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def flash_attention_available() -> bool:
+    """transformers' own check (package, version and GPU), so our choice and its dispatch agree."""
+    import torch
+    from transformers.utils import is_flash_attn_2_available
+
+    return dtype() == torch.bfloat16 and bool(is_flash_attn_2_available())
+
+
+def attention_kernel(choice: str) -> str:
+    """Resolve `model.attn_implementation`: "auto" takes flash-attention where it can run, else sdpa."""
+    if choice != "auto":
+        return choice
+    return "flash_attention_2" if flash_attention_available() else "sdpa"
