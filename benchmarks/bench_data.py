@@ -48,9 +48,16 @@ def machine_info() -> dict:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "pyav": av.__version__, "ffmpeg": av.library_versions.get("libavcodec"), "pillow": PIL.__version__,
-            "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "pyav": av.__version__,
+        "ffmpeg": av.library_versions.get("libavcodec"),
+        "pillow": PIL.__version__,
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def load(kind: str, name: str) -> dict:
@@ -63,8 +70,12 @@ def bench_prep(work: Path, data: DataConfig, model: ModelConfig, repeats: int) -
     best of `repeats` runs into fresh folders."""
     t = time.perf_counter()
     counts = make_demo(work / "demo", data, progress=False)
-    emit("demo", records=counts["total"], seconds=round(time.perf_counter() - t, 2),
-         tasks={k: v for k, v in counts.items() if k not in ("train", "val", "total")})
+    emit(
+        "demo",
+        records=counts["total"],
+        seconds=round(time.perf_counter() - t, 2),
+        tasks={k: v for k, v in counts.items() if k not in ("train", "val", "total")},
+    )
     runs = []
     for i in range(repeats):
         t = time.perf_counter()
@@ -72,10 +83,16 @@ def bench_prep(work: Path, data: DataConfig, model: ModelConfig, repeats: int) -
         runs.append(time.perf_counter() - t)
     m = result.manifest
     best = min(runs)
-    return emit("prep", records_in=m["records_in"], records_out=m["records_out"],
-                quarantined=m["records_quarantined"], seconds=[round(r, 2) for r in runs],
-                records_per_s=round(m["records_in"] / best, 1), media_items=sum(
-                    v.get("items", 0) for v in m["modalities"].values()), media_files=m["media"]["files"])
+    return emit(
+        "prep",
+        records_in=m["records_in"],
+        records_out=m["records_out"],
+        quarantined=m["records_quarantined"],
+        seconds=[round(r, 2) for r in runs],
+        records_per_s=round(m["records_in"] / best, 1),
+        media_items=sum(v.get("items", 0) for v in m["modalities"].values()),
+        media_files=m["media"]["files"],
+    )
 
 
 # ------------------------------------------------------------------------------------------ video
@@ -99,8 +116,14 @@ def make_clip(path: Path, seconds: int, size: int, fps: int, gop: int) -> dict:
             frame.pts, frame.time_base = i, Fraction(1, fps)
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-    return {"seconds": seconds, "size": size, "fps": fps, "gop_frames": gop, "bytes": path.stat().st_size,
-            "encode_s": round(time.perf_counter() - t, 2)}
+    return {
+        "seconds": seconds,
+        "size": size,
+        "fps": fps,
+        "gop_frames": gop,
+        "bytes": path.stat().st_size,
+        "encode_s": round(time.perf_counter() - t, 2),
+    }
 
 
 def decode_every_frame(path: Path, fps: float, max_frames: int) -> tuple[list[Image.Image], list[float]]:
@@ -131,10 +154,19 @@ def bench_video(path: Path, sample_fps: float, max_frames: int, repeats: int) ->
         frames_full, times_full = decode_every_frame(path, sample_fps, max_frames)
         full.append(time.perf_counter() - t)
     same = times_seek == times_full and all(
-        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames_seek, frames_full, strict=True))
-    return emit("video_sampling", clip=path.name, frames=len(frames_seek), sample_fps=sample_fps, max_frames=max_frames,
-                seek_ms=round(1000 * min(seek), 1), decode_all_ms=round(1000 * min(full), 1),
-                ratio_decode_all_over_seek=round(min(full) / min(seek), 2), identical_frames=bool(same))
+        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames_seek, frames_full, strict=True)
+    )
+    return emit(
+        "video_sampling",
+        clip=path.name,
+        frames=len(frames_seek),
+        sample_fps=sample_fps,
+        max_frames=max_frames,
+        seek_ms=round(1000 * min(seek), 1),
+        decode_all_ms=round(1000 * min(full), 1),
+        ratio_decode_all_over_seek=round(min(full) / min(seek), 2),
+        identical_frames=bool(same),
+    )
 
 
 def main() -> None:
@@ -147,15 +179,21 @@ def main() -> None:
     ap.add_argument("--clip-fps", type=int, default=25)
     ap.add_argument("--gop", type=int, default=50, help="frames between keyframes (50 = 2 s at 25 fps)")
     ap.add_argument("--sample-fps", type=float, default=1.0, help="default: the paper's 1 fps")
-    ap.add_argument("--max-frames", type=int, nargs="+", default=[48, 8],
-                    help="frame caps to sample each clip with (48: the paper's; 8: a sparse sampling)")
+    ap.add_argument(
+        "--max-frames",
+        type=int,
+        nargs="+",
+        default=[48, 8],
+        help="frame caps to sample each clip with (48: the paper's; 8: a sparse sampling)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
     data, model = DataConfig(**load("data", "demo")), ModelConfig(**load("model", "tiny"))
     if args.quick:
-        data = data.model_copy(update={k: getattr(data, k) // 4 for k in
-                                       ("demo_images", "demo_videos", "demo_audios", "demo_texts")})
+        data = data.model_copy(
+            update={k: getattr(data, k) // 4 for k in ("demo_images", "demo_videos", "demo_audios", "demo_texts")}
+        )
     emit("machine", **machine_info())
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         work = Path(tmp)
@@ -167,14 +205,20 @@ def main() -> None:
             videos += [(seconds, bench_video(path, args.sample_fps, cap, max(repeats, 2))) for cap in args.max_frames]
     emit("done", loadavg_1_5_15=[round(x, 2) for x in os.getloadavg()])
     print()
-    print(f"prep (demo set, {prep['records_in']} records):  {prep['records_per_s']} records/s "
-          f"(best of {repeats}: {min(prep['seconds'])} s), {prep['quarantined']} quarantined")
-    print(f"\nvideo sampling at {args.sample_fps} fps, {args.clip_size}x{args.clip_size} {args.clip_fps} fps H.264, "
-          f"keyframe every {args.gop} frames")
+    print(
+        f"prep (demo set, {prep['records_in']} records):  {prep['records_per_s']} records/s "
+        f"(best of {repeats}: {min(prep['seconds'])} s), {prep['quarantined']} quarantined"
+    )
+    print(
+        f"\nvideo sampling at {args.sample_fps} fps, {args.clip_size}x{args.clip_size} {args.clip_fps} fps H.264, "
+        f"keyframe every {args.gop} frames"
+    )
     print(f"{'clip':>6} {'frames':>7} {'seek ms':>9} {'decode-all ms':>14} {'ratio':>7}  identical")
     for seconds, v in videos:
-        print(f"{seconds:>5}s {v['frames']:>7} {v['seek_ms']:>9} {v['decode_all_ms']:>14} "
-              f"{v['ratio_decode_all_over_seek']:>6}x  {v['identical_frames']}")
+        print(
+            f"{seconds:>5}s {v['frames']:>7} {v['seek_ms']:>9} {v['decode_all_ms']:>14} "
+            f"{v['ratio_decode_all_over_seek']:>6}x  {v['identical_frames']}"
+        )
 
 
 if __name__ == "__main__":

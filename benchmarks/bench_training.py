@@ -208,8 +208,12 @@ class FlopModel:
 # ------------------------------------------------------------------------------------------------ runs
 def step_batches(items: list, stage: StageConfig) -> list[list]:
     """The items train_stage draws, step by step: the same seeded sampler it builds."""
-    sampler = RandomSampler(items, replacement=True, num_samples=stage.steps * stage.grad_accum * stage.micro_batch_size,
-                            generator=torch.Generator().manual_seed(stage.seed))
+    sampler = RandomSampler(
+        items,
+        replacement=True,
+        num_samples=stage.steps * stage.grad_accum * stage.micro_batch_size,
+        generator=torch.Generator().manual_seed(stage.seed),
+    )
     order = [items[i] for i in sampler]
     per_step = stage.grad_accum * stage.micro_batch_size
     return [order[k : k + per_step] for k in range(0, len(order), per_step)]
@@ -236,14 +240,22 @@ def layout(stage: StageConfig, steps: list[list], max_seq_len: int) -> list[dict
     return out
 
 
-def timed_run(model: OmniModel, init_state: dict, processor: OmniProcessor, samples: list[Encoded],
-              stage: StageConfig, flop_model: FlopModel | None, skip: int = 1) -> dict:
+def timed_run(
+    model: OmniModel,
+    init_state: dict,
+    processor: OmniProcessor,
+    samples: list[Encoded],
+    stage: StageConfig,
+    flop_model: FlopModel | None,
+    skip: int = 1,
+) -> dict:
     """Train from `init_state`; throughput over the steps after the first `skip` (the first step
     also pays for the loader start-up), timed between on_step callbacks."""
     model.load_state_dict(init_state)
     stamps: list[float] = []
-    result = train_stage(model, processor, samples, stage, progress=False,
-                         on_step=lambda step, loss: stamps.append(time.perf_counter()))
+    result = train_stage(
+        model, processor, samples, stage, progress=False, on_step=lambda step, loss: stamps.append(time.perf_counter())
+    )
     items = pack(samples, model.cfg.max_seq_len) if stage.packing else samples
     steps = layout(stage, step_batches(items, stage), model.cfg.max_seq_len)
     real_total = sum(s["real"] for s in steps)
@@ -254,14 +266,22 @@ def timed_run(model: OmniModel, init_state: dict, processor: OmniProcessor, samp
     real = sum(s["real"] for s in timed)
     positions = sum(s["positions"] for s in steps)
     out = {
-        "packing": stage.packing, "steps": stage.steps, "timed_steps": len(timed),
-        "micro_batch_size": stage.micro_batch_size, "unit": "packed rows" if stage.packing else "samples",
+        "packing": stage.packing,
+        "steps": stage.steps,
+        "timed_steps": len(timed),
+        "micro_batch_size": stage.micro_batch_size,
+        "unit": "packed rows" if stage.packing else "samples",
         "samples_per_step": sum(len(s["samples"]) for s in steps) / len(steps),
-        "real_tokens_per_step": real_total / len(steps), "positions_per_step": positions / len(steps),
+        "real_tokens_per_step": real_total / len(steps),
+        "positions_per_step": positions / len(steps),
         "padding_fraction": 1 - real_total / positions,
-        "seconds_timed": seconds, "seconds_all_steps": result.seconds,
-        "real_tokens_per_s": real / seconds, "positions_per_s": sum(s["positions"] for s in timed) / seconds,
-        "step_ms": 1000 * seconds / len(timed), "loss_first": result.losses[0], "loss_last": result.losses[-1],
+        "seconds_timed": seconds,
+        "seconds_all_steps": result.seconds,
+        "real_tokens_per_s": real / seconds,
+        "positions_per_s": sum(s["positions"] for s in timed) / seconds,
+        "step_ms": 1000 * seconds / len(timed),
+        "loss_first": result.losses[0],
+        "loss_last": result.losses[-1],
     }
     if flop_model is not None:
         flops = sum(flop_model.sample(x) for s in timed for x in s["samples"])
@@ -271,8 +291,17 @@ def timed_run(model: OmniModel, init_state: dict, processor: OmniProcessor, samp
 
 def stage_for(name: str, packing: bool, steps: int, micro_batch_size: int) -> StageConfig:
     # Everything but `packing` (and the micro-batch unit it implies) is the same for both runs.
-    return StageConfig(name=name, trainable=TRAINABLE, lr=1e-3, data_tasks=["bench"], steps=steps,
-                       micro_batch_size=micro_batch_size, warmup_steps=2, zero_stage=2, packing=packing)
+    return StageConfig(
+        name=name,
+        trainable=TRAINABLE,
+        lr=1e-3,
+        data_tasks=["bench"],
+        steps=steps,
+        micro_batch_size=micro_batch_size,
+        warmup_steps=2,
+        zero_stage=2,
+        packing=packing,
+    )
 
 
 def setup(model_name: str, pool: int, seed: int = 0):
@@ -300,18 +329,33 @@ def bench_packing(args) -> dict:
     cfg, processor, model, samples = setup(args.model, args.pool)
     lengths = [len(s.input_ids) for s in samples]
     rows, mean_row = packed_rows_for(samples, cfg.max_seq_len, args.batch)
-    emit("data", model=cfg.name, samples=len(samples), max_seq_len=cfg.max_seq_len, vocab=len(processor.tok),
-         len_min=min(lengths), len_median=int(np.median(lengths)), len_mean=round(float(np.mean(lengths)), 1),
-         len_max=max(lengths), with_image=sum(bool(s.pixel_values) for s in samples),
-         with_audio=sum(bool(s.audio_mel) for s in samples), packed_rows=len(pack(samples, cfg.max_seq_len)),
-         mean_tokens_per_packed_row=round(mean_row, 1),
-         micro_batch={"padded_samples": args.batch, "packed_rows": rows})
+    emit(
+        "data",
+        model=cfg.name,
+        samples=len(samples),
+        max_seq_len=cfg.max_seq_len,
+        vocab=len(processor.tok),
+        len_min=min(lengths),
+        len_median=int(np.median(lengths)),
+        len_mean=round(float(np.mean(lengths)), 1),
+        len_max=max(lengths),
+        with_image=sum(bool(s.pixel_values) for s in samples),
+        with_audio=sum(bool(s.audio_mel) for s in samples),
+        packed_rows=len(pack(samples, cfg.max_seq_len)),
+        mean_tokens_per_packed_row=round(mean_row, 1),
+        micro_batch={"padded_samples": args.batch, "packed_rows": rows},
+    )
     init = copy.deepcopy(model.state_dict())
     flop_model = FlopModel.of(model, processor)
     t = time.perf_counter()
     for packing in (False, True):  # warm-up: DeepSpeed init / op load, allocator, first-call paths
-        train_stage(model, processor, samples, stage_for("warmup", packing, args.warmup, rows if packing else args.batch),
-                    progress=False)
+        train_stage(
+            model,
+            processor,
+            samples,
+            stage_for("warmup", packing, args.warmup, rows if packing else args.batch),
+            progress=False,
+        )
     emit("warmup", steps_each=args.warmup, seconds=round(time.perf_counter() - t, 2))
     results = {False: [], True: []}
     for rep in range(args.repeats):  # alternate, so a load spike from elsewhere hits both alike
@@ -320,16 +364,20 @@ def bench_packing(args) -> dict:
             r = timed_run(model, init, processor, samples, stage, flop_model)
             r["repeat"] = rep
             results[packing].append(r)
-            emit("train", model=cfg.name, **{k: _round(v) for k, v in r.items()},
-                 loadavg_1m=round(os.getloadavg()[0], 2))
+            emit(
+                "train", model=cfg.name, **{k: _round(v) for k, v in r.items()}, loadavg_1m=round(os.getloadavg()[0], 2)
+            )
     best = {p: max(rs, key=lambda r: r["real_tokens_per_s"]) for p, rs in results.items()}
-    summary = emit("packing_speedup", model=cfg.name,
-                   padded_real_tokens_per_s=_round(best[False]["real_tokens_per_s"]),
-                   packed_real_tokens_per_s=_round(best[True]["real_tokens_per_s"]),
-                   ratio_packed_over_padded=_round(best[True]["real_tokens_per_s"] / best[False]["real_tokens_per_s"]),
-                   padded_padding_fraction=_round(best[False]["padding_fraction"]),
-                   packed_padding_fraction=_round(best[True]["padding_fraction"]),
-                   best_of=args.repeats)
+    summary = emit(
+        "packing_speedup",
+        model=cfg.name,
+        padded_real_tokens_per_s=_round(best[False]["real_tokens_per_s"]),
+        packed_real_tokens_per_s=_round(best[True]["real_tokens_per_s"]),
+        ratio_packed_over_padded=_round(best[True]["real_tokens_per_s"] / best[False]["real_tokens_per_s"]),
+        padded_padding_fraction=_round(best[False]["padding_fraction"]),
+        packed_padding_fraction=_round(best[True]["padding_fraction"]),
+        best_of=args.repeats,
+    )
     return {"best": best, "summary": summary}
 
 
@@ -339,16 +387,26 @@ def bench_flops(args) -> dict:
     flop_model = FlopModel.of(model, processor)
     init = copy.deepcopy(model.state_dict())
     stage = stage_for("flops", args.small_packing, args.small_steps, rows if args.small_packing else args.small_batch)
-    train_stage(model, processor, samples, stage_for("warmup", args.small_packing, 1, stage.micro_batch_size),
-                progress=False)
+    train_stage(
+        model, processor, samples, stage_for("warmup", args.small_packing, 1, stage.micro_batch_size), progress=False
+    )
     r = timed_run(model, init, processor, samples, stage, flop_model)
     counts = {k: getattr(flop_model, k) for k in ("llm", "vision", "vision_projector", "audio", "audio_projector")}
-    return {"model": cfg.name, "packing": args.small_packing, "timed_steps": r["timed_steps"],
-            "micro_batch_size": r["micro_batch_size"], "unit": r["unit"], "matmul_params": counts,
-            "real_tokens_per_step": _round(r["real_tokens_per_step"]), "real_tokens_per_s": _round(r["real_tokens_per_s"]),
-            "padding_fraction": _round(r["padding_fraction"]), "train_flops": _round(r["train_flops"]),
-            "seconds": _round(r["seconds_timed"]), "achieved_flops_per_s": _round(r["achieved_flops_per_s"]),
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "model": cfg.name,
+        "packing": args.small_packing,
+        "timed_steps": r["timed_steps"],
+        "micro_batch_size": r["micro_batch_size"],
+        "unit": r["unit"],
+        "matmul_params": counts,
+        "real_tokens_per_step": _round(r["real_tokens_per_step"]),
+        "real_tokens_per_s": _round(r["real_tokens_per_s"]),
+        "padding_fraction": _round(r["padding_fraction"]),
+        "train_flops": _round(r["train_flops"]),
+        "seconds": _round(r["seconds_timed"]),
+        "achieved_flops_per_s": _round(r["achieved_flops_per_s"]),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def _round(v):
@@ -357,28 +415,36 @@ def _round(v):
 
 def table(info: dict, gemms: list[float], packing: dict, flops: dict | None) -> str:
     best, s = packing["best"], packing["summary"]
-    lines = [f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
-             f"deepspeed {info['deepspeed']}, load avg at start {info['loadavg_1_5_15']}",
-             f"GEMM fp32 1024^3: {max(gemms) / 1e9:.1f} GFLOP/s (each measurement: "
-             f"{', '.join(f'{g / 1e9:.1f}' for g in gemms)})",
-             "",
-             f"{'model ' + s['model']:<14}{'micro-batch':>18}{'real tok/step':>15}{'padding':>9}"
-             f"{'real tok/s':>12}{'ms/step':>9}{'GFLOP/s':>9}"]
+    lines = [
+        f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+        f"deepspeed {info['deepspeed']}, load avg at start {info['loadavg_1_5_15']}",
+        f"GEMM fp32 1024^3: {max(gemms) / 1e9:.1f} GFLOP/s (each measurement: "
+        f"{', '.join(f'{g / 1e9:.1f}' for g in gemms)})",
+        "",
+        f"{'model ' + s['model']:<14}{'micro-batch':>18}{'real tok/step':>15}{'padding':>9}"
+        f"{'real tok/s':>12}{'ms/step':>9}{'GFLOP/s':>9}",
+    ]
     for packing_on, name in ((False, "padded"), (True, "packed")):
         r = best[packing_on]
-        lines.append(f"{name:<14}{str(r['micro_batch_size']) + ' ' + r['unit']:>18}{r['real_tokens_per_step']:>15.0f}"
-                     f"{r['padding_fraction']:>9.1%}{r['real_tokens_per_s']:>12.0f}{r['step_ms']:>9.0f}"
-                     f"{r['achieved_flops_per_s'] / 1e9:>9.2f}")
-    lines.append(f"packed / padded real tokens/s: {s['ratio_packed_over_padded']:.2f}x "
-                 f"(best of {s['best_of']}, {best[False]['timed_steps']} timed steps each)")
+        lines.append(
+            f"{name:<14}{str(r['micro_batch_size']) + ' ' + r['unit']:>18}{r['real_tokens_per_step']:>15.0f}"
+            f"{r['padding_fraction']:>9.1%}{r['real_tokens_per_s']:>12.0f}{r['step_ms']:>9.0f}"
+            f"{r['achieved_flops_per_s'] / 1e9:>9.2f}"
+        )
+    lines.append(
+        f"packed / padded real tokens/s: {s['ratio_packed_over_padded']:.2f}x "
+        f"(best of {s['best_of']}, {best[False]['timed_steps']} timed steps each)"
+    )
     if flops:
-        lines.append(f"small ({'packed' if flops['packing'] else 'padded'}): {flops['achieved_flops_per_s'] / 1e9:.1f} "
-                     f"GFLOP/s achieved = {flops['fraction_of_gemm']:.1%} of GEMM peak "
-                     f"({flops['real_tokens_per_s']:.0f} real tok/s, {flops['timed_steps']} timed steps)")
+        lines.append(
+            f"small ({'packed' if flops['packing'] else 'padded'}): {flops['achieved_flops_per_s'] / 1e9:.1f} "
+            f"GFLOP/s achieved = {flops['fraction_of_gemm']:.1%} of GEMM peak "
+            f"({flops['real_tokens_per_s']:.0f} real tok/s, {flops['timed_steps']} timed steps)"
+        )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--model", choices=["tiny", "small"], default="tiny", help="config for packed vs padded")
@@ -402,7 +468,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.pool = min(args.pool, 96)
         args.small_pool = min(args.small_pool, 16)
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
@@ -427,8 +497,12 @@ def main(argv: list[str] | None = None) -> None:
         flops = bench_flops(args)
         measure_gemm("after small")
         # The best GEMM seen in this run is the peak: the fraction is then a lower bound.
-        flops = emit("flops", **flops, gemm_flops_per_s=_round(max(gemms)),
-                     fraction_of_gemm=_round(flops["achieved_flops_per_s"] / max(gemms)))
+        flops = emit(
+            "flops",
+            **flops,
+            gemm_flops_per_s=_round(max(gemms)),
+            fraction_of_gemm=_round(flops["achieved_flops_per_s"] / max(gemms)),
+        )
     emit("done", seconds=round(time.perf_counter() - start, 1), loadavg_1_5_15=[round(x, 2) for x in os.getloadavg()])
     print()
     print(table(info, gemms, packing, flops))

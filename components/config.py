@@ -129,7 +129,8 @@ class EndpointConfig(Strict):
     canary_hold_s: float = Field(300.0, ge=0, description="how long the canary must stay Ready before full traffic")
     mlflow_artifacts_root: str | None = Field(
         "s3://omni-mlflow/artifacts",
-        description="the MLflow server's --artifacts-destination: turns mlflow-artifacts:/ URIs into ones KServe can fetch")
+        description="the MLflow server's --artifacts-destination: turns mlflow-artifacts:/ URIs into ones KServe "
+                    "can fetch")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     ready_timeout_s: float = Field(900.0, gt=0)
@@ -143,7 +144,8 @@ class EndpointConfig(Strict):
 
 class ClusterConfig(Strict):
     target: Literal["local", "kubernetes"] = Field(
-        "local", description="kubernetes: promote/rollback apply to the API server; local: write manifests only")
+        "local", description="kubernetes: promote/rollback apply to the API server; local: write manifests only"
+    )
     namespace: str = Field("kubeflow-user", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     images: ImagesConfig
     gpu_pool: PoolConfig

@@ -34,14 +34,17 @@ def storage_uri(cfg: OmniConfig, uri: str) -> str:
     root = cfg.cluster.endpoint.mlflow_artifacts_root
     if uri.startswith(MLFLOW_ARTIFACTS):
         if not root:
-            raise ValueError(f"model URI {uri!r} is an mlflow-artifacts: URI; set cluster.endpoint.mlflow_artifacts_root "
-                             "to the MLflow server's --artifacts-destination")
-        return f"{root.rstrip('/')}/{uri[len(MLFLOW_ARTIFACTS):].lstrip('/')}"
+            raise ValueError(
+                f"model URI {uri!r} is an mlflow-artifacts: URI; set cluster.endpoint.mlflow_artifacts_root "
+                "to the MLflow server's --artifacts-destination"
+            )
+        return f"{root.rstrip('/')}/{uri[len(MLFLOW_ARTIFACTS) :].lstrip('/')}"
     return uri
 
 
-def champion_isvc(cfg: OmniConfig, storage: str, version: str | None = None,
-                  canary_percent: int | None = None) -> dict[str, Any]:
+def champion_isvc(
+    cfg: OmniConfig, storage: str, version: str | None = None, canary_percent: int | None = None
+) -> dict[str, Any]:
     """The champion InferenceService for a model at `storage` (already a fetchable URI)."""
     ep, pool = cfg.cluster.endpoint, cfg.cluster.gpu_pool
     gpu_placement = ep.gpu > 0
@@ -55,8 +58,10 @@ def champion_isvc(cfg: OmniConfig, storage: str, version: str | None = None,
         gpu=ep.gpu,
         canary_traffic_percent=canary_percent,
         service_account=ep.service_account,
-        labels={"app.kubernetes.io/part-of": "omni-platform",
-                **({"omni-platform/model-version": str(version)} if version is not None else {})},
+        labels={
+            "app.kubernetes.io/part-of": "omni-platform",
+            **({"omni-platform/model-version": str(version)} if version is not None else {}),
+        },
         min_replicas=ep.min_replicas,
         max_replicas=ep.max_replicas,
         node_selector=pool.node_selector if gpu_placement else cfg.cluster.cpu_pool.node_selector,
@@ -64,9 +69,16 @@ def champion_isvc(cfg: OmniConfig, storage: str, version: str | None = None,
     )
 
 
-def rollout(cfg: OmniConfig, isvc: dict[str, Any], kube: k8s.Kube, *, canary: bool = True,
-            emit: Callable[[str], None] | None = None, sleep: Callable[[float], None] = time.sleep,
-            poll_s: float = 10.0) -> dict[str, Any]:
+def rollout(
+    cfg: OmniConfig,
+    isvc: dict[str, Any],
+    kube: k8s.Kube,
+    *,
+    canary: bool = True,
+    emit: Callable[[str], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    poll_s: float = 10.0,
+) -> dict[str, Any]:
     """Apply `isvc` (built without a canary percent): canary first when there is a live one to
     share traffic with and `canary` is set, then full traffic. Returns the final live object."""
     emit = emit or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -95,8 +107,9 @@ def _with_canary(isvc: dict[str, Any], percent: int | None) -> dict[str, Any]:
     return {**isvc, "spec": {**isvc["spec"], "predictor": predictor}}
 
 
-def wait_ready(kube: k8s.Kube, isvc: dict[str, Any], timeout_s: float, poll_s: float,
-               sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+def wait_ready(
+    kube: k8s.Kube, isvc: dict[str, Any], timeout_s: float, poll_s: float, sleep: Callable[[float], None] = time.sleep
+) -> dict[str, Any]:
     """Until the InferenceService has reconciled this generation and is Ready."""
     waited = 0.0
     while True:
@@ -110,13 +123,18 @@ def wait_ready(kube: k8s.Kube, isvc: dict[str, Any], timeout_s: float, poll_s: f
         if transition in _HOPELESS:
             raise RolloutFailed(f"InferenceService {isvc['metadata']['name']}: {transition}: {_why(live)}")
         if waited >= timeout_s:
-            raise RolloutFailed(f"InferenceService {isvc['metadata']['name']} not Ready after {timeout_s:.0f}s "
-                                f"(cluster.endpoint.ready_timeout_s): {_why(live)}")
+            raise RolloutFailed(
+                f"InferenceService {isvc['metadata']['name']} not Ready after {timeout_s:.0f}s "
+                f"(cluster.endpoint.ready_timeout_s): {_why(live)}"
+            )
         sleep(poll_s)
         waited += poll_s
 
 
 def _why(live: dict[str, Any]) -> str:
-    bad = [f"{c.get('type')}={c.get('status')} {c.get('reason') or ''} {c.get('message') or ''}".strip()
-           for c in (live.get("status") or {}).get("conditions") or [] if c.get("status") != "True"]
+    bad = [
+        f"{c.get('type')}={c.get('status')} {c.get('reason') or ''} {c.get('message') or ''}".strip()
+        for c in (live.get("status") or {}).get("conditions") or []
+        if c.get("status") != "True"
+    ]
     return "; ".join(bad) or "no status yet"

@@ -41,7 +41,9 @@ def data_prep(cfg: OmniConfig, inputs: list[str | Path], out_dir: Path, parent_r
     report_path = report_path or out_dir / "report.html"
     write_report(report_path, data_report(result.manifest, result.quarantined, result.stats))
     uri = mlflow_uri(cfg)
-    with tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "data-prep", params=cfg.data.model_dump()) as run:
+    with tracking.stage_run(
+        uri, cfg.tracking.experiment, parent_run_id, "data-prep", params=cfg.data.model_dump()
+    ) as run:
         run.log_metrics(data_prep_metrics(result.manifest))
         for path in (out_dir / "manifest.json", out_dir / "quarantine.jsonl", report_path):
             tracking.log_artifact(uri, run.run_id, path)
@@ -71,8 +73,8 @@ def init_model(cfg: OmniConfig, data_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path, out_dir: Path,
-          parent_run_id: str, progress: bool = True, sft_filter_dir: Path | None = None) -> dict:
+def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path, out_dir: Path, parent_run_id: str,
+          progress: bool = True, sft_filter_dir: Path | None = None) -> dict:
     """One training stage from `init_dir` to `out_dir`; skipped stages pass the checkpoint on.
     `data_dir`: data prep's output, a folder or a store URI (s3://...) the shards stream from.
     `sft_filter_dir`: the loss filter's output; the samples it dropped are left out.
@@ -86,19 +88,15 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path
     model = OmniModel.from_pretrained(init_dir)
     tokenizer = load_tokenizer(init_dir / TOKENIZER_DIR)
     processor = OmniProcessor(tokenizer, model.cfg)
-    # Streamed from data prep's shards (local or s3://): rank/worker split, resumable position.
-    dataset = ShardStream(data_dir, "train", stage.data_tasks, exclude_ids=read_filtered_out(sft_filter_dir),
-                          shuffle_buffer=cfg.data.shuffle_buffer, cache_bytes=int(cfg.data.reader_cache_mb * 2**20),
-                          num_workers=cfg.data.loader_workers)
+    dataset = _train_stream(cfg, stage.data_tasks, data_dir, sft_filter_dir)
     uri = mlflow_uri(cfg)
     # Under torchrun every rank runs this; only global rank 0 records the stage and saves the checkpoint.
     primary = runtime.ranks().primary
-    stage_run = tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, f"train-{stage_name}",
-                                   params={"stage": stage.model_dump(), "model": cfg.model.model_dump(),
-                                           "train_samples": dataset.num_samples()}) if primary else nullcontext()
+    params = {"stage": stage.model_dump(), "model": cfg.model.model_dump(), "train_samples": dataset.num_samples()}
+    stage_run = (tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, f"train-{stage_name}", params=params)
+                 if primary else nullcontext())
     with stage_run as run:
-        result = train_stage(model, processor, dataset, stage, checkpoint_dir=out_dir / "deepspeed",
-                             progress=progress)
+        result = train_stage(model, processor, dataset, stage, checkpoint_dir=out_dir / "deepspeed", progress=progress)
         summary = {"final_loss": result.losses[-1], "first_loss": result.losses[0], "seconds": result.seconds,
                    "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
                    "trainable_params": result.trainable_params}
@@ -112,11 +110,19 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path
     return {"skipped": False, "steps": len(result.losses), "losses": result.losses, **summary}
 
 
+def _train_stream(cfg: OmniConfig, tasks: list[str], data_dir: Path | str, sft_filter_dir: Path | None) -> ShardStream:
+    """Data prep's train shards (local or s3://) as a stream: rank/worker split, resumable position."""
+    return ShardStream(data_dir, "train", tasks, exclude_ids=read_filtered_out(sft_filter_dir),
+                       shuffle_buffer=cfg.data.shuffle_buffer, cache_bytes=int(cfg.data.reader_cache_mb * 2**20),
+                       num_workers=cfg.data.loader_workers)
+
+
 FILTER_FILE = "sft_filter.json"
 
 
-def sft_filter(cfg: OmniConfig, data_dir: Path, model_dir: Path, out_dir: Path, parent_run_id: str,
-               progress: bool = True) -> dict:
+def sft_filter(
+    cfg: OmniConfig, data_dir: Path, model_dir: Path, out_dir: Path, parent_run_id: str, progress: bool = True
+) -> dict:
     """Loss-based SFT filter: score the SFT samples with `model_dir` (the checkpoint SFT starts
     from), drop those outside mean +- k std of their group; writes sft_filter.json + report.html."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,9 +150,14 @@ def sft_filter(cfg: OmniConfig, data_dir: Path, model_dir: Path, out_dir: Path, 
     (out_dir / FILTER_FILE).write_text(json.dumps(summary, indent=2))
     uri = mlflow_uri(cfg)
     with tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "sft-filter", params=fcfg.model_dump()) as run:
-        run.log_metrics({"kept": result.kept, "dropped": len(result.dropped),
-                         **{f"{g}.loss_mean": f.mean for g, f in result.fits.items()},
-                         **{f"{g}.loss_std": f.std for g, f in result.fits.items()}})
+        run.log_metrics(
+            {
+                "kept": result.kept,
+                "dropped": len(result.dropped),
+                **{f"{g}.loss_mean": f.mean for g, f in result.fits.items()},
+                **{f"{g}.loss_std": f.std for g, f in result.fits.items()},
+            }
+        )
         tracking.log_artifacts(uri, run.run_id, out_dir, "sft-filter")
     return summary
 
@@ -170,31 +181,49 @@ def write_losses(model_dir: Path, curves: dict[str, list[float]]) -> None:
 
 def _eval(model_dir: Path, data_dir: Path, cfg: OmniConfig, progress: bool) -> EvalResult:
     held_out = ShardStream(data_dir, "val")
-    return evaluate(OmniChat.load(model_dir), list(held_out.records()), held_out.store.read_bytes, cfg.evaluation,
-                    progress)
+    return evaluate(
+        OmniChat.load(model_dir), list(held_out.records()), held_out.store.read_bytes, cfg.evaluation, progress
+    )
 
 
-def run_evaluation(cfg: OmniConfig, data_dir: Path, model_dir: Path, baseline_dir: Path | None, out_dir: Path,
-                   parent_run_id: str, progress: bool = True) -> dict:
+def run_evaluation(
+    cfg: OmniConfig,
+    data_dir: Path,
+    model_dir: Path,
+    baseline_dir: Path | None,
+    out_dir: Path,
+    parent_run_id: str,
+    progress: bool = True,
+) -> dict:
     """Evaluate the trained model (and the untrained baseline, for the before/after table) on the
     held-out split; write metrics.json and report.html into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     after = _eval(model_dir, data_dir, cfg, progress)
     before = _eval(baseline_dir, data_dir, cfg, progress) if baseline_dir else None
     html = html_report(
-        f"Evaluation — {cfg.run.name}", before.overall if before else None, after.overall, after.per_task,
-        after.examples, read_losses(model_dir), per_task_before=before.per_task if before else None,
+        f"Evaluation — {cfg.run.name}",
+        before.overall if before else None,
+        after.overall,
+        after.per_task,
+        after.examples,
+        read_losses(model_dir),
+        per_task_before=before.per_task if before else None,
         meta={"model": cfg.model.name, "val examples": str(sum(after.counts.values()))},
     )
     write_report(out_dir / "report.html", html)
-    summary = {"overall": after.overall, "per_task": after.per_task, "counts": after.counts,
-               "before": before.overall if before else None,
-               "per_task_before": before.per_task if before else None}
+    summary = {
+        "overall": after.overall,
+        "per_task": after.per_task,
+        "counts": after.counts,
+        "before": before.overall if before else None,
+        "per_task_before": before.per_task if before else None,
+    }
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in after.predictions))
     uri = mlflow_uri(cfg)
-    with tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "evaluate",
-                            params=cfg.evaluation.model_dump()) as run:
+    with tracking.stage_run(
+        uri, cfg.tracking.experiment, parent_run_id, "evaluate", params=cfg.evaluation.model_dump()
+    ) as run:
         run.log_metrics(after.overall)
         run.log_metrics({f"{task}.{k}": v for task, ms in after.per_task.items() for k, v in ms.items()})
         if before:
@@ -206,5 +235,3 @@ def run_evaluation(cfg: OmniConfig, data_dir: Path, model_dir: Path, baseline_di
 def export(model_dir: Path, out_dir: Path) -> dict:
     repo = write_triton_repository(model_dir, out_dir)
     return json.loads((repo / "export_report.json").read_text())
-
-

@@ -62,7 +62,39 @@ def trainjob_name(stage_name: str, parent_run_id: str) -> str:
 def build_trainjob(cfg: OmniConfig, stage_name: str, name: str, staging_uri: str, parent_run_id: str) -> dict[str, Any]:
     """The TrainJob for one stage (a plain dict, validated against the CRD by `kube.apply`)."""
     stage, cluster = cfg.stages[stage_name], cfg.cluster
-    pool = cluster.gpu_pool
+    gpus = _gpus_per_node(cfg, stage_name)
+    secret = cluster.trainer.storage_secret
+    # Every rank reads its inputs from object storage; only rank 0 writes the output there.
+    env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+           for key in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    trainer = {
+        "image": cluster.images.ref("gpu"),
+        # torchrun takes nodes, processes per node, rank and rendezvous from the PET_* variables
+        # the Trainer's torch plugin sets, so the command names none of them.
+        "command": ["torchrun", "-m", ENTRY_MODULE],
+        "args": ["--staging", staging_uri, "--stage", stage_name, "--parent-run-id", parent_run_id],
+        "numNodes": stage.nodes, "numProcPerNode": max(gpus, 1), "resourcesPerNode": _node_resources(cfg, gpus),
+        "env": env,
+    }
+    replicated = [{"name": NODE_JOB, "template": {"spec": {"template": {"spec": _pod_patch(cfg)}}}}]
+    labels = {"app.kubernetes.io/part-of": "omni-platform", "omni-platform/stage": stage_name.replace("_", "-")}
+    return {
+        "apiVersion": TRAINJOB_API_VERSION, "kind": "TrainJob",
+        "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels},
+        "spec": {
+            "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                           "name": cluster.trainer.runtime},
+            "activeDeadlineSeconds": int(cluster.trainer.timeout_hours * 3600),
+            "trainer": trainer,
+            "runtimePatches": [{"manager": PATCH_MANAGER,
+                                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": replicated}}}}],
+        },
+    }
+
+
+def _gpus_per_node(cfg: OmniConfig, stage_name: str) -> int:
+    """The stage's GPUs per node, refused when no node of the GPU pool has them or the pool is too small."""
+    stage, pool = cfg.stages[stage_name], cfg.cluster.gpu_pool
     gpus = stage.gpus_per_node or pool.accelerator_limit
     if gpus > pool.node_pool.gpus_per_node:
         raise ValueError(f"stages.{stage_name}.gpus_per_node={gpus} but nodes of pool {pool.name!r} have "
@@ -70,59 +102,43 @@ def build_trainjob(cfg: OmniConfig, stage_name: str, name: str, staging_uri: str
     if stage.nodes > pool.node_pool.max_nodes:
         raise ValueError(f"stages.{stage_name}.nodes={stage.nodes} exceeds cluster.gpu_pool.node_pool.max_nodes="
                          f"{pool.node_pool.max_nodes}: the job could never be scheduled")
+    return gpus
+
+
+def _node_resources(cfg: OmniConfig, gpus: int) -> dict[str, Any]:
+    pool = cfg.cluster.gpu_pool
     resources: dict[str, Any] = {"requests": {"cpu": pool.cpu_request, "memory": pool.memory_request},
                                  "limits": {"memory": pool.memory_request}}
     if gpus and pool.accelerator_type:
         resources["requests"][pool.accelerator_type] = resources["limits"][pool.accelerator_type] = gpus
-    secret = cluster.trainer.storage_secret
-    # Every rank reads its inputs from object storage; only rank 0 writes the output there.
-    env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-            for key in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
-    pod_spec: dict[str, Any] = {
-        "nodeSelector": dict(pool.node_selector),
-        "tolerations": [t.model_dump(exclude_none=True) for t in pool.tolerations],
-    }
+    return resources
+
+
+def _pod_patch(cfg: OmniConfig) -> dict[str, Any]:
+    """The GPU pool's placement and /dev/shm, patched onto the runtime's node pods."""
+    pool = cfg.cluster.gpu_pool
+    pod: dict[str, Any] = {"nodeSelector": dict(pool.node_selector),
+                           "tolerations": [t.model_dump(exclude_none=True) for t in pool.tolerations]}
     container: dict[str, Any] = {"name": NODE_JOB}
     if pool.shm_size:
         # NCCL exchanges tensors through /dev/shm; the container default of 64 MiB is too small.
-        pod_spec["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pool.shm_size}}]
+        pod["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pool.shm_size}}]
         container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
-    pod_spec["containers"] = [container]
-    return {
-        "apiVersion": TRAINJOB_API_VERSION,
-        "kind": "TrainJob",
-        "metadata": {
-            "name": name,
-            "namespace": cluster.namespace,
-            "labels": {"app.kubernetes.io/part-of": "omni-platform", "omni-platform/stage": stage_name.replace("_", "-")},
-        },
-        "spec": {
-            "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": cluster.trainer.runtime},
-            "activeDeadlineSeconds": int(cluster.trainer.timeout_hours * 3600),
-            "trainer": {
-                "image": cluster.images.ref("gpu"),
-                # torchrun takes nodes, processes per node, rank and rendezvous from the PET_* variables
-                # the Trainer's torch plugin sets, so the command names none of them.
-                "command": ["torchrun", "-m", ENTRY_MODULE],
-                "args": ["--staging", staging_uri, "--stage", stage_name, "--parent-run-id", parent_run_id],
-                "numNodes": stage.nodes,
-                "numProcPerNode": max(gpus, 1),
-                "resourcesPerNode": resources,
-                "env": env,
-            },
-            "runtimePatches": [{
-                "manager": PATCH_MANAGER,
-                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [
-                    {"name": NODE_JOB, "template": {"spec": {"template": {"spec": pod_spec}}}},
-                ]}}},
-            }],
-        },
-    }
+    pod["containers"] = [container]
+    return pod
 
 
-def run_stage(cfg: OmniConfig, stage_name: str, data_dir: Path, init_dir: Path, out_dir: Path, parent_run_id: str,
-              extra_dirs: Mapping[str, Path | None] | None = None, kube: k8s.Kube | None = None,
-              emit: Callable[[str], None] | None = None) -> dict:
+def run_stage(
+    cfg: OmniConfig,
+    stage_name: str,
+    data_dir: Path,
+    init_dir: Path,
+    out_dir: Path,
+    parent_run_id: str,
+    extra_dirs: Mapping[str, Path | None] | None = None,
+    kube: k8s.Kube | None = None,
+    emit: Callable[[str], None] | None = None,
+) -> dict:
     """Run one stage as a TrainJob and leave its checkpoint in `out_dir` (see the module doc).
     Returns the summary `steps.train` returned on rank 0."""
     emit = emit or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -148,8 +164,10 @@ def run_stage(cfg: OmniConfig, stage_name: str, data_dir: Path, init_dir: Path, 
             if path is not None:
                 store.upload_dir(path, f"inputs/{key}")
         k8s.apply(kube, job)
-        emit(f"created TrainJob {cfg.cluster.namespace}/{name}: {job['spec']['trainer']['numNodes']} node(s) x "
-             f"{job['spec']['trainer']['numProcPerNode']} process(es)")
+        emit(
+            f"created TrainJob {cfg.cluster.namespace}/{name}: {job['spec']['trainer']['numNodes']} node(s) x "
+            f"{job['spec']['trainer']['numProcPerNode']} process(es)"
+        )
     else:
         emit(f"attaching to existing TrainJob {cfg.cluster.namespace}/{name} ({state or 'running'})")
 
@@ -158,15 +176,23 @@ def run_stage(cfg: OmniConfig, stage_name: str, data_dir: Path, init_dir: Path, 
     return json.loads(store.read_bytes("output/result.json"))
 
 
-def wait(kube: k8s.Kube, job: Mapping[str, Any], timeout_s: float, poll_s: float,
-         emit: Callable[[str], None], clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+def wait(
+    kube: k8s.Kube,
+    job: Mapping[str, Any],
+    timeout_s: float,
+    poll_s: float,
+    emit: Callable[[str], None],
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
     """Block until the TrainJob is Complete (returns it) or Failed (raises TrainJobFailed with its
     reason), streaming rank 0's log meanwhile."""
     meta = job["metadata"]
     stop = threading.Event()
     # JobSet names it after the TrainJob; completion index 0 of the node job is rank 0.
-    selector = (f"jobset.sigs.k8s.io/jobset-name={meta['name']},"
-                f"jobset.sigs.k8s.io/replicatedjob-name={NODE_JOB},batch.kubernetes.io/job-completion-index=0")
+    selector = (
+        f"jobset.sigs.k8s.io/jobset-name={meta['name']},"
+        f"jobset.sigs.k8s.io/replicatedjob-name={NODE_JOB},batch.kubernetes.io/job-completion-index=0"
+    )
     follower = k8s.follow_logs(kube, meta["namespace"], selector, NODE_JOB, emit, stop, poll_s)
     deadline = clock() + timeout_s
     try:
@@ -181,8 +207,10 @@ def wait(kube: k8s.Kube, job: Mapping[str, Any], timeout_s: float, poll_s: float
             if state == "Failed":
                 raise TrainJobFailed(f"TrainJob {meta['namespace']}/{meta['name']} failed: {_failure(live)}")
             if clock() > deadline:
-                raise TrainJobFailed(f"TrainJob {meta['namespace']}/{meta['name']} did not finish within "
-                                     f"{timeout_s:.0f}s (cluster.trainer.timeout_hours); it is left running")
+                raise TrainJobFailed(
+                    f"TrainJob {meta['namespace']}/{meta['name']} did not finish within "
+                    f"{timeout_s:.0f}s (cluster.trainer.timeout_hours); it is left running"
+                )
             time.sleep(poll_s)
     finally:
         stop.set()
@@ -200,8 +228,11 @@ def _state(live: Mapping[str, Any] | None) -> str | None:
 def _failure(live: Mapping[str, Any] | None) -> str:
     cond = k8s.condition(live, "Failed") or {}
     reason, message = cond.get("reason") or "unknown reason", cond.get("message") or ""
-    jobs = [f"{j.get('name')}: {j.get('failed', 0)} failed" for j in (live or {}).get("status", {}).get("jobsStatus") or []
-            if j.get("failed")]
+    jobs = [
+        f"{j.get('name')}: {j.get('failed', 0)} failed"
+        for j in (live or {}).get("status", {}).get("jobsStatus") or []
+        if j.get("failed")
+    ]
     return f"{reason}: {message}".rstrip(": ") + (f" ({'; '.join(jobs)})" if jobs else "")
 
 

@@ -48,7 +48,7 @@ class VisionConfig(Strict):
     publish its grid set; the default covers 1-4 tiles up to 2:1 / 3:1 aspect ratios), plus one
     downsampled thumbnail of the whole image when there is more than one tile. Each tile's patch grid
     is merged 2x2 by the projector: an odd grid (27x27 at 384/14) gives floor(g^2/4) tokens
-    (729 -> 182), see `model.modeling.merge_2x2`."""
+    (729 -> 182), see `model.nn.projectors.merge_2x2`."""
 
     hidden_size: int = Field(gt=0)
     intermediate_size: int = Field(gt=0)
@@ -184,7 +184,7 @@ class DataConfig(Strict):
     min_audio_seconds: float = Field(0.1, ge=0)
     min_audio_sample_rate: int = Field(8000, gt=0, description="Hz of the source file, before resampling")
     records_per_shard: int = Field(1000, gt=0, description="samples per tar shard")
-    # Training reader (model/shards.py).
+    # Training reader (model/data/shards.py).
     shuffle_buffer: int = Field(1024, ge=1, description="samples mixed across shard boundaries; 1 = no shuffle")
     reader_cache_mb: float = Field(
         512, ge=0, description="MiB of encoded samples (pixels, log-mel) each reader process keeps, so repeats "
@@ -193,7 +193,7 @@ class DataConfig(Strict):
 
 
 class SftFilterConfig(Strict):
-    """Loss-based SFT filter (see model.sft_filter): the paper's mean +- 1 std rule, fitted per task by default."""
+    """Loss-based SFT filter (see model.training.sft_filter): the paper's mean +- 1 std rule, fitted per task by default."""
 
     enabled: bool = True
     k_sigma: float = Field(1.0, gt=0, description="keep samples within mean +- k_sigma * std (paper: 1)")

@@ -23,173 +23,74 @@ import sys
 from pathlib import Path
 
 DEFAULT_COMPILED = Path(__file__).resolve().parent / "compiled" / "omni_pipeline.yaml"
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omni", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def add(parent, name: str, help_: str) -> argparse.ArgumentParser:
-        cmd = parent.add_parser(name, help=help_, description=help_)
-        cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. stages.sft.steps=100")
-        return cmd
-
-    demo = add(sub, "demo", "Generate demo data, run the whole DAG locally, serve the champion and query it.")
-    demo.add_argument("--keep-serving", action="store_true", help="leave the predictor running at the end")
-
-    data = sub.add_parser("data", help="demo data and data prep").add_subparsers(dest="data_command", required=True)
-    make = add(data, "make-demo", "Generate the omni-tiny demo set (images, mp4 videos, espeak-ng speech, text).")
-    make.add_argument("--out", type=Path, required=True, help="output folder (train.jsonl, val.jsonl, media/)")
-    prep = data.add_parser(
-        "prep", help="validate, normalise, deduplicate, split and shard records",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Validate, normalise (RGB PNG, 16 kHz mono WAV), deduplicate, split and tokenise JSONL\n"
-        "records into tar shards + content-addressed media + manifest.json (docs/data-format.md).\n"
-        "Every rejected record goes to quarantine.jsonl with its file, line, id and the reason;\n"
-        "records_in = records_out + records_quarantined.\n\n"
-        "  omni data prep raw/ --out prepared/\n"
-        "  omni data prep s3://raw/corpus/ extra.jsonl --out s3://omni-data/prepared model.max_seq_len=512\n\n"
-        "s3:// needs S3_ENDPOINT_URL (http(s)://host:port), AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
-    prep.add_argument("overrides", nargs="+", metavar="INPUT|key=value",
-                      help="JSONL files or folders/prefixes of them (local or s3://; media paths resolve against "
-                      "each file's folder), then any Hydra overrides (arguments with '=')")
-    prep.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
-
-    pipe = sub.add_parser("pipeline", help="compile or run the DAG").add_subparsers(dest="pipeline_command", required=True)
-    comp = add(pipe, "compile", "Compile the DAG to KFP YAML (upload it in the UI or `kfp run submit -f`).")
-    comp.add_argument("--out", type=Path, default=DEFAULT_COMPILED, help=f"default: {DEFAULT_COMPILED.name} in pipelines/compiled")
-    run = add(pipe, "run", "Run the DAG on this machine with kfp.local (embedded MLflow, local artifacts).")
-    run.add_argument("--data", required=True, help="folder (or comma-separated JSONL files) of records")
-
-    serve = add(sub, "serve", "Start the KServe predictor (OpenAI-style chat + v2 inference) on a checkpoint.")
-    src = serve.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model-dir", type=Path, help="a checkpoint folder (omni_config.json, model.safetensors, tokenizer/)")
-    src.add_argument("--model-version", help="a registered version number or alias (e.g. champion) from MLflow")
-    serve.add_argument("--http-port", type=int, default=None, help="default: serving.http_port")
-
-    model = sub.add_parser("model", help="model facts").add_subparsers(dest="model_command", required=True)
-    plan = add(model, "plan", "Parameter counts per module and a per-GPU memory plan per stage for ZeRO-2 and "
-               "ZeRO-3 (meta device: nothing is allocated). Example: omni model plan model=omni-7b recipe=paper")
-    plan.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
-    plan.add_argument("--gpu-gib", type=float, default=80, help="memory per GPU in GiB (default 80)")
-    plan.add_argument("--micro-batch", type=int, default=None,
-                      help="sequences per GPU per step (default: each stage's micro_batch_size)")
-    plan.add_argument("--checkpointing", choices=("stage", "on", "off"), default="stage",
-                      help="activation checkpointing: as each stage's config says (default), or on/off for all")
-
-    add(sub, "config", "Print the resolved and validated configuration as YAML.")
-
-    cluster = sub.add_parser("cluster", help="render the Kubernetes manifests and node pools").add_subparsers(
-        dest="cluster_command", required=True)
-    render = add(cluster, "render", "Write every manifest the platform applies to a cluster into --out: the "
-                 "namespace, charts/omni-platform rendered offline (no cluster, no helm binary needed), the champion "
-                 "InferenceService that promote applies, an example 2-node TrainJob, GKE node pools and a kind "
-                 "config. Images, pool labels/taints and the endpoint come from conf/cluster (change them there or "
-                 "with overrides such as cluster.images.tag=0.2.0); custom resources are validated against "
-                 "serving/crds. Apply with: kubectl apply -f OUT/00-namespace.yaml -f OUT/10-chart.yaml "
-                 "(see docs/deploy.md).")
-    render.add_argument("--out", type=Path, required=True, help="output folder (created; files are overwritten)")
-    render.add_argument("--values", type=Path, help="a chart values file, e.g. charts/omni-platform/ci/"
-                        "production-values.yaml; keys conf/cluster owns may only repeat its values")
-    pools = add(cluster, "node-pools", "Regenerate infra/gke/node-pools.sh and infra/kind/kind-config.yaml from "
-                "conf/cluster (a test fails when the checked-in files are stale).")
-    pools.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "infra",
-                       help="default: infra/ in the repository")
-
-    add(sub, "rollback", "Move the MLflow alias `champion` back to `previous-champion` and serve that version "
-        "again: with cluster.target=kubernetes the InferenceService is re-applied at full traffic through the "
-        "Kubernetes API (in-cluster service account or your kubeconfig); otherwise its manifest is only written. "
-        "Needs tracking.uri (the MLflow server) and, for the cluster, RBAC to patch InferenceServices. "
-        "Example: omni rollback cluster.target=kubernetes tracking.uri=http://localhost:5000").add_argument(
-        "--out", type=Path, default=Path("."), help="folder for inferenceservice.yaml (default: current folder)")
-    return p
+def fail(message: str) -> int:
+    """A problem the user can fix (missing input, unreachable store, bad values): one line, exit 2."""
+    print(f"omni: {message}", file=sys.stderr)
+    return 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    # Overrides may also follow an option (`--out D key=value`): argparse leaves those in `extra`.
-    if unknown := [a for a in extra if "=" not in a or a.startswith("-")]:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*getattr(args, "overrides", []), *extra]
-    if args.command == "data" and args.data_command == "prep":
-        # Inputs and overrides share the positional slots: overrides are the ones with '='.
-        args.inputs = [a for a in args.overrides if "=" not in a]
-        args.overrides = [a for a in args.overrides if "=" in a]
-        if not args.inputs:
-            parser.error("data prep needs at least one INPUT (a JSONL file or a folder of them)")
-    from components.config import ConfigError
-    from pipelines.config import load_config
+# ------------------------------------------------------------------------------------ handlers
+# Each takes the validated config and the parsed arguments and returns the exit code.
 
-    try:
-        cfg = load_config(args.overrides)
-    except ConfigError as err:
-        print(f"omni: {err}", file=sys.stderr)
-        return 2
-    if args.command == "config":
-        import yaml
 
-        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    elif args.command == "demo":
-        from pipelines.demo import run_demo
+def _config(cfg, args) -> int:
+    import yaml
 
-        run_demo(cfg, keep_serving=args.keep_serving)
-    elif args.command == "data" and args.data_command == "make-demo":
-        from model.data.demo import make_demo
-
-        print(make_demo(args.out, cfg.data))
-    elif args.command == "data":
-        from model.data.prep import prepare
-        from model.storage import StorageError
-
-        try:
-            result = prepare(args.inputs, args.out, cfg.data, cfg.model)
-        except (FileNotFoundError, StorageError) as err:  # a missing input or unreachable store: no traceback
-            print(f"omni: {err}", file=sys.stderr)
-            return 2
-        m = result.manifest
-        print(f"{m['records_in']} in, {m['records_out']} out, {m['records_quarantined']} quarantined "
-              f"(see {args.out.rstrip('/')}/quarantine.jsonl)")
-    elif args.command == "pipeline" and args.pipeline_command == "compile":
-        from pipelines.compile import compile_pipeline
-
-        print(compile_pipeline(cfg, args.out))
-    elif args.command == "pipeline" and args.pipeline_command == "run":
-        from pipelines.local import run_local
-
-        print(run_local(cfg, args.data))
-    elif args.command == "model":
-        from model.nn.plan import format_plan
-
-        print(format_plan(cfg.model, cfg.ordered_stages(), args.gpus, args.gpu_gib, args.micro_batch,
-                          checkpointing={"stage": None, "on": True, "off": False}[args.checkpointing]))
-    elif args.command == "serve":
-        return _serve(cfg, args)
-    elif args.command == "cluster":
-        return _cluster(cfg, args)
-    elif args.command == "rollback":
-        from components.lifecycle import rollback
-
-        version, _ = rollback(cfg, args.out)
-        where = "applied to the cluster" if cfg.cluster.target == "kubernetes" else "written"
-        print(f"champion is version {version} again; InferenceService {where} ({args.out / 'inferenceservice.yaml'})")
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return 0
 
 
-def _cluster(cfg, args) -> int:
-    from pipelines import cluster
+def _demo(cfg, args) -> int:
+    from pipelines.demo import run_demo
 
-    if args.cluster_command == "node-pools":
-        for path in cluster.write_node_pools(cfg, args.out):
-            print(path)
-        return 0
+    run_demo(cfg, keep_serving=args.keep_serving)
+    return 0
+
+
+def _make_demo(cfg, args) -> int:
+    from model.data.demo import make_demo
+
+    print(make_demo(args.out, cfg.data))
+    return 0
+
+
+def _prep(cfg, args) -> int:
+    from model.data.prep import prepare
+    from model.storage import StorageError
+
     try:
-        written = cluster.render_all(cfg, args.out, args.values)
-    except (cluster.ValuesConflict, ValueError) as err:
-        print(f"omni: {err}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
+        result = prepare(args.inputs, args.out, cfg.data, cfg.model)
+    except (FileNotFoundError, StorageError) as err:  # a missing input or unreachable store: no traceback
+        return fail(str(err))
+    m = result.manifest
+    print(f"{m['records_in']} in, {m['records_out']} out, {m['records_quarantined']} quarantined "
+          f"(see {args.out.rstrip('/')}/quarantine.jsonl)")
+    return 0
+
+
+def _compile(cfg, args) -> int:
+    from pipelines.compile import compile_pipeline
+
+    print(compile_pipeline(cfg, args.out))
+    return 0
+
+
+def _run(cfg, args) -> int:
+    from pipelines.local import run_local
+
+    print(run_local(cfg, args.data))
+    return 0
+
+
+def _plan(cfg, args) -> int:
+    from model.nn.plan import format_plan
+
+    checkpointing = {"stage": None, "on": True, "off": False}[args.checkpointing]
+    print(format_plan(cfg.model, cfg.ordered_stages(), args.gpus, args.gpu_gib, args.micro_batch,
+                      checkpointing=checkpointing))
     return 0
 
 
@@ -206,6 +107,162 @@ def _serve(cfg, args) -> int:
     serving_cfg = cfg.serving.model_copy(update={"http_port": args.http_port} if args.http_port else {})
     serve(model_dir, serving_cfg)
     return 0
+
+
+def _render(cfg, args) -> int:
+    from pipelines import cluster
+
+    try:
+        written = cluster.render_all(cfg, args.out, args.values)
+    except (cluster.ValuesConflict, ValueError) as err:
+        return fail(str(err))
+    print("\n".join(map(str, written)))
+    return 0
+
+
+def _node_pools(cfg, args) -> int:
+    from pipelines import cluster
+
+    print("\n".join(map(str, cluster.write_node_pools(cfg, args.out))))
+    return 0
+
+
+def _rollback(cfg, args) -> int:
+    from components.lifecycle import rollback
+
+    version, _ = rollback(cfg, args.out)
+    where = "applied to the cluster" if cfg.cluster.target == "kubernetes" else "written"
+    print(f"champion is version {version} again; InferenceService {where} ({args.out / 'inferenceservice.yaml'})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- parser
+
+
+def _command(parent, name: str, help_: str, handler, overrides: bool = True) -> argparse.ArgumentParser:
+    cmd = parent.add_parser(name, help=help_.split(". ")[0], description=help_)
+    if overrides:
+        cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. stages.sft.steps=100")
+    cmd.set_defaults(handler=handler)
+    return cmd
+
+
+def _group(sub, name: str, help_: str):
+    return sub.add_parser(name, help=help_).add_subparsers(dest=f"{name}_command", required=True)
+
+
+def _add_data(sub) -> None:
+    data = _group(sub, "data", "demo data and data prep")
+    make = _command(data, "make-demo", "Generate the omni-tiny demo set (images, mp4 videos, espeak-ng speech, text).",
+                    _make_demo)
+    make.add_argument("--out", type=Path, required=True, help="output folder (train.jsonl, val.jsonl, media/)")
+    prep = data.add_parser(
+        "prep", help="validate, normalise, deduplicate, split and shard records",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Validate, normalise (RGB PNG, 16 kHz mono WAV), deduplicate, split and tokenise JSONL\n"
+        "records into tar shards + content-addressed media + manifest.json (docs/data-format.md).\n"
+        "Every rejected record goes to quarantine.jsonl with its file, line, id and the reason;\n"
+        "records_in = records_out + records_quarantined.\n\n"
+        "  omni data prep raw/ --out prepared/\n"
+        "  omni data prep s3://raw/corpus/ extra.jsonl --out s3://omni-data/prepared model.max_seq_len=512\n\n"
+        "s3:// needs S3_ENDPOINT_URL (http(s)://host:port), AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+    prep.add_argument("overrides", nargs="+", metavar="INPUT|key=value",
+                      help="JSONL files or folders/prefixes of them (local or s3://; media paths resolve against "
+                      "each file's folder), then any Hydra overrides (arguments with '=')")
+    prep.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    prep.set_defaults(handler=_prep)
+
+
+def _add_pipeline(sub) -> None:
+    pipe = _group(sub, "pipeline", "compile or run the DAG")
+    comp = _command(pipe, "compile", "Compile the DAG to KFP YAML (upload it in the UI or `kfp run submit -f`).",
+                    _compile)
+    comp.add_argument("--out", type=Path, default=DEFAULT_COMPILED,
+                      help=f"default: {DEFAULT_COMPILED.name} in pipelines/compiled")
+    run = _command(pipe, "run", "Run the DAG on this machine with kfp.local (embedded MLflow, local artifacts).", _run)
+    run.add_argument("--data", required=True, help="folder (or comma-separated JSONL files) of records")
+
+
+def _add_serve(sub) -> None:
+    serve = _command(sub, "serve", "Start the KServe predictor (OpenAI-style chat + v2 inference) on a checkpoint.",
+                     _serve)
+    src = serve.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-dir", type=Path,
+                     help="a checkpoint folder (omni_config.json, model.safetensors, tokenizer/)")
+    src.add_argument("--model-version", help="a registered version number or alias (e.g. champion) from MLflow")
+    serve.add_argument("--http-port", type=int, default=None, help="default: serving.http_port")
+
+
+def _add_model(sub) -> None:
+    model = _group(sub, "model", "model facts")
+    plan = _command(model, "plan", "Parameter counts per module and a per-GPU memory plan per stage for ZeRO-2 and "
+                    "ZeRO-3 (meta device: nothing is allocated). Example: omni model plan model=omni-7b recipe=paper",
+                    _plan)
+    plan.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
+    plan.add_argument("--gpu-gib", type=float, default=80, help="memory per GPU in GiB (default 80)")
+    plan.add_argument("--micro-batch", type=int, default=None,
+                      help="sequences per GPU per step (default: each stage's micro_batch_size)")
+    plan.add_argument("--checkpointing", choices=("stage", "on", "off"), default="stage",
+                      help="activation checkpointing: as each stage's config says (default), or on/off for all")
+
+
+def _add_cluster(sub) -> None:
+    cluster = _group(sub, "cluster", "render the Kubernetes manifests and node pools")
+    render = _command(cluster, "render", "Write every manifest the platform applies to a cluster into --out: the "
+                      "namespace, charts/omni-platform rendered offline (no cluster, no helm binary needed), the "
+                      "champion InferenceService that promote applies, an example 2-node TrainJob, GKE node pools and "
+                      "a kind config. Images, pool labels/taints and the endpoint come from conf/cluster (change them "
+                      "there or with overrides such as cluster.images.tag=0.2.0); custom resources are validated "
+                      "against serving/crds. Apply with: kubectl apply -f OUT/00-namespace.yaml -f OUT/10-chart.yaml "
+                      "(see docs/deploy.md).", _render)
+    render.add_argument("--out", type=Path, required=True, help="output folder (created; files are overwritten)")
+    render.add_argument("--values", type=Path, help="a chart values file, e.g. charts/omni-platform/ci/"
+                        "production-values.yaml; keys conf/cluster owns may only repeat its values")
+    pools = _command(cluster, "node-pools", "Regenerate infra/gke/node-pools.sh and infra/kind/kind-config.yaml from "
+                     "conf/cluster (a test fails when the checked-in files are stale).", _node_pools)
+    pools.add_argument("--out", type=Path, default=REPO / "infra", help="default: infra/ in the repository")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omni", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = _command(sub, "demo", "Generate demo data, run the whole DAG locally, serve the champion and query it.",
+                    _demo)
+    demo.add_argument("--keep-serving", action="store_true", help="leave the predictor running at the end")
+    for add in (_add_data, _add_pipeline, _add_serve, _add_model, _add_cluster):
+        add(sub)
+    _command(sub, "config", "Print the resolved and validated configuration as YAML.", _config)
+    _command(sub, "rollback", "Move the MLflow alias `champion` back to `previous-champion` and serve that version "
+             "again: with cluster.target=kubernetes the InferenceService is re-applied at full traffic through the "
+             "Kubernetes API (in-cluster service account or your kubeconfig); otherwise its manifest is only "
+             "written. Needs tracking.uri (the MLflow server) and, for the cluster, RBAC to patch InferenceServices. "
+             "Example: omni rollback cluster.target=kubernetes tracking.uri=http://localhost:5000",
+             _rollback).add_argument("--out", type=Path, default=Path("."),
+                                     help="folder for inferenceservice.yaml (default: current folder)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow an option (`--out D key=value`): argparse leaves those in `extra`.
+    if unknown := [a for a in extra if "=" not in a or a.startswith("-")]:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
+    if args.handler is _prep:
+        # Inputs and overrides share the positional slots: overrides are the ones with '='.
+        args.inputs = [a for a in args.overrides if "=" not in a]
+        args.overrides = [a for a in args.overrides if "=" in a]
+        if not args.inputs:
+            parser.error("data prep needs at least one INPUT (a JSONL file or a folder of them)")
+    from components.config import ConfigError
+    from pipelines.config import load_config
+
+    try:
+        cfg = load_config(args.overrides)
+    except ConfigError as err:
+        return fail(str(err))
+    return args.handler(cfg, args)
 
 
 if __name__ == "__main__":

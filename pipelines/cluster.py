@@ -122,8 +122,8 @@ def namespace_manifest(cfg: OmniConfig) -> dict[str, Any]:
     """The platform's namespace. Pod Security "restricted" is enforced, not just warned about."""
     labels = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "audit", "warn")}
     labels["pod-security.kubernetes.io/enforce-version"] = "latest"
-    return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": cfg.cluster.namespace, "labels": {**labels, "app.kubernetes.io/part-of": "omni-platform"}}}
+    labels = {**labels, "app.kubernetes.io/part-of": "omni-platform"}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.cluster.namespace, "labels": labels}}
 
 
 def example_trainjob(cfg: OmniConfig, stage_name: str = "sft") -> dict[str, Any]:
@@ -141,33 +141,47 @@ def champion_example(cfg: OmniConfig, endpoint_values: Mapping[str, Any]) -> dic
     root = (cfg.cluster.endpoint.mlflow_artifacts_root or "s3://omni-mlflow/artifacts").rstrip("/")
     storage = endpoint_values.get("storageUri") or f"{root}/1/example-run/artifacts/model"
     version = endpoint_values.get("modelVersion") or None
-    return endpoint.champion_isvc(cfg, storage, str(version) if version else None,
-                                  canary_percent=endpoint_values.get("canaryTrafficPercent"))
+    return endpoint.champion_isvc(
+        cfg, storage, str(version) if version else None, canary_percent=endpoint_values.get("canaryTrafficPercent")
+    )
 
 
 def gke_node_pools(cfg: OmniConfig) -> str:
     """gcloud commands creating the GPU and CPU node pools with conf's labels and taints."""
-    lines = ["#!/usr/bin/env bash",
-             "# GKE node pools for omni-platform. GENERATED from conf/cluster by `omni cluster node-pools`:",
-             "# edit conf/cluster and regenerate; tests/cluster/test_source_of_truth.py fails on drift.",
-             "# Usage: CLUSTER=my-cluster LOCATION=us-central1 [PROJECT=my-project] bash infra/gke/node-pools.sh",
-             "set -euo pipefail",
-             ': "${CLUSTER:?set CLUSTER}" "${LOCATION:?set LOCATION}"',
-             'project=(); [ -n "${PROJECT:-}" ] && project=(--project "$PROJECT")', ""]
+    lines = [
+        "#!/usr/bin/env bash",
+        "# GKE node pools for omni-platform. GENERATED from conf/cluster by `omni cluster node-pools`:",
+        "# edit conf/cluster and regenerate; tests/cluster/test_source_of_truth.py fails on drift.",
+        "# Usage: CLUSTER=my-cluster LOCATION=us-central1 [PROJECT=my-project] bash infra/gke/node-pools.sh",
+        "set -euo pipefail",
+        ': "${CLUSTER:?set CLUSTER}" "${LOCATION:?set LOCATION}"',
+        'project=(); [ -n "${PROJECT:-}" ] && project=(--project "$PROJECT")',
+        "",
+    ]
     for pool in (cfg.cluster.cpu_pool, cfg.cluster.gpu_pool):
         np = pool.node_pool
         labels = ",".join(f"{k}={v}" for k, v in pool.node_selector.items())
-        args = [f"--machine-type={np.machine_type}", f"--disk-size={np.disk_size_gb}",
-                "--enable-autoscaling", f"--min-nodes={np.min_nodes}", f"--max-nodes={np.max_nodes}",
-                f"--node-labels={labels}"]
+        args = [
+            f"--machine-type={np.machine_type}",
+            f"--disk-size={np.disk_size_gb}",
+            "--enable-autoscaling",
+            f"--min-nodes={np.min_nodes}",
+            f"--max-nodes={np.max_nodes}",
+            f"--node-labels={labels}",
+        ]
         if pool.taints:
-            args.append("--node-taints=" + ",".join(
-                f"{t.key}={t.value or ''}:{t.effect}" for t in pool.taints))
+            args.append("--node-taints=" + ",".join(f"{t.key}={t.value or ''}:{t.effect}" for t in pool.taints))
         if np.gpus_per_node:
             # GKE installs the driver and the device plugin that advertises nvidia.com/gpu.
             args.append(f"--accelerator=type={np.gpu_model},count={np.gpus_per_node},gpu-driver-version=latest")
-        lines.append(f"# {pool.name}: " + ("GPU stages, evaluation, export, the predictor" if np.gpus_per_node
-                                            else "data prep, registry, promotion, MLflow"))
+        lines.append(
+            f"# {pool.name}: "
+            + (
+                "GPU stages, evaluation, export, the predictor"
+                if np.gpus_per_node
+                else "data prep, registry, promotion, MLflow"
+            )
+        )
         lines.append(f'gcloud container node-pools create {pool.name} --cluster "$CLUSTER" --location "$LOCATION" \\')
         lines.append('  "${project[@]}" \\')
         lines.append("  " + " \\\n  ".join(shlex.quote(a) for a in args))
@@ -179,8 +193,9 @@ class _BlockStrings(yaml.SafeDumper):
     """Multi-line strings (kubeadm patches) as literal blocks, as people write them."""
 
 
-_BlockStrings.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s,
-                                                                  style="|" if "\n" in s else None))
+_BlockStrings.add_representer(
+    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+)
 
 
 def kind_config(cfg: OmniConfig) -> dict[str, Any]:
@@ -191,8 +206,9 @@ def kind_config(cfg: OmniConfig) -> dict[str, Any]:
         node: dict[str, Any] = {"role": "worker", "labels": dict(pool.node_selector)}
         if pool.taints:
             taints = [{"key": t.key, "value": t.value or "", "effect": t.effect} for t in pool.taints]
-            node["kubeadmConfigPatches"] = [yaml.safe_dump(
-                {"kind": "JoinConfiguration", "nodeRegistration": {"taints": taints}}, sort_keys=False)]
+            node["kubeadmConfigPatches"] = [
+                yaml.safe_dump({"kind": "JoinConfiguration", "nodeRegistration": {"taints": taints}}, sort_keys=False)
+            ]
         nodes.append(node)
     return {"kind": "Cluster", "apiVersion": "kind.x-k8s.io/v1alpha4", "name": "omni-platform", "nodes": nodes}
 
@@ -204,8 +220,10 @@ def write_node_pools(cfg: OmniConfig, out_dir: Path) -> list[Path]:
     gke.write_text(gke_node_pools(cfg))
     kind = out_dir / "kind" / "kind-config.yaml"
     kind.parent.mkdir(parents=True, exist_ok=True)
-    kind.write_text("# A local dev cluster for omni-platform. GENERATED from conf/cluster by `omni cluster node-pools`.\n"
-                    + yaml.dump(kind_config(cfg), Dumper=_BlockStrings, sort_keys=False))
+    kind.write_text(
+        "# A local dev cluster for omni-platform. GENERATED from conf/cluster by `omni cluster node-pools`.\n"
+        + yaml.dump(kind_config(cfg), Dumper=_BlockStrings, sort_keys=False)
+    )
     return [gke, kind]
 
 
@@ -228,8 +246,10 @@ def render_all(cfg: OmniConfig, out_dir: Path, values_file: Path | None = None) 
     validate_custom_resources([*chart_docs, isvc, job])
     chart_isvc = [d for d in chart_docs if d["kind"] == "InferenceService"]
     if chart_isvc and chart_isvc[0]["spec"] != isvc["spec"]:
-        raise AssertionError("the chart's InferenceService differs from the one promote applies: "
-                             "charts/omni-platform/templates/inferenceservice.yaml and components/endpoint.py disagree")
+        raise AssertionError(
+            "the chart's InferenceService differs from the one promote applies: "
+            "charts/omni-platform/templates/inferenceservice.yaml and components/endpoint.py disagree"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [
         write_manifest(namespace_manifest(cfg), out_dir / "00-namespace.yaml"),

@@ -40,7 +40,8 @@ from pipelines.cluster import (
 KUBE_VERSIONS = ("1.31.0", "1.37.0")  # the chart's kubeVersion floor, and the newest schemas we have
 DOCKERFILES = sorted((REPO / "images").glob("*/Dockerfile"))
 VALUES_FILES = sorted((CHART_DIR / "ci").glob("*-values.yaml"))
-_YAMLLINT = "{extends: default, rules: {line-length: disable, document-start: disable, indentation: {indent-sequences: whatever}}}"
+_YAMLLINT = ("{extends: default, rules: {line-length: disable, document-start: disable, "
+             "indentation: {indent-sequences: whatever}}}")
 
 
 @dataclass
@@ -96,8 +97,11 @@ def yamllint(out_dir: Path) -> list[str]:
     conf = YamlLintConfig(_YAMLLINT)
     problems = []
     for path in sorted(out_dir.rglob("*.yaml")):
-        problems += [f"{path.name}:{p.line}: {p.desc} ({p.rule})" for p in linter.run(path.read_text(), conf)
-                     if p.level == "error"]
+        problems += [
+            f"{path.name}:{p.line}: {p.desc} ({p.rule})"
+            for p in linter.run(path.read_text(), conf)
+            if p.level == "error"
+        ]
     return problems
 
 
@@ -111,7 +115,10 @@ def helm_lint(values_file: Path | None = None) -> list[str]:
     values = merge_values(load_values(values_file), conf_values(load_config()))
     report = lint(str(CHART_DIR), values, strict=True, namespace=load_config().cluster.namespace)
     # Severity 1 is informational ("icon is recommended"): not a defect of the manifests.
-    return [*report.get("errors", []), *(f"{m['path']}: {m['error']}" for m in report["messages"] if m["severity"] >= 2)]
+    return [
+        *report.get("errors", []),
+        *(f"{m['path']}: {m['error']}" for m in report["messages"] if m["severity"] >= 2),
+    ]
 
 
 def checkov_config_skips() -> list[str]:
@@ -120,8 +127,11 @@ def checkov_config_skips() -> list[str]:
 
 
 def checkov_bin() -> str | None:
-    candidates = [os.environ.get("CHECKOV"), str(REPO / ".cache" / "checkov-venv" / "bin" / "checkov"),
-                  shutil.which("checkov")]
+    candidates = [
+        os.environ.get("CHECKOV"),
+        str(REPO / ".cache" / "checkov-venv" / "bin" / "checkov"),
+        shutil.which("checkov"),
+    ]
     return next((c for c in candidates if c and Path(c).exists()), None)
 
 
@@ -143,8 +153,10 @@ def checkov(targets: list[Path], framework: str) -> CheckovResult:
         result.passed += len(res.get("passed_checks", []))
         result.failed += len(res.get("failed_checks", []))
         result.skipped += len(res.get("skipped_checks", []))
-        result.failures += [f"{c['check_id']} {c['resource']} ({c['file_path']}): {c['check_name']}"
-                            for c in res.get("failed_checks", [])]
+        result.failures += [
+            f"{c['check_id']} {c['resource']} ({c['file_path']}): {c['check_name']}"
+            for c in res.get("failed_checks", [])
+        ]
         result.skips += sorted({c["check_id"] for c in res.get("skipped_checks", [])})
     if proc.returncode not in (0, 1) or (not reports and proc.stderr):
         raise RuntimeError(f"checkov did not run cleanly (exit {proc.returncode}): {proc.stderr[-2000:]}")
@@ -168,8 +180,13 @@ def _skip_space(text: str, pos: int) -> int:
 
 def hadolint(files: list[Path] = DOCKERFILES) -> list[str]:
     binary = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    proc = subprocess.run([binary, "--config", str(REPO / ".hadolint.yaml"), "-f", "json", *map(str, files)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [binary, "--config", str(REPO / ".hadolint.yaml"), "-f", "json", *map(str, files)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     findings = json.loads(proc.stdout or "[]")
     if proc.returncode and not findings:
         raise RuntimeError(f"hadolint failed: {proc.stderr}")
@@ -178,7 +195,9 @@ def hadolint(files: list[Path] = DOCKERFILES) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.cluster_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "build" / "cluster", help="render folder (default build/cluster)")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "build" / "cluster", help="render folder (default build/cluster)"
+    )
     args = parser.parse_args(argv)
     failures: list[str] = []
 
@@ -192,20 +211,28 @@ def main(argv: list[str] | None = None) -> int:
         kinds = sorted({d["kind"] for d in manifest_docs(out)})
         print(f"rendered {name} -> {out}: {len(manifest_docs(out))} objects ({', '.join(kinds)})")
         checked, errors = kubernetes_validate(out)
-        report(f"kubernetes-validate --strict [{name}]", errors, f"{checked} core objects x {len(KUBE_VERSIONS)} versions")
+        report(
+            f"kubernetes-validate --strict [{name}]", errors, f"{checked} core objects x {len(KUBE_VERSIONS)} versions"
+        )
         try:
             report(f"CRD jsonschema [{name}]", [], f"{custom_resources(out)} custom resources")
         except ValueError as err:
             report(f"CRD jsonschema [{name}]", [str(err)], "")
         report(f"yamllint [{name}]", yamllint(out), "clean")
         result = checkov([out], "kubernetes")
-        report(f"checkov kubernetes [{name}]", result.failures,
-               f"passed {result.passed}, failed {result.failed}, skipped {result.skipped} {sorted(set(result.skips))}")
+        report(
+            f"checkov kubernetes [{name}]",
+            result.failures,
+            f"passed {result.passed}, failed {result.failed}, skipped {result.skipped} {sorted(set(result.skips))}",
+        )
     for values in [None, *VALUES_FILES]:
         report(f"helm lint --strict [{values.name if values else 'default'}]", helm_lint(values), "clean")
     result = checkov(DOCKERFILES, "dockerfile")
-    report("checkov dockerfile", result.failures,
-           f"passed {result.passed}, failed {result.failed}, skipped {result.skipped}")
+    report(
+        "checkov dockerfile",
+        result.failures,
+        f"passed {result.passed}, failed {result.failed}, skipped {result.skipped}",
+    )
     report("hadolint", hadolint(), f"{len(DOCKERFILES)} Dockerfiles clean")
     print(f"checkov checks off by .checkov.yaml (justified there): {', '.join(checkov_config_skips()) or 'none'}")
     print("all cluster checks passed" if not failures else f"{len(failures)} problem(s)")

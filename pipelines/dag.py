@@ -1,12 +1,12 @@
 """The omni training DAG (SPEC §8):
 
     data-prep -> init-model -> image-1 -> image-2 -> image-3 -> video -> audio -> omni-align
-      -> sft-loss-filter -> sft -> evaluate -> export-triton -> register -> gate -> dsl.If(promote) / Else(keep champion)
+      -> sft-loss-filter -> sft -> evaluate -> export-triton -> register -> gate
+      -> dsl.If(promote) / Else(keep champion)
 
 GPU stages carry the accelerator, node selector, toleration and a memory-backed /dev/shm from the
 cluster config; CPU steps go to the CPU pool. Both are no-ops under `kfp.local`.
 """
-
 
 from kfp import dsl, kubernetes
 
@@ -29,8 +29,9 @@ def _place(task: dsl.PipelineTask, pool: PoolConfig, retries: int) -> dsl.Pipeli
         task.set_accelerator_type(pool.accelerator_type).set_accelerator_limit(pool.accelerator_limit)
     if pool.shm_size:
         # NCCL and DataLoader workers exchange tensors through /dev/shm; the default 64 MiB is too small.
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                                   size_limit=pool.shm_size)
+        kubernetes.empty_dir_mount(
+            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=pool.shm_size
+        )
     if retries:
         task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0)
     return task
@@ -46,12 +47,10 @@ def _storage_env(task: dsl.PipelineTask, secret: str) -> dsl.PipelineTask:
 
 def build_pipeline(cfg: OmniConfig):
     """The pipeline function for this config; the resolved config is its default parameter, so a
-    compiled YAML is self-contained and `key=value` at submit time can still replace it. A stage
-    that needs more than one task pod (`trainjob.needs_trainjob`) gets the TrainJob launcher."""
+    compiled YAML is self-contained and `key=value` at submit time can still replace it."""
     cluster = cfg.cluster
     ops = make_components({"cpu": cluster.images.ref("cpu"), "gpu": cluster.images.ref("gpu")})
     pools = {"cpu": cluster.cpu_pool, "gpu": cluster.gpu_pool}
-    stages = [s for s in STAGE_ORDER if s in cfg.stages]
 
     def step(component, name: str, **inputs) -> dsl.PipelineTask:
         task = component(**inputs).set_display_name(name)
@@ -64,33 +63,37 @@ def build_pipeline(cfg: OmniConfig):
     def omni_pipeline(data_uri: str, config_json: str = cfg.to_json()) -> str:
         run_id = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
         parent = step(ops.start_tracking, "start-tracking", config_json=config_json, pipeline_run=run_id)
-        prep = step(ops.data_prep, "data-prep", config_json=config_json, data_uri=data_uri, parent_run_id=parent.output)
-        dataset = prep.outputs["dataset"]
-        init = step(ops.init_model, "init-model", config_json=config_json, dataset=dataset)
-        current = init.outputs["model"]
-        for stage in stages:
-            extra = {}
-            if stage == "sft":  # the loss filter scores SFT data with the checkpoint SFT starts from
-                scored = step(ops.sft_filter, "sft-loss-filter", config_json=config_json, parent_run_id=parent.output,
-                              dataset=dataset, model=current)
-                extra["sft_filter"] = scored.outputs["filtered"]
-            trainer = ops.train_stage_trainjob if needs_trainjob(cfg, stage) else ops.train_stage
-            task = step(trainer, stage.replace("_", "-"), config_json=config_json, stage=stage,
-                        parent_run_id=parent.output, dataset=dataset, init_model=current, **extra)
-            current = task.outputs["model"]
-        ev = step(ops.evaluate, "evaluate", config_json=config_json, parent_run_id=parent.output, dataset=dataset,
-                  model=current, baseline=init.outputs["model"])
-        export = step(ops.export_triton, "export-triton", model=current)
-        reg = step(ops.register, "register", config_json=config_json, parent_run_id=parent.output,
-                   pipeline_run=run_id, model=current, eval_metrics=ev.outputs["Output"],
-                   manifest_sha256=prep.outputs["Output"])
+        common = {"config_json": config_json, "parent_run_id": parent.output}
+        prep = step(ops.data_prep, "data-prep", data_uri=data_uri, **common)
+        init = step(ops.init_model, "init-model", config_json=config_json, dataset=prep.outputs["dataset"])
+        trained = _train_stages(cfg, ops, step, common, prep.outputs["dataset"], init.outputs["model"])
+        ev = step(ops.evaluate, "evaluate", dataset=prep.outputs["dataset"], model=trained,
+                  baseline=init.outputs["model"], **common)
+        export = step(ops.export_triton, "export-triton", model=trained)
+        reg = step(ops.register, "register", pipeline_run=run_id, model=trained, eval_metrics=ev.outputs["Output"],
+                   manifest_sha256=prep.outputs["Output"], **common)
         reg.after(export)  # register only what exported cleanly
         verdict = step(ops.gate, "gate", config_json=config_json, version=reg.output)
         with dsl.If(verdict.output == "promote", name="gate-passed"):
-            step(ops.promote, "promote", config_json=config_json, version=reg.output, parent_run_id=parent.output)
+            step(ops.promote, "promote", version=reg.output, **common)
         with dsl.Else(name="gate-failed"):
-            step(ops.keep_champion, "keep-champion", config_json=config_json, version=reg.output,
-                 parent_run_id=parent.output)
+            step(ops.keep_champion, "keep-champion", version=reg.output, **common)
         return ev.outputs["Output"]
 
     return omni_pipeline
+
+
+def _train_stages(cfg: OmniConfig, ops, step, common: dict, dataset, model):
+    """The stages in order, each from the previous one's checkpoint; the SFT loss filter before sft.
+    A stage that needs more than one task pod (`trainjob.needs_trainjob`) gets the TrainJob launcher,
+    chosen here, when the pipeline is built. Returns the last checkpoint."""
+    for stage in (s for s in STAGE_ORDER if s in cfg.stages):
+        extra = {}
+        if stage == "sft":  # the loss filter scores SFT data with the checkpoint SFT starts from
+            scored = step(ops.sft_filter, "sft-loss-filter", dataset=dataset, model=model, **common)
+            extra["sft_filter"] = scored.outputs["filtered"]
+        trainer = ops.train_stage_trainjob if needs_trainjob(cfg, stage) else ops.train_stage
+        task = step(trainer, stage.replace("_", "-"), stage=stage, dataset=dataset, init_model=model, **common,
+                    **extra)
+        model = task.outputs["model"]
+    return model

@@ -96,14 +96,22 @@ def ask_examples(port: int, data_dir: Path, model_name: str) -> list[dict]:
     """One image question, one audio transcription, one video question from the held-out split."""
     held_out = ShardStream(data_dir, "val")
     val = list(held_out.records())
-    picks = [next(r for r in val if r.task == t) for t in ("image_mcq", "asr", "video_mcq") if any(r.task == t for r in val)]
+    picks = [
+        next(r for r in val if r.task == t) for t in ("image_mcq", "asr", "video_mcq") if any(r.task == t for r in val)
+    ]
     answers = []
     for record in picks:
         body = chat_request(record, held_out.store.read_bytes, model_name)
         resp = requests.post(f"http://{HOST}:{port}/openai/v1/chat/completions", json=body, timeout=120)
         resp.raise_for_status()
-        answers.append({"task": record.task, "question": record.prompt_messages[-1].content,
-                        "expected": record.reference, "answer": resp.json()["choices"][0]["message"]["content"]})
+        answers.append(
+            {
+                "task": record.task,
+                "question": record.prompt_messages[-1].content,
+                "expected": record.reference,
+                "answer": resp.json()["choices"][0]["message"]["content"],
+            }
+        )
     return answers
 
 
@@ -161,13 +169,18 @@ def run_demo(cfg: OmniConfig, keep_serving: bool = False) -> dict:
     counts = make_demo(raw, cfg.data)
     print(f"      {counts['total']} records: " + ", ".join(f"{k}={v}" for k, v in counts.items() if k != "total"))
     log = work / "pipeline.log"
-    print("[2/4] running the pipeline locally (kfp.local): data-prep -> 7 training stages -> evaluate -> "
-          f"export -> register -> gate -> promote\n      full log: {log}")
+    print(
+        "[2/4] running the pipeline locally (kfp.local): data-prep -> 7 training stages -> evaluate -> "
+        f"export -> register -> gate -> promote\n      full log: {log}"
+    )
     try:
         with pipeline_log(log):
             metrics = run_local(cfg, raw)
     except Exception:
-        print(f"the pipeline failed; the end of {log}:\n" + "".join(log.read_text(errors="replace").splitlines(True)[-40:]))
+        print(
+            f"the pipeline failed; the end of {log}:\n"
+            + "".join(log.read_text(errors="replace").splitlines(True)[-40:])
+        )
         raise
     uri = mlflow_uri(cfg)
     name = cfg.tracking.registered_model
@@ -191,12 +204,20 @@ def run_demo(cfg: OmniConfig, keep_serving: bool = False) -> dict:
     print("\nHeld-out evaluation (untrained baseline vs trained):\n" + eval_table(metrics_file))
     print(f"\nWall time: {time.time() - start:.0f} s")
     print("Where to look:")
-    print(f"  MLflow:     mlflow ui --backend-store-uri {uri}   (experiment {cfg.tracking.experiment!r}, model {name!r})")
+    print(
+        f"  MLflow:     mlflow ui --backend-store-uri {uri}   (experiment {cfg.tracking.experiment!r}, model {name!r})"
+    )
     print(f"  Artifacts:  {work / 'pipeline_root'}")
     print(f"  Report:     {metrics_file.parent / 'report.html'}")
     print(f"  Endpoint:   omni serve --model-dir {champion_dir}  ->  POST /openai/v1/chat/completions")
-    return {"metrics": metrics, "answers": answers, "champion": champion.version, "port": port,
-            "process": proc if keep_serving else None, "seconds": time.time() - start}
+    return {
+        "metrics": metrics,
+        "answers": answers,
+        "champion": champion.version,
+        "port": port,
+        "process": proc if keep_serving else None,
+        "seconds": time.time() - start,
+    }
 
 
 def _latest(root: Path, artifact: str, filename: str) -> Path:

@@ -41,7 +41,11 @@ def engine() -> tuple[bool, bool, str]:
         return False, False, "no `docker` command on PATH"
     info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
     if info.returncode != 0:
-        return False, False, f"the docker command cannot reach an engine ({info.stderr.strip() or 'docker info failed'})"
+        return (
+            False,
+            False,
+            f"the docker command cannot reach an engine ({info.stderr.strip() or 'docker info failed'})",
+        )
     buildx = subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode == 0
     return True, buildx, ""
 
@@ -62,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     refs = {w: images.ref(w) for w in wanted}
     reachable, buildx, why = (True, True, "") if args.dry_run else engine()
     if not reachable:
-        print(f"make images: cannot build: {why}.\nNothing was built. On a machine with Docker (or in CI with "
-              "docker/setup-buildx-action) run `make images` again; these refs would be built:", file=sys.stderr)
+        print(
+            f"make images: cannot build: {why}.\nNothing was built. On a machine with Docker (or in CI with "
+            "docker/setup-buildx-action) run `make images` again; these refs would be built:",
+            file=sys.stderr,
+        )
         for ref in refs.values():
             print(f"  {ref}", file=sys.stderr)
         return NO_ENGINE

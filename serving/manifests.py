@@ -44,31 +44,42 @@ _OBJECT_META: dict[str, Any] = {
 }
 
 
-def inference_service(
-    name: str,
-    namespace: str,
-    storage_uri: str,
-    runtime: str = "omni-predictor",
-    *,
-    cpu: str = "1",
-    memory: str = "4Gi",
-    cpu_limit: str | None = None,
-    memory_limit: str | None = None,
-    gpu: int = 0,
-    canary_traffic_percent: int | None = None,
-    service_account: str | None = None,
-    annotations: Mapping[str, str] | None = None,
-    labels: Mapping[str, str] | None = None,
-    min_replicas: int | None = None,
-    max_replicas: int | None = None,
-    node_selector: Mapping[str, str] | None = None,
-    tolerations: Sequence[Mapping[str, Any]] | None = None,
-) -> dict[str, Any]:
+def inference_service(name: str, namespace: str, storage_uri: str, runtime: str = "omni-predictor", *,
+                      cpu: str = "1", memory: str = "4Gi", cpu_limit: str | None = None,
+                      memory_limit: str | None = None, gpu: int = 0, canary_traffic_percent: int | None = None,
+                      service_account: str | None = None, annotations: Mapping[str, str] | None = None,
+                      labels: Mapping[str, str] | None = None, min_replicas: int | None = None,
+                      max_replicas: int | None = None, node_selector: Mapping[str, str] | None = None,
+                      tolerations: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """A `serving.kserve.io/v1beta1` InferenceService serving `storage_uri` with our runtime.
 
     `canary_traffic_percent` routes that share of traffic to this revision and the rest to the
     last ready one (KServe's canary rollout); None means all traffic.
     """
+    _check_isvc_args(name, namespace, gpu, canary_traffic_percent)
+    requests: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    limits: dict[str, Any] = {"cpu": cpu_limit or cpu, "memory": memory_limit or memory}
+    if gpu:
+        # Extended resources must be requested and limited alike.
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = gpu
+    model = {"modelFormat": {"name": "omni"}, "runtime": runtime, "storageUri": storage_uri,
+             "resources": {"requests": requests, "limits": limits}}
+    # Knative needs its kubernetes.podspec-nodeselector/-tolerations features on for the last two (docs/deploy.md).
+    optional = {"canaryTrafficPercent": canary_traffic_percent, "serviceAccountName": service_account or None,
+                "minReplicas": min_replicas, "maxReplicas": max_replicas,
+                "nodeSelector": dict(node_selector) if node_selector else None,
+                "tolerations": [dict(t) for t in tolerations] if tolerations else None}
+    predictor = {"model": model, **{k: v for k, v in optional.items() if v is not None}}
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+    if labels:
+        metadata["labels"] = dict(labels)
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    return {"apiVersion": ISVC_API_VERSION, "kind": "InferenceService", "metadata": metadata,
+            "spec": {"predictor": predictor}}
+
+
+def _check_isvc_args(name: str, namespace: str, gpu: int, canary_traffic_percent: int | None) -> None:
     if not _DNS1035.match(name) or len(name) > 63:
         raise ValueError(f"InferenceService name {name!r} must be a DNS-1035 label")
     if not _DNS1123.match(namespace) or len(namespace) > 63:
@@ -77,46 +88,6 @@ def inference_service(
         raise ValueError(f"gpu must be >= 0, got {gpu}")
     if canary_traffic_percent is not None and not 0 <= canary_traffic_percent <= 100:
         raise ValueError(f"canary_traffic_percent must be in 0..100, got {canary_traffic_percent}")
-
-    requests: dict[str, Any] = {"cpu": cpu, "memory": memory}
-    limits: dict[str, Any] = {"cpu": cpu_limit or cpu, "memory": memory_limit or memory}
-    if gpu:
-        # Extended resources must be requested and limited alike.
-        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = gpu
-
-    predictor: dict[str, Any] = {
-        "model": {
-            "modelFormat": {"name": "omni"},
-            "runtime": runtime,
-            "storageUri": storage_uri,
-            "resources": {"requests": requests, "limits": limits},
-        }
-    }
-    if canary_traffic_percent is not None:
-        predictor["canaryTrafficPercent"] = canary_traffic_percent
-    if service_account:
-        predictor["serviceAccountName"] = service_account
-    if min_replicas is not None:
-        predictor["minReplicas"] = min_replicas
-    if max_replicas is not None:
-        predictor["maxReplicas"] = max_replicas
-    # Knative needs its kubernetes.podspec-nodeselector/-tolerations features on for these (docs/deploy.md).
-    if node_selector:
-        predictor["nodeSelector"] = dict(node_selector)
-    if tolerations:
-        predictor["tolerations"] = [dict(t) for t in tolerations]
-
-    metadata: dict[str, Any] = {"name": name, "namespace": namespace}
-    if labels:
-        metadata["labels"] = dict(labels)
-    if annotations:
-        metadata["annotations"] = dict(annotations)
-    return {
-        "apiVersion": ISVC_API_VERSION,
-        "kind": "InferenceService",
-        "metadata": metadata,
-        "spec": {"predictor": predictor},
-    }
 
 
 def validate_custom_resource(obj: Mapping[str, Any], crd_dir: Path | None = None) -> None:

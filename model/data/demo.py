@@ -2,7 +2,7 @@
 model can learn in minutes on a CPU, so evaluation visibly improves after each training stage.
 
 Tasks (the record `task` values the stage configs select on; the metric family follows the name,
-see `model.metrics.task_kind`: `*_mcq` -> option accuracy, `asr` -> WER, others -> exact match):
+see `model.eval.metrics.task_kind`: `*_mcq` -> option accuracy, `asr` -> WER, others -> exact match):
   caption          64x64 PNG/JPEG of one coloured shape                -> "a red circle"
   image_mcq        same kind of image, colour or shape question         -> option letter
   ocr              a 2-3 digit number rendered on the image (OCR-like)  -> "407"

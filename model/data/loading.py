@@ -48,7 +48,7 @@ def to_chat_input(record: Record, base_dir: Path | None, cfg: ModelConfig, inclu
 
 class EncodedDataset(Dataset):
     """Records of the given tasks, decoded and tokenised once up front: for small in-memory sets
-    and tests. Training on prepared data streams shards instead (`model.shards.ShardStream`)."""
+    and tests. Training on prepared data streams shards instead (`model.data.shards.ShardStream`)."""
 
     def __init__(self, records: Iterable[Record], base_dir: Path, processor: OmniProcessor, tasks: list[str] | None):
         self.samples: list[Encoded] = []

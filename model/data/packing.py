@@ -61,7 +61,9 @@ def plan_bins(lengths: list[int], max_seq_len: int) -> list[list[int]]:
     return bins
 
 
-def collate_packed(processor: OmniProcessor, bins: list[list[Encoded]], explicit_mask: bool = True) -> dict[str, torch.Tensor]:
+def collate_packed(
+    processor: OmniProcessor, bins: list[list[Encoded]], explicit_mask: bool = True
+) -> dict[str, torch.Tensor]:
     """One row per bin: input_ids, labels, position_ids, a (rows, 1, seq, seq) bool attention mask
     and the media of all samples in order. With `explicit_mask=False` (the varlen route above): one
     unpadded row of every bin's samples and no mask."""

@@ -169,7 +169,8 @@ def _publish(staging: Path, out: str, progress: bool) -> None:
         log.info("removed %d object(s) of an earlier run from %s", len(stale), out)
 
 
-def _prepare(inputs: list[str | Path], out_dir: Path, data: DataConfig, model: ModelConfig, progress: bool) -> PrepResult:
+def _prepare(inputs: list[str | Path], out_dir: Path, data: DataConfig, model: ModelConfig,
+             progress: bool) -> PrepResult:
     """validate -> normalise (inside validation, per record) -> tokenise -> write."""
     _reset_output(out_dir)
     ledger = Ledger()
@@ -192,8 +193,9 @@ def _reset_output(out_dir: Path) -> None:
     (out_dir / MANIFEST).unlink(missing_ok=True)
 
 
-def _validate(files: list[InputFile], out_dir: Path, data: DataConfig, model: ModelConfig, ledger: Ledger,
-              progress: bool) -> None:
+def _validate(
+    files: list[InputFile], out_dir: Path, data: DataConfig, model: ModelConfig, ledger: Ledger, progress: bool
+) -> None:
     """Every non-blank line of every file: parsed, media normalised, deduplicated, given its split."""
     with tqdm(desc="validate", unit="rec", disable=not progress) as bar:
         for f in files:
@@ -210,8 +212,9 @@ def _validate(files: list[InputFile], out_dir: Path, data: DataConfig, model: Mo
                     ledger.keep(item, _split_of(item.record, item.media_hashes, f.uri, data.val_fraction))
 
 
-def _validate_line(raw: bytes, where: tuple[InputFile, int], out_dir: Path, data: DataConfig, model: ModelConfig,
-                   ledger: Ledger) -> Kept | None:
+def _validate_line(
+    raw: bytes, where: tuple[InputFile, int], out_dir: Path, data: DataConfig, model: ModelConfig, ledger: Ledger
+) -> Kept | None:
     """One line -> a kept record, or None after quarantining it; never raises for the record's sake."""
     f, line_no = where
     origin, rid = (f.uri, line_no), None
@@ -219,14 +222,17 @@ def _validate_line(raw: bytes, where: tuple[InputFile, int], out_dir: Path, data
         record = parse_record(raw, data)
         rid = record.id
         media = normalise_media(record, f.base, out_dir, data, model)
-        content = sha256(json.dumps([m.model_dump() for m in record.messages], sort_keys=True).encode()
-                         + "".join(media.hashes).encode())
+        content = sha256(
+            json.dumps([m.model_dump() for m in record.messages], sort_keys=True).encode()
+            + "".join(media.hashes).encode()
+        )
         if content in ledger.seen_content:
             first_id, first = ledger.seen_content[content]
             raise Rejected("duplicate", f"same text and media as record {first_id!r} ({first})")
         if record.id in ledger.seen_ids:
-            raise Rejected("duplicate id", f"id {record.id!r} is already used by the record at "
-                                           f"{ledger.seen_ids[record.id]}")
+            raise Rejected(
+                "duplicate id", f"id {record.id!r} is already used by the record at {ledger.seen_ids[record.id]}"
+            )
     except Rejected as err:
         ledger.reject(origin, rid if rid is not None else maybe_id(raw), str(err), err.kind)
         return None
@@ -234,9 +240,12 @@ def _validate_line(raw: bytes, where: tuple[InputFile, int], out_dir: Path, data
         raise  # the store, not the record: stop rather than quarantine good data
     except Exception as err:  # noqa: BLE001 - a record must never crash the run or vanish
         log.exception("unexpected error on %s:%d", f.uri, line_no)
-        ledger.reject(origin, rid if rid is not None else maybe_id(raw),
-                      f"unexpected error: {type(err).__name__}: {err} ({FIXES['unexpected error']})",
-                      "unexpected error")
+        ledger.reject(
+            origin,
+            rid if rid is not None else maybe_id(raw),
+            f"unexpected error: {type(err).__name__}: {err} ({FIXES['unexpected error']})",
+            "unexpected error",
+        )
         return None
     normalised = record.model_copy(update={k + "s": v for k, v in media.refs.items()})
     return Kept(normalised, content, origin, media.hashes, media.stats)
@@ -290,7 +299,8 @@ def _write(ledger: Ledger, out_dir: Path, data: DataConfig, model: ModelConfig, 
             path.unlink()
     shards = _write_shards(out_dir, ledger.kept, data.records_per_shard)
     (out_dir / QUARANTINE).write_text(
-        "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in ledger.quarantine), encoding="utf-8")
+        "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in ledger.quarantine), encoding="utf-8"
+    )
     manifest = _manifest(ledger, shards, out_dir, {"data": data.model_dump(), "model": model.model_dump()}, processor)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -305,29 +315,41 @@ def _write_shards(out_dir: Path, kept: dict[str, list[Kept]], per_shard: int) ->
     for split in SPLITS:
         items = kept[split]
         for n, start in enumerate(range(0, len(items), per_shard)):
-            chunk = items[start:start + per_shard]
-            blob = shard_bytes((f"{start + i:09d}", {"record": k.record.model_dump(), "num_tokens": k.num_tokens,
-                                                     "sha256": k.sha256}) for i, k in enumerate(chunk))
+            chunk = items[start : start + per_shard]
+            blob = shard_bytes(
+                (f"{start + i:09d}", {"record": k.record.model_dump(), "num_tokens": k.num_tokens, "sha256": k.sha256})
+                for i, k in enumerate(chunk)
+            )
             path = shard_name(split, n)
             (out_dir / path).write_bytes(blob)
-            shards.append({"path": path, "split": split, "records": len(chunk), "bytes": len(blob),
-                           "sha256": sha256(blob)})
+            shards.append(
+                {"path": path, "split": split, "records": len(chunk), "bytes": len(blob), "sha256": sha256(blob)}
+            )
     return shards
 
 
 def _summary(values: list[float]) -> dict[str, float]:
     if not values:
         return {"count": 0}
-    return {"count": len(values), "total": round(float(sum(values)), 3), "min": round(float(min(values)), 3),
-            "mean": round(float(np.mean(values)), 3), "max": round(float(max(values)), 3)}
+    return {
+        "count": len(values),
+        "total": round(float(sum(values)), 3),
+        "min": round(float(min(values)), 3),
+        "mean": round(float(np.mean(values)), 3),
+        "max": round(float(max(values)), 3),
+    }
 
 
 def _manifest(ledger: Ledger, shards: list[dict], out_dir: Path, config: dict, processor: OmniProcessor) -> dict:
     kept = ledger.kept
     records = [k.record for k in ledger.all_kept()]
-    modalities = {kind: {"records": sum(1 for r in records if getattr(r, kind + "s")),
-                         "items": sum(len(getattr(r, kind + "s")) for r in records)}
-                  for kind in ("image", "video", "audio")}
+    modalities = {
+        kind: {
+            "records": sum(1 for r in records if getattr(r, kind + "s")),
+            "items": sum(len(getattr(r, kind + "s")) for r in records),
+        }
+        for kind in ("image", "video", "audio")
+    }
     modalities["text_only"] = {"records": sum(1 for r in records if not (r.images or r.videos or r.audios))}
     media = sorted((out_dir / "media").iterdir())
     tok_files = sorted(p for p in (out_dir / TOKENIZER_DIR).rglob("*") if p.is_file())
@@ -346,8 +368,9 @@ def _manifest(ledger: Ledger, shards: list[dict], out_dir: Path, config: dict, p
         "media": {"files": len(media), "bytes": sum(p.stat().st_size for p in media)},
         "shards": shards,
         "config_sha256": sha256(json.dumps(config, sort_keys=True).encode()),
-        "tokenizer_sha256": sha256(b"".join(p.relative_to(out_dir).as_posix().encode() + p.read_bytes()
-                                            for p in tok_files)),
+        "tokenizer_sha256": sha256(
+            b"".join(p.relative_to(out_dir).as_posix().encode() + p.read_bytes() for p in tok_files)
+        ),
         "encoding_fingerprint": encoding_fingerprint(processor),
     }
     manifest["sha256"] = sha256(json.dumps(manifest, sort_keys=True).encode())

@@ -1,4 +1,5 @@
-"""Training shards: the format data prep writes, and the streaming reader training consumes.
+"""Prepared data: the shard format data prep writes, and the reader training, the SFT filter and
+evaluation consume (the shards are the one copy of the prepared records).
 
 A prepared data set is a folder or an `s3://bucket/prefix` (docs/data-format.md has the full spec):
 
@@ -7,7 +8,6 @@ A prepared data set is a folder or an `s3://bucket/prefix` (docs/data-format.md 
     shards/{split}-{n:06d}.tar    WebDataset-style tar: one `<key>.json` member per sample
     media/<sha256>.png|wav|mp4    every distinct media item once, named by its content hash
     tokenizer/                    the tokenizer the token counts were computed with
-    train.jsonl, val.jsonl        the same records as plain JSONL (evaluation, people)
 
 A sample (`<key>.json`, key = the sample's index in its split, 9 digits):
 
@@ -235,7 +235,8 @@ class ShardStream(IterableDataset):
     def _read(self, shard: dict) -> list[dict]:
         data = self.store.read_bytes(shard["path"])
         if sha256(data) != shard["sha256"]:
-            raise ValueError(f"{self.store.uri(shard['path'])}: sha256 does not match the manifest (corrupt or replaced)")
+            raise ValueError(f"{self.store.uri(shard['path'])}: sha256 does not match the manifest "
+                             "(corrupt or replaced)")
         return [s for s in read_shard(data) if self._wanted(s)]
 
     def _epoch_samples(self, epoch: int) -> Iterator[dict]:
@@ -287,8 +288,10 @@ class ShardStream(IterableDataset):
                 n += 1
                 yield item
             if n == 0:
-                raise ValueError(f"{self.store.uri()}: no {self.split} samples for tasks {self.tasks} on rank "
-                                 f"{self.rank} of {self.world_size}")
+                raise ValueError(
+                    f"{self.store.uri()}: no {self.split} samples for tasks {self.tasks} on rank "
+                    f"{self.rank} of {self.world_size}"
+                )
             epoch += 1
 
     # --- encoding ---
@@ -301,7 +304,8 @@ class ShardStream(IterableDataset):
         if len(encoded.input_ids) != sample["num_tokens"]:
             raise StaleShardsError(
                 f"record {record.id!r} encodes to {len(encoded.input_ids)} tokens, data prep recorded "
-                f"{sample['num_tokens']}: the processor changed since prep; re-run `omni data prep`")
+                f"{sample['num_tokens']}: the processor changed since prep; re-run `omni data prep`"
+            )
         size = _encoded_bytes(encoded)
         if size <= self.cache_bytes:  # least recently used out until it fits
             self._cache[sample["sha256"]] = (encoded, size)

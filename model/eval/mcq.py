@@ -91,15 +91,30 @@ def extract_option_letter(text: str, options: str = "ABCD") -> str | None:
     if not s:
         return None
     up, lo = _letter_classes(options)
+    for tier in (_tier_bare, _tier_statements, _tier_leading, _tier_bracketed, _tier_standalone):
+        decided, letter = tier(s, up, lo)
+        if decided:
+            return letter
+    return None
+
+
+Verdict = tuple[bool, str | None]  # (this tier decides, the letter it decided on: None = no single answer)
+_UNDECIDED: Verdict = (False, None)
+
+
+def _bare_pattern(up: str, lo: str) -> re.Pattern[str]:
     o, c = re.escape(_OPEN), re.escape(_CLOSE)
+    return re.compile(rf"^[{o}]?\s*({up}|{lo})\s*[{c}]?\s*[.:。：]?$")
 
-    # 1. bare letter
-    bare = re.compile(rf"^[{o}]?\s*({up}|{lo})\s*[{c}]?\s*[.:。：]?$")
-    m = bare.match(s)
-    if m:
-        return m.group(1).upper()
 
-    # 2./3. answer statements
+def _tier_bare(s: str, up: str, lo: str) -> Verdict:
+    """1. The whole answer is a letter."""
+    m = _bare_pattern(up, lo).match(s)
+    return (True, m.group(1).upper()) if m else _UNDECIDED
+
+
+def _tier_statements(s: str, up: str, lo: str) -> Verdict:
+    """2./3. The last explicit answer statement, else the last weaker one."""
     tok = _token(up, lo)
     answer_patterns = [
         rf"(?<![A-Za-z])(?i:answer(?:\s+(?:is|would\s+be|should\s+be|will\s+be|must\s+be))?)"
@@ -117,32 +132,43 @@ def extract_option_letter(text: str, options: str = "ABCD") -> str | None:
     for patterns in (answer_patterns, choice_patterns):
         letter = _last_statement(patterns, s, up)
         if letter:
-            return letter
+            return True, letter
+    return _UNDECIDED
 
-    # 4. leading letter / a letter alone on a line
+
+def _tier_leading(s: str, up: str, lo: str) -> Verdict:
+    """4. The first line leads with a letter (unless lines enumerate options), or a line is only a letter."""
+    o, c = re.escape(_OPEN), re.escape(_CLOSE)
     lines = [ln.strip() for ln in s.splitlines() if ln.strip()]
     marker = re.compile(rf"^[{o}]?\s*({up}|{lo})\s*(?:[{c}.:：、,，]|$)")
     enumerated = {m.group(1).upper() for ln in lines if (m := marker.match(ln)) and len(ln) > 2}
-    if len(enumerated) <= 1:
-        m = marker.match(lines[0])
-        if m and not _names_another_option(lines[0], m.end(1), up):
-            return m.group(1).upper()
-        m = re.match(rf"^({up})\s+\S", lines[0])
-        if m and m.group(1) not in _WORD_LETTERS and not _names_another_option(lines[0], m.end(1), up):
-            return m.group(1)
-        for ln in lines:
-            m = bare.match(ln)
-            if m:
-                return m.group(1).upper()
+    if len(enumerated) > 1:
+        return _UNDECIDED
+    m = marker.match(lines[0])
+    if m and not _names_another_option(lines[0], m.end(1), up):
+        return True, m.group(1).upper()
+    m = re.match(rf"^({up})\s+\S", lines[0])
+    if m and m.group(1) not in _WORD_LETTERS and not _names_another_option(lines[0], m.end(1), up):
+        return True, m.group(1)
+    bare = _bare_pattern(up, lo)
+    for ln in lines:
+        m = bare.match(ln)
+        if m:
+            return True, m.group(1).upper()
+    return _UNDECIDED
 
-    # 5. one bracketed letter
+
+def _tier_bracketed(s: str, up: str, lo: str) -> Verdict:
+    """5. Exactly one bracketed letter anywhere (several: no single answer)."""
+    o, c = re.escape(_OPEN), re.escape(_CLOSE)
     bracketed = {x.upper() for x in re.findall(rf"[{o}]\s*({up}|{lo})\s*[{c}]", s)}
     if len(bracketed) == 1:
-        return bracketed.pop()
-    if len(bracketed) > 1:
-        return None
+        return True, bracketed.pop()
+    return (True, None) if bracketed else _UNDECIDED
 
-    # 6. one stand-alone capital letter
+
+def _tier_standalone(s: str, up: str, lo: str) -> Verdict:
+    """6. Exactly one capital letter standing alone ("A"/"I" before a lower-case word is a word)."""
     found = set()
     for m in re.finditer(rf"(?<![A-Za-z0-9])({up})(?![A-Za-z0-9'’])", s):
         letter = m.group(1)
@@ -153,7 +179,7 @@ def extract_option_letter(text: str, options: str = "ABCD") -> str | None:
         if re.search(r"(?:\bnot|n't|不是)\s*$", s[: m.start()], flags=re.IGNORECASE):
             continue  # "the answer is not A" rules A out
         found.add(letter)
-    return found.pop() if len(found) == 1 else None
+    return True, (found.pop() if len(found) == 1 else None)
 
 
 def parse_choices(question: str) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Benchmark runner: greedy answers for every held-out record, scored per task.
 
 Records are grouped by task and generated in batches with the KV cache; each task is scored with
-its family's metric (see `model.metrics.score_task`) and the overall metrics are example-weighted.
+its family's metric (see `model.eval.metrics.score_task`) and the overall metrics are example-weighted.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def evaluate(chat: OmniChat, records: list[Record], fetch: Callable[[str], Sourc
         result.counts[task] = len(recs)
         result.examples.extend(worst_examples(task, preds, refs, prompts, k=3))
         result.predictions.extend(
-            {"id": r.id, "task": task, "prediction": p, "reference": ref} for r, p, ref in zip(recs, preds, refs, strict=True)
+            {"id": r.id, "task": task, "prediction": p, "reference": ref}
+            for r, p, ref in zip(recs, preds, refs, strict=True)
         )
     bar.close()
     result.overall = aggregate(result.per_task, result.counts)

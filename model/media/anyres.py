@@ -39,12 +39,16 @@ def fit_to_canvas(image: Image.Image, width: int, height: int) -> Image.Image:
     return canvas
 
 
-def tile_image(image: Image.Image, tile: int, grids: list[tuple[int, int]]) -> tuple[tuple[int, int], list[Image.Image]]:
+def tile_image(
+    image: Image.Image, tile: int, grids: list[tuple[int, int]]
+) -> tuple[tuple[int, int], list[Image.Image]]:
     """-> (grid, images): for one tile, the image itself fitted to a tile; otherwise the thumbnail
     (the whole image fitted to one tile) followed by the tiles in row-major order."""
     cols, rows = select_grid(image.width, image.height, tile, grids)
     if (cols, rows) == (1, 1):
         return (1, 1), [fit_to_canvas(image, tile, tile)]
     canvas = fit_to_canvas(image, cols * tile, rows * tile)
-    tiles = [canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+    tiles = [
+        canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)
+    ]
     return (cols, rows), [fit_to_canvas(image, tile, tile), *tiles]

@@ -86,6 +86,8 @@ def format_plan(cfg: ModelConfig, stages: list[StageConfig], gpus: int, gpu_gib:
             p = plan_stage(cfg, stage, zero, gpus, micro_batch=mb, checkpointing=checkpointing, counts=counts)
             fits = "yes" if p.total_gib < 0.9 * gpu_gib else "NO"  # ~10% for CUDA context, buffers, fragmentation
             ckpt = stage.activation_checkpointing if checkpointing is None else checkpointing
-            lines.append(f"  {stage.name:<11}{zero:>5}{mb:>4}{'on' if ckpt else 'off':>5}{p.weights_gib:>9.1f}"
-                         f"{p.gradients_gib:>8.1f}{p.optimizer_gib:>8.1f}{p.activations_gib:>8.1f}{p.total_gib:>8.1f}  {fits}")
+            lines.append(
+                f"  {stage.name:<11}{zero:>5}{mb:>4}{'on' if ckpt else 'off':>5}{p.weights_gib:>9.1f}"
+                f"{p.gradients_gib:>8.1f}{p.optimizer_gib:>8.1f}{p.activations_gib:>8.1f}{p.total_gib:>8.1f}  {fits}"
+            )
     return "\n".join(lines)

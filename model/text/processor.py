@@ -53,7 +53,9 @@ class OmniProcessor:
     def __init__(self, tokenizer, cfg: ModelConfig):
         self.tok, self.cfg = tokenizer, cfg
         self.ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IM_START, IM_END)}
-        self.media_ids = {k: [tokenizer.convert_tokens_to_ids(t) for t in triple] for k, triple in MEDIA_SPECIAL.items()}
+        self.media_ids = {
+            k: [tokenizer.convert_tokens_to_ids(t) for t in triple] for k, triple in MEDIA_SPECIAL.items()
+        }
         self.mel = WhisperFeatureExtractor(feature_size=cfg.audio.num_mel_bins, sampling_rate=cfg.audio.sampling_rate)
         self.layout_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMG_TILE_SEP, IMG_ROW_SEP)}
         self.tile_tokens = cfg.vision.tokens_per_tile
@@ -77,7 +79,9 @@ class OmniProcessor:
         whole number of audio tokens."""
         if wave.size / self.cfg.audio.sampling_rate > self.cfg.audio.max_seconds * 8:
             raise ValueError("audio is too long for this model's configured limits")
-        mel = self.mel(wave, sampling_rate=self.cfg.audio.sampling_rate, return_tensors="np", padding=False, truncation=False)
+        mel = self.mel(
+            wave, sampling_rate=self.cfg.audio.sampling_rate, return_tensors="np", padding=False, truncation=False
+        )
         mel = torch.from_numpy(mel["input_features"][0])
         windows = []
         for start in range(0, mel.shape[1], self.window_frames):
@@ -100,8 +104,11 @@ class OmniProcessor:
         if sample.video_times and len(sample.video_times) != len(sample.videos):
             raise ValueError(f"{len(sample.videos)} videos but {len(sample.video_times)} lists of frame times")
         times = sample.video_times or [None] * len(sample.videos)
-        queues = {"image": list(sample.images), "video": list(zip(sample.videos, times, strict=True)),
-                  "audio": list(sample.audios)}
+        queues = {
+            "image": list(sample.images),
+            "video": list(zip(sample.videos, times, strict=True)),
+            "audio": list(sample.audios),
+        }
         for msg in sample.messages:
             train_on = msg["role"] == "assistant"
             self._add(out, [self.ids[IM_START]] + self.tok.encode(msg["role"] + "\n"), False)

@@ -1,8 +1,8 @@
 """Tokenizer: a checkpoint's own, or a byte-level BPE trained locally in seconds (tiny/small).
 
 Special tokens follow the paper's interleaving scheme: ChatML turn markers plus a start /
-placeholder / end token per modality, and image tile/row separators for AnyRes layouts. Each is one id, so the processor can expand a media tag into
-exactly as many placeholders as the encoder produces.
+placeholder / end token per modality, and image tile/row separators for AnyRes layouts. Each is one
+id, so the processor can expand a media tag into exactly as many placeholders as the encoder produces.
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ MEDIA_SPECIAL = {
 # AnyRes layout: a tile separator between tiles of one row, a row separator after the thumbnail and
 # between rows, so the LLM can tell a 2x1 grid from a 1x2 one.
 IMG_TILE_SEP, IMG_ROW_SEP = "<img_tile_sep>", "<img_row_sep>"
-SPECIAL_TOKENS = [EOS, IM_START, IM_END, *(t for triple in MEDIA_SPECIAL.values() for t in triple),
-                  IMG_TILE_SEP, IMG_ROW_SEP]
+SPECIAL_TOKENS = [
+    EOS,
+    IM_START,
+    IM_END,
+    *(t for triple in MEDIA_SPECIAL.values() for t in triple),
+    IMG_TILE_SEP,
+    IMG_ROW_SEP,
+]
 
 # ChatML, the template Qwen2 checkpoints ship; media tags stay literal text in the template and are
 # expanded to placeholder runs by the processor.

@@ -62,7 +62,9 @@ def test_nothing_cluster_wide_and_least_privilege_rbac(rendered) -> None:
         role = next(d for d in docs if d["kind"] == "Role")
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
-        granted = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+        granted = {
+            (g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+        }
         # Exactly what components/kube.py calls: custom objects, pods and their logs. Secrets reach
         # task pods through secretKeyRef (resolved by the kubelet), so the Role grants none.
         assert granted == {
@@ -111,14 +113,17 @@ def test_endpoint_requires_a_token_by_default(rendered) -> None:
     assert runtime["spec"]["volumes"][1] == {"name": "api-token", "secret": {"secretName": "omni-endpoint-token"}}
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"endpoint": {"canaryTrafficPercent": 150}}, "canaryTrafficPercent"),
-    ({"mlflow": {"artifactsDestnation": "s3://x"}}, "artifactsDestnation"),
-    ({"postgresql": {"image": "postgres:latest"}}, "postgresql/image"),
-    ({"securityContext": {"runAsUser": 0, "runAsGroup": 0}}, "runAsUser"),
-    ({"pipelineRunner": {"subjects": [{"kind": "User", "name": "alice", "namespace": "x"}]}}, "kind"),
-    ({"endpoint": {"enabled": True}}, "storageUri"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"endpoint": {"canaryTrafficPercent": 150}}, "canaryTrafficPercent"),
+        ({"mlflow": {"artifactsDestnation": "s3://x"}}, "artifactsDestnation"),
+        ({"postgresql": {"image": "postgres:latest"}}, "postgresql/image"),
+        ({"securityContext": {"runAsUser": 0, "runAsGroup": 0}}, "runAsUser"),
+        ({"pipelineRunner": {"subjects": [{"kind": "User", "name": "alice", "namespace": "x"}]}}, "kind"),
+        ({"endpoint": {"enabled": True}}, "storageUri"),
+    ],
+)
 def test_values_schema_rejects_bad_values_naming_the_field(cfg, values, message) -> None:
     from helm_python import HelmError
 
@@ -136,11 +141,15 @@ def test_values_may_not_contradict_conf(cfg, tmp_path) -> None:
 
 
 def test_cli_render_and_overrides_flow_into_every_manifest(tmp_path, capsys) -> None:
-    assert omni(["cluster", "render", "--out", str(tmp_path), "cluster.images.tag=0.2.0",
-                 "cluster.namespace=omni-prod"]) == 0
+    assert (
+        omni(["cluster", "render", "--out", str(tmp_path), "cluster.images.tag=0.2.0", "cluster.namespace=omni-prod"])
+        == 0
+    )
     text = "".join(p.read_text() for p in tmp_path.glob("*.yaml"))
     assert "omni-serving:0.2.0" in text and "omni-train-gpu:0.2.0" in text and ":0.1.0" not in text
-    assert {d["metadata"].get("namespace", d["metadata"]["name"]) for d in cluster.manifest_docs(tmp_path)} == {"omni-prod"}
+    assert {d["metadata"].get("namespace", d["metadata"]["name"]) for d in cluster.manifest_docs(tmp_path)} == {
+        "omni-prod"
+    }
     assert "10-chart.yaml" in capsys.readouterr().out
 
 

@@ -29,8 +29,11 @@ def test_champion_isvc_is_valid_and_placed_on_the_gpu_pool(cfg) -> None:
     isvc = endpoint.champion_isvc(cfg, "s3://omni-mlflow/artifacts/1/r/artifacts/model", "7")
     validate_custom_resource(isvc)
     p = isvc["spec"]["predictor"]
-    assert isvc["metadata"] == {"name": cfg.serving.model_name, "namespace": cfg.cluster.namespace,
-                                "labels": {"app.kubernetes.io/part-of": "omni-platform", "omni-platform/model-version": "7"}}
+    assert isvc["metadata"] == {
+        "name": cfg.serving.model_name,
+        "namespace": cfg.cluster.namespace,
+        "labels": {"app.kubernetes.io/part-of": "omni-platform", "omni-platform/model-version": "7"},
+    }
     assert p["model"]["runtime"] == cfg.cluster.endpoint.runtime and p["serviceAccountName"] == "omni-serving"
     assert p["model"]["resources"]["limits"]["nvidia.com/gpu"] == cfg.cluster.endpoint.gpu
     assert p["nodeSelector"] == cfg.cluster.gpu_pool.node_selector and p["tolerations"][0]["key"] == "nvidia.com/gpu"
@@ -38,11 +41,18 @@ def test_champion_isvc_is_valid_and_placed_on_the_gpu_pool(cfg) -> None:
 
 
 def test_mlflow_artifact_uris_become_object_storage_uris(cfg) -> None:
-    assert endpoint.storage_uri(cfg, "mlflow-artifacts:/1/abc/artifacts/model") == \
-        "s3://omni-mlflow/artifacts/1/abc/artifacts/model"
+    assert (
+        endpoint.storage_uri(cfg, "mlflow-artifacts:/1/abc/artifacts/model")
+        == "s3://omni-mlflow/artifacts/1/abc/artifacts/model"
+    )
     assert endpoint.storage_uri(cfg, "s3://b/m") == "s3://b/m"
-    no_root = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={
-        "endpoint": cfg.cluster.endpoint.model_copy(update={"mlflow_artifacts_root": None})})})
+    no_root = cfg.model_copy(
+        update={
+            "cluster": cfg.cluster.model_copy(
+                update={"endpoint": cfg.cluster.endpoint.model_copy(update={"mlflow_artifacts_root": None})}
+            )
+        }
+    )
     with pytest.raises(ValueError, match="cluster.endpoint.mlflow_artifacts_root"):
         endpoint.storage_uri(no_root, "mlflow-artifacts:/1/abc")
 
@@ -51,7 +61,9 @@ def test_first_rollout_goes_straight_to_full_traffic(cfg, fake_kube, tmp_path) -
     c = _cluster_cfg(cfg, tmp_path)
     fake_kube.custom.controller = _ready
     slept: list[float] = []
-    live = endpoint.rollout(c, endpoint.champion_isvc(c, "s3://m/1"), fake_kube, sleep=slept.append, emit=lambda _: None)
+    live = endpoint.rollout(
+        c, endpoint.champion_isvc(c, "s3://m/1"), fake_kube, sleep=slept.append, emit=lambda _: None
+    )
     assert fake_kube.custom.verbs() == ["create"] and slept == []
     assert "canaryTrafficPercent" not in live["spec"]["predictor"]
 
@@ -77,10 +89,18 @@ def test_a_revision_that_cannot_load_fails_the_rollout_with_kserves_reason(cfg, 
     c = _cluster_cfg(cfg, tmp_path)
 
     def broken(obj):
-        obj["status"] = {"observedGeneration": obj["metadata"]["generation"],
-                         "modelStatus": {"transitionStatus": "BlockedByFailedLoad"},
-                         "conditions": [{"type": "Ready", "status": "False", "reason": "ModelLoadFailed",
-                                         "message": "omni_config.json not found in /mnt/models"}]}
+        obj["status"] = {
+            "observedGeneration": obj["metadata"]["generation"],
+            "modelStatus": {"transitionStatus": "BlockedByFailedLoad"},
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "reason": "ModelLoadFailed",
+                    "message": "omni_config.json not found in /mnt/models",
+                }
+            ],
+        }
 
     fake_kube.custom.controller = broken
     with pytest.raises(endpoint.RolloutFailed, match="BlockedByFailedLoad: Ready=False ModelLoadFailed omni_config"):
@@ -114,8 +134,10 @@ def test_promote_and_rollback_apply_before_moving_champion(cfg, fake_kube, tmp_p
     assert (tmp_path / "m2" / "inferenceservice.yaml").exists()
 
     def aliases():
-        return tuple(str(tracking.get_alias_version(uri, model, a).version)
-                     for a in (tracking.CHAMPION, tracking.PREVIOUS_CHAMPION))
+        return tuple(
+            str(tracking.get_alias_version(uri, model, a).version)
+            for a in (tracking.CHAMPION, tracking.PREVIOUS_CHAMPION)
+        )
 
     # A rollback whose apply the API server refuses, or whose revision never comes up, moves no
     # alias: the registry still names what the cluster serves.

@@ -81,26 +81,32 @@ def test_chart_canary_share_is_confs(cfg) -> None:
     other = cfg.cluster.endpoint.canary_percent + 15
     conf_share = rf"endpoint\.canaryTrafficPercent={other} .*canary_percent={cfg.cluster.endpoint.canary_percent}"
     with pytest.raises(cluster.ValuesConflict, match=conf_share):
-        cluster.render_chart(cfg, {"endpoint": {"enabled": True, "storageUri": "s3://b/m", "canaryTrafficPercent": other}})
+        cluster.render_chart(
+            cfg, {"endpoint": {"enabled": True, "storageUri": "s3://b/m", "canaryTrafficPercent": other}}
+        )
     # ...and a conf override moves the accepted share with it.
     from pipelines.config import load_config
 
     moved = load_config([f"cluster.endpoint.canary_percent={other}"])
-    docs, _ = cluster.render_chart(moved, {"endpoint": {"enabled": True, "storageUri": "s3://b/m",
-                                                        "canaryTrafficPercent": other}})
+    docs, _ = cluster.render_chart(
+        moved, {"endpoint": {"enabled": True, "storageUri": "s3://b/m", "canaryTrafficPercent": other}}
+    )
     isvc = next(d for d in docs if d["kind"] == "InferenceService")
     assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == other
 
 
 def test_trainjob_placement_matches_the_runtime_and_conf(cfg) -> None:
     job = cluster.example_trainjob(cfg)
-    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
-        "template"]["spec"]["template"]["spec"]
+    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"][
+        "spec"
+    ]["template"]["spec"]
     assert pod["nodeSelector"] == cfg.cluster.gpu_pool.node_selector
     assert pod["tolerations"] == _tolerations(cfg.cluster.gpu_pool)
     assert job["spec"]["trainer"]["image"] == cfg.cluster.images.ref("gpu")
-    assert job["spec"]["trainer"]["resourcesPerNode"]["limits"][cfg.cluster.gpu_pool.accelerator_type] == \
-        cfg.cluster.gpu_pool.node_pool.gpus_per_node
+    assert (
+        job["spec"]["trainer"]["resourcesPerNode"]["limits"][cfg.cluster.gpu_pool.accelerator_type]
+        == cfg.cluster.gpu_pool.node_pool.gpus_per_node
+    )
     assert trainjob.NODE_JOB == "node"  # the chart's replicated job and container name
 
 
@@ -132,13 +138,16 @@ def test_infra_node_pools_carry_conf_labels_and_taints(cfg, pool_name) -> None:
     assert [(t["key"], t["effect"]) for t in kind_taints] == [(t.key, t.effect) for t in pool.taints]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("cluster.gpu_pool.accelerator_limit=16", r"accelerator_limit \(16\) exceeds node_pool.gpus_per_node \(8\)"),
-    ("cluster.cpu_pool.name=omni-gpu", "gpu_pool.name and cpu_pool.name are both 'omni-gpu'"),
-    ("cluster.endpoint.canary_percent=100", "cluster.endpoint.canary_percent"),
-    ("cluster.gpu_pool.node_pool.min_nodes=9", r"min_nodes \(9\) > max_nodes \(4\)"),
-    ("cluster.target=gke", "cluster.target"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cluster.gpu_pool.accelerator_limit=16", r"accelerator_limit \(16\) exceeds node_pool.gpus_per_node \(8\)"),
+        ("cluster.cpu_pool.name=omni-gpu", "gpu_pool.name and cpu_pool.name are both 'omni-gpu'"),
+        ("cluster.endpoint.canary_percent=100", "cluster.endpoint.canary_percent"),
+        ("cluster.gpu_pool.node_pool.min_nodes=9", r"min_nodes \(9\) > max_nodes \(4\)"),
+        ("cluster.target=gke", "cluster.target"),
+    ],
+)
 def test_bad_cluster_config_names_the_field(override, message) -> None:
     from components.config import ConfigError
     from pipelines.config import load_config

@@ -34,9 +34,14 @@ def test_trainjob_carries_stage_image_resources_and_placement(cfg) -> None:
     job = trainjob.build_trainjob(c, "sft", "omni-sft-abc", "s3://b/trainjobs/omni-sft-abc", "run-1")
     validate_custom_resource(job)  # the real TrainJob CRD; unknown fields fail
     spec = job["spec"]
-    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["metadata"]["namespace"] == cfg.cluster.namespace
-    assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
-                                  "name": cfg.cluster.trainer.runtime}
+    assert (
+        job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["metadata"]["namespace"] == cfg.cluster.namespace
+    )
+    assert spec["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "TrainingRuntime",
+        "name": cfg.cluster.trainer.runtime,
+    }
     t = spec["trainer"]
     assert t["image"] == cfg.cluster.images.ref("gpu")
     assert t["command"] == ["torchrun", "-m", "components.train_entry"]
@@ -44,8 +49,9 @@ def test_trainjob_carries_stage_image_resources_and_placement(cfg) -> None:
     assert t["numNodes"] == 2 and t["numProcPerNode"] == 8
     assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
     assert {e["name"] for e in t["env"]} == {"S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    pod = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"][
-        "spec"]["template"]["spec"]
+    pod = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"][
+        "template"
+    ]["spec"]
     assert pod["nodeSelector"] == cfg.cluster.gpu_pool.node_selector
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
@@ -67,8 +73,13 @@ def test_impossible_stage_is_refused_with_the_field_to_fix(cfg) -> None:
 def multi(cfg, tmp_path):
     """A 2-node sft stage, staging on a local folder (what the pods would reach as s3://)."""
     c = _with_stage(cfg, nodes=2, gpus_per_node=8)
-    cluster = c.cluster.model_copy(update={"trainer": c.cluster.trainer.model_copy(
-        update={"staging_uri": str(tmp_path / "staging"), "poll_seconds": 0.01})})
+    cluster = c.cluster.model_copy(
+        update={
+            "trainer": c.cluster.trainer.model_copy(
+                update={"staging_uri": str(tmp_path / "staging"), "poll_seconds": 0.01}
+            )
+        }
+    )
     c = c.model_copy(update={"cluster": cluster})
     data, init = tmp_path / "data", tmp_path / "init"
     for d, f in ((data, "train.jsonl"), (init, "model.safetensors")):
@@ -87,15 +98,24 @@ def _finish(job_name: str, staging_root, *, fail: str | None = None, after: int 
         if reads["n"] < after or obj.get("status", {}).get("conditions"):
             return
         if fail:
-            obj["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": fail,
-                                             "message": "pod omni-node-0-0 exited with code 137"}],
-                             "jobsStatus": [{"name": "node", "failed": 1}]}
+            obj["status"] = {
+                "conditions": [
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": fail,
+                        "message": "pod omni-node-0-0 exited with code 137",
+                    }
+                ],
+                "jobsStatus": [{"name": "node", "failed": 1}],
+            }
             return
         store = open_store(f"{staging_root}/{job_name}")
         store.write_bytes("output/model/model.safetensors", b"trained")
         store.write_bytes("output/result.json", json.dumps({"skipped": False, "steps": 3}).encode())
-        obj["status"] = {"conditions": [{"type": "Complete", "status": "True", "reason": "JobSetCompleted",
-                                         "message": "done"}]}
+        obj["status"] = {
+            "conditions": [{"type": "Complete", "status": "True", "reason": "JobSetCompleted", "message": "done"}]
+        }
 
     return controller
 
@@ -127,8 +147,11 @@ def test_failed_job_fails_the_task_with_its_reason(multi, fake_kube, tmp_path) -
     cfg, data, init = multi
     name = trainjob.trainjob_name("sft", "run-2")
     fake_kube.custom.controller = _finish(name, cfg.cluster.trainer.staging_uri, fail="BackoffLimitExceeded")
-    with pytest.raises(trainjob.TrainJobFailed, match=r"BackoffLimitExceeded: pod omni-node-0-0 exited with code 137 "
-                                                      r"\(node: 1 failed\)"):
+    with pytest.raises(
+        trainjob.TrainJobFailed,
+        match=r"BackoffLimitExceeded: pod omni-node-0-0 exited with code 137 "
+        r"\(node: 1 failed\)",
+    ):
         trainjob.run_stage(cfg, "sft", data, init, tmp_path / "out", "run-2", kube=fake_kube, emit=lambda _: None)
 
 
@@ -162,12 +185,16 @@ def test_the_dag_launches_a_trainjob_only_for_stages_that_need_one(cfg, tmp_path
     docs = list(yaml.safe_load_all(compile_pipeline(_with_stage(cfg, nodes=2), tmp_path / "p.yaml").read_text()))
     tasks, executors = docs[0]["root"]["dag"]["tasks"], docs[0]["deploymentSpec"]["executors"]
     placement = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    by_stage = {t["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"]: t for t in tasks.values()
-                if "stage" in t.get("inputs", {}).get("parameters", {})}
+    by_stage = {
+        t["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"]: t
+        for t in tasks.values()
+        if "stage" in t.get("inputs", {}).get("parameters", {})
+    }
     launcher = by_stage["sft"]["componentRef"]["name"]
     assert launcher == "comp-train-stage-trainjob"  # KFP numbers further uses of one component: -2, -3...
-    assert all(re.fullmatch(r"comp-train-stage(-\d+)?", t["componentRef"]["name"]) for s, t in by_stage.items()
-               if s != "sft")
+    assert all(
+        re.fullmatch(r"comp-train-stage(-\d+)?", t["componentRef"]["name"]) for s, t in by_stage.items() if s != "sft"
+    )
     exec_name = docs[0]["components"][launcher]["executorLabel"]
     assert "accelerator" not in executors[exec_name]["container"].get("resources", {})
     assert executors[exec_name]["container"]["image"] == cfg.cluster.images.ref("cpu")
@@ -229,8 +256,11 @@ def test_only_global_rank_0_logs_the_stage_and_saves(multi, monkeypatch, tmp_pat
     monkeypatch.setattr(steps, "load_tokenizer", lambda _d: object())
     monkeypatch.setattr(steps, "OmniProcessor", lambda *_a: object())
     monkeypatch.setattr(steps, "ShardStream", lambda *_a, **_k: SimpleNamespace(num_samples=lambda: 8))
-    monkeypatch.setattr(steps, "train_stage", lambda *a, **k: trained.append(a) or TrainResult(
-        losses=[2.0, 1.0], seconds=1.0, trainable_params=5, tokens=10))
+    monkeypatch.setattr(
+        steps,
+        "train_stage",
+        lambda *a, **k: trained.append(a) or TrainResult(losses=[2.0, 1.0], seconds=1.0, trainable_params=5, tokens=10),
+    )
     monkeypatch.setenv("RANK", rank)
 
     out = tmp_path / f"out-rank{rank}"

@@ -47,5 +47,8 @@ def test_dag_order_and_gate(tmp_path):
     assert tasks["train-stage-7"]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"] == "sft"
     # The loss filter scores with the omni-align checkpoint and feeds the sft stage.
     assert tasks["sft-filter"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "train-stage-6"
-    assert tasks["train-stage-7"]["inputs"]["artifacts"]["sft_filter"]["taskOutputArtifact"]["producerTask"] == "sft-filter"
+    assert (
+        tasks["train-stage-7"]["inputs"]["artifacts"]["sft_filter"]["taskOutputArtifact"]["producerTask"]
+        == "sft-filter"
+    )
     assert "condition-branches-1" in tasks

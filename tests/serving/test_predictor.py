@@ -229,24 +229,64 @@ def _image_part(url: str) -> dict:
 
 
 BAD_REQUESTS = {
-    "bad base64": ({"messages": [{"role": "user", "content": [_image_part("data:image/png;base64,@@@not-b64")]}]},
-                   400, "base64", "messages[0].content[0].image_url.url"),
-    "not an image": ({"messages": [{"role": "user", "content": [_image_part(data_uri("image/png", b"plain text"))]}]},
-                     400, "image", "messages[0].content[0].image_url.url"),
-    "bad audio": ({"messages": [{"role": "user", "content": [
-                      {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF....").decode()}}]}]},
-                  400, "", "messages[0].content[0].input_audio.data"),
-    "unknown part type": ({"messages": [{"role": "user", "content": [{"type": "image_file", "file": "x"}]}]},
-                          400, "image_file", "messages[0].content[0]"),
-    "remote image": ({"messages": [{"role": "user", "content": [_image_part("https://example.com/cat.png")]}]},
-                     400, "data URI", "messages[0].content[0].image_url.url"),
-    "too many images": ({"messages": [{"role": "user", "content": [_image_part(data_uri("image/png", png_bytes()))] * 3}]},
-                        400, f"limit is {MAX_IMAGES}", "messages[0].content[2].image_url.url"),
+    "bad base64": (
+        {"messages": [{"role": "user", "content": [_image_part("data:image/png;base64,@@@not-b64")]}]},
+        400,
+        "base64",
+        "messages[0].content[0].image_url.url",
+    ),
+    "not an image": (
+        {"messages": [{"role": "user", "content": [_image_part(data_uri("image/png", b"plain text"))]}]},
+        400,
+        "image",
+        "messages[0].content[0].image_url.url",
+    ),
+    "bad audio": (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF....").decode()}}
+                    ],
+                }
+            ]
+        },
+        400,
+        "",
+        "messages[0].content[0].input_audio.data",
+    ),
+    "unknown part type": (
+        {"messages": [{"role": "user", "content": [{"type": "image_file", "file": "x"}]}]},
+        400,
+        "image_file",
+        "messages[0].content[0]",
+    ),
+    "remote image": (
+        {"messages": [{"role": "user", "content": [_image_part("https://example.com/cat.png")]}]},
+        400,
+        "data URI",
+        "messages[0].content[0].image_url.url",
+    ),
+    "too many images": (
+        {"messages": [{"role": "user", "content": [_image_part(data_uri("image/png", png_bytes()))] * 3}]},
+        400,
+        f"limit is {MAX_IMAGES}",
+        "messages[0].content[2].image_url.url",
+    ),
     "unknown model": ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-4o", "model"),
-    "max_tokens over the cap": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS + 1},
-                                400, "limit", "max_tokens"),
-    "literal tag in text": ({"messages": [{"role": "user", "content": "look: <image>"}]}, 400, "<image>",
-                            "messages[0].content"),
+    "max_tokens over the cap": (
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS + 1},
+        400,
+        "limit",
+        "max_tokens",
+    ),
+    "literal tag in text": (
+        {"messages": [{"role": "user", "content": "look: <image>"}]},
+        400,
+        "<image>",
+        "messages[0].content",
+    ),
     "no messages": ({"messages": []}, 400, "", "messages"),
     "bad role": ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "", "messages[0].role"),
     "unsupported field": ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, 400, "", "stop"),
@@ -303,10 +343,12 @@ def test_v2_infer_binary_media_batch(client):
 
 def test_v2_rows_are_answered_like_single_requests(client, server):
     """Batching left-pads; greedy answers must not depend on the batch they are in."""
-    batch = client.infer("omni", [_bytes_input("text", [b"hello", b"what color is the shape"])],
-                         parameters={"max_new_tokens": 5}).as_numpy("text_output")
-    single = client.infer("omni", [_bytes_input("text", [b"what color is the shape"])],
-                          parameters={"max_new_tokens": 5}).as_numpy("text_output")
+    batch = client.infer(
+        "omni", [_bytes_input("text", [b"hello", b"what color is the shape"])], parameters={"max_new_tokens": 5}
+    ).as_numpy("text_output")
+    single = client.infer(
+        "omni", [_bytes_input("text", [b"what color is the shape"])], parameters={"max_new_tokens": 5}
+    ).as_numpy("text_output")
     assert batch[1] == single[0]
     via_openai = chat(server, {"messages": [{"role": "user", "content": "what color is the shape"}], "max_tokens": 5})
     assert via_openai.json()["choices"][0]["message"]["content"].encode() == single[0]
@@ -348,8 +390,10 @@ def test_v2_too_many_tokens_is_a_400(client):
 
 
 def test_v1_predict(server):
-    payload = {"instances": [{"text": "hi", "image": base64.b64encode(png_bytes()).decode()}],
-               "parameters": {"max_new_tokens": 3}}
+    payload = {
+        "instances": [{"text": "hi", "image": base64.b64encode(png_bytes()).decode()}],
+        "parameters": {"max_new_tokens": 3},
+    }
     r = requests.post(f"{server}/v1/models/omni:predict", json=payload, timeout=60)
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"]) == 1
@@ -369,8 +413,10 @@ def test_metrics_endpoint(server):
 
 def _raw_v2(server: str, header: dict, tail: bytes = b"", declared: int | None = None) -> requests.Response:
     head = json.dumps(header).encode()
-    hdrs = {"Inference-Header-Content-Length": str(len(head) if declared is None else declared),
-            "Content-Type": "application/octet-stream"}
+    hdrs = {
+        "Inference-Header-Content-Length": str(len(head) if declared is None else declared),
+        "Content-Type": "application/octet-stream",
+    }
     return requests.post(f"{server}/v2/models/omni/infer", data=head + tail, headers=hdrs, timeout=60)
 
 
@@ -382,8 +428,12 @@ def test_v2_malformed_binary_bodies_are_400(server):
         "tensor cut short": _raw_v2(server, {"inputs": [spec]}, (5).to_bytes(4, "little") + b"hel"),
         "element past the end": _raw_v2(server, {"inputs": [spec]}, (50).to_bytes(4, "little") + b"hello"),
         "header length lies": _raw_v2(server, {"inputs": [spec]}, b"", declared=10**6),
-        "header not JSON": requests.post(f"{server}/v2/models/omni/infer", data=b"\x00garbage",
-                                         headers={"Inference-Header-Content-Length": "8"}, timeout=60),
+        "header not JSON": requests.post(
+            f"{server}/v2/models/omni/infer",
+            data=b"\x00garbage",
+            headers={"Inference-Header-Content-Length": "8"},
+            timeout=60,
+        ),
         "no inputs": _raw_v2(server, {"outputs": []}),
     }
     for name, r in cases.items():
@@ -393,8 +443,10 @@ def test_v2_malformed_binary_bodies_are_400(server):
 
 def test_v2_json_without_content_type(server):
     """tritonclient-style JSON with no Content-Type header (KServe alone refuses it)."""
-    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}],
-            "parameters": {"max_new_tokens": 2}}
+    body = {
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}],
+        "parameters": {"max_new_tokens": 2},
+    }
     r = requests.post(f"{server}/v2/models/omni/infer", data=json.dumps(body), timeout=60)
     assert r.status_code == 200, r.text
     [out] = r.json()["outputs"]

@@ -1,8 +1,8 @@
 """Triton Python-backend model "omni": the entry point of the exported model repository.
 
-Copied by `model.export.write_triton_repository` to `<repo>/omni/1/model.py`, next to
-`checkpoint/` (the HF-format checkpoint) and `omni_code/` (a copy of the `model` package that
-exported it, so the repository carries the code its weights were trained with).
+Copied by `model.export.triton.write_triton_repository` to `<repo>/omni/1/model.py`, next to
+`checkpoint/` (the HF-format checkpoint) and `omni_code/` (the part of the `model` package that answers:
+network, chat processor, media decoding; `model.export.triton.BUNDLED`).
 
 Request (one conversation turn):
     text            TYPE_STRING [1]    the user message; may hold <image>/<video>/<audio> tags
@@ -46,15 +46,14 @@ def _use_bundled_code() -> None:
 def chat_input(text: str, media: dict[str, list[bytes]], cfg):
     """One user turn as a ChatInput: media bytes decoded, tags added for media the text lacks."""
     from model.media.decode import load_audio, load_image, load_video_frames
-    from model.media.tags import TAG_PATTERN
+    from model.media.tags import tag_missing_media
     from model.text.processor import ChatInput
 
-    tagged = TAG_PATTERN.findall(text)
-    prefix = "".join(f"<{kind}>" * len(media.get(kind, [])) for kind in MEDIA_KINDS if kind not in tagged)
+    content = tag_missing_media(text, {kind: len(items) for kind, items in media.items()})
     images = [load_image(b) for b in media.get("image", [])]
     sampled = [load_video_frames(b, cfg.video.fps, cfg.video.max_frames) for b in media.get("video", [])]
     audios = [load_audio(b, cfg.audio.sampling_rate) for b in media.get("audio", [])]
-    return ChatInput(messages=[{"role": "user", "content": prefix + text}], images=images,
+    return ChatInput(messages=[{"role": "user", "content": content}], images=images,
                      videos=[frames for frames, _ in sampled], video_times=[times for _, times in sampled],
                      audios=audios)
 

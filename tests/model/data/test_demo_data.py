@@ -80,7 +80,9 @@ def test_media_paths_are_relative_and_decode(demo):
         for p in r.audios:
             audio = load_audio(out / p)
             assert 0.2 < len(audio) / 16000 < 5 and np.abs(audio).max() > 0.1
-    exts = {Path(p).suffix for r in _records(out)["train"] + _records(out)["val"] for p in r.images if r.task == "caption"}
+    exts = {
+        Path(p).suffix for r in _records(out)["train"] + _records(out)["val"] for p in r.images if r.task == "caption"
+    }
     assert exts == {".png", ".jpg"}
 
 
@@ -99,9 +101,7 @@ def test_labels_match_the_media(demo):
                 assert _options(prompt)[answer] == _dominant_color(arr)
         elif r.task == "video_mcq":
             frames, _ = load_video_frames(out / r.videos[0], fps=1.0, max_frames=48)
-            (y0, x0), (y1, x1) = (
-                np.argwhere(_shape_mask(np.asarray(f))).mean(axis=0) for f in (frames[0], frames[-1])
-            )
+            (y0, x0), (y1, x1) = (np.argwhere(_shape_mask(np.asarray(f))).mean(axis=0) for f in (frames[0], frames[-1]))
             dx, dy = x1 - x0, y1 - y0
             moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
             assert _options(prompt)[answer] == moved
@@ -191,8 +191,10 @@ def test_missing_espeak_is_a_clear_error(tmp_path, monkeypatch):
 def test_stage_task_lists_match_the_demo_tasks():
     from omegaconf import OmegaConf
 
-    stages = {p.stem: set(OmegaConf.load(p).data_tasks)
-              for p in (Path(__file__).resolve().parents[3] / "conf" / "stage").glob("*.yaml")}
+    stages = {
+        p.stem: set(OmegaConf.load(p).data_tasks)
+        for p in (Path(__file__).resolve().parents[3] / "conf" / "stage").glob("*.yaml")
+    }
     assert all(tasks <= TASKS for tasks in stages.values()), stages
     assert stages["sft"] == stages["omni_align"] == TASKS  # the mixed stages see every task
     assert {"ocr", "count"} <= stages["image_2"] and "video_color_mcq" in stages["video"]

@@ -17,8 +17,12 @@ def parts(tiny_cfg, tokenizer):
 
 def _sample(audio_seconds=1.0, frames=4):
     return ChatInput(
-        messages=[{"role": "user", "content": "<image><video><audio>what color?"}, {"role": "assistant", "content": "red"}],
-        images=[Image.new("RGB", (50, 40), "red")], videos=[[Image.new("RGB", (64, 64), "blue")] * frames],
+        messages=[
+            {"role": "user", "content": "<image><video><audio>what color?"},
+            {"role": "assistant", "content": "red"},
+        ],
+        images=[Image.new("RGB", (50, 40), "red")],
+        videos=[[Image.new("RGB", (64, 64), "blue")] * frames],
         audios=[np.random.default_rng(0).normal(0, 0.1, int(16000 * audio_seconds)).astype(np.float32)],
     )
 
@@ -35,8 +39,11 @@ def test_placeholder_count_matches_encoder_output(parts, tiny_cfg):
     model, processor = parts
     enc = processor.encode(_sample())
     pad = processor.placeholder_ids
-    assert enc.input_ids.count(pad["image"]) == processor.tile_tokens == model.encode_images(
-        torch.stack(enc.pixel_values)).shape[1]
+    assert (
+        enc.input_ids.count(pad["image"])
+        == processor.tile_tokens
+        == model.encode_images(torch.stack(enc.pixel_values)).shape[1]
+    )
     assert enc.input_ids.count(pad["video"]) == 4 * processor.frame_tokens
     # 1 s of audio = 100 mel frames -> 50 encoder frames -> 50 / stride tokens
     assert enc.input_ids.count(pad["audio"]) == 100 // 2 // tiny_cfg.audio.projector_stride
@@ -52,8 +59,10 @@ def test_mismatched_placeholders_fail_clearly(parts):
 
 def test_audio_in_a_padded_batch_equals_audio_alone(parts):
     model, processor = parts
-    windows = [processor.audio_windows(np.random.default_rng(i).normal(0, 0.1, n).astype(np.float32))[0]
-               for i, n in enumerate((32000, 16000, 9000))]
+    windows = [
+        processor.audio_windows(np.random.default_rng(i).normal(0, 0.1, n).astype(np.float32))[0]
+        for i, n in enumerate((32000, 16000, 9000))
+    ]
     batch = processor.collate([Encoded([0], [0], audio_mel=[w]) for w in windows])
     with torch.no_grad():
         together = model.encode_audio(batch["audio_mel"], batch["audio_frames"])
@@ -94,8 +103,9 @@ def test_attention_kernel_auto_is_sdpa_without_a_gpu_and_choices_are_kept(tiny_c
     if not torch.cuda.is_available():
         assert attention_kernel("auto") == "sdpa"
     processor = OmniProcessor(tokenizer, tiny_cfg)
-    eager = OmniModel(tiny_cfg.model_copy(update={"attn_implementation": "eager"}), len(tokenizer),
-                      processor.placeholder_ids)
+    eager = OmniModel(
+        tiny_cfg.model_copy(update={"attn_implementation": "eager"}), len(tokenizer), processor.placeholder_ids
+    )
     assert eager.llm.config._attn_implementation == "eager" and not eager.varlen
     assert eager.vision_tower.config._attn_implementation == "sdpa"
 

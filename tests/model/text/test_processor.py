@@ -27,7 +27,9 @@ def test_tag_and_media_counts_must_agree(tiny_cfg, tokenizer):
 def test_left_padding_for_generation(tiny_cfg, tokenizer):
     p = OmniProcessor(tokenizer, tiny_cfg)
     short = p.encode(ChatInput(messages=[{"role": "user", "content": "hi"}]), add_generation_prompt=True)
-    long = p.encode(ChatInput(messages=[{"role": "user", "content": "what color is the shape"}]), add_generation_prompt=True)
+    long = p.encode(
+        ChatInput(messages=[{"role": "user", "content": "what color is the shape"}]), add_generation_prompt=True
+    )
     batch = p.collate([short, long], left_pad=True)
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1
     assert batch["input_ids"][0, -1].item() == short.input_ids[-1]

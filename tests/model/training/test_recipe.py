@@ -19,8 +19,12 @@ COLORS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yellow
 
 def _omni_sample(color="red"):
     return ChatInput(
-        messages=[{"role": "user", "content": "<image><video><audio>what color?"}, {"role": "assistant", "content": color}],
-        images=[Image.new("RGB", (64, 64), COLORS[color])], videos=[[Image.new("RGB", (64, 64), COLORS[color])] * 2],
+        messages=[
+            {"role": "user", "content": "<image><video><audio>what color?"},
+            {"role": "assistant", "content": color},
+        ],
+        images=[Image.new("RGB", (64, 64), COLORS[color])],
+        videos=[[Image.new("RGB", (64, 64), COLORS[color])] * 2],
         audios=[np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)],
     )
 
@@ -40,8 +44,9 @@ def test_gradients_reach_exactly_the_trainable_modules(stage_file, tiny_cfg, tok
             missed = [n for n, p in params.items() if n not in model.fixed_parameters and p.grad is None]
             assert not missed, f"{stage.name}: no gradient reached {missed[:3]}"
             assert any(p.grad.abs().sum() > 0 for n, p in params.items() if p.grad is not None)
-        assert all(params[n].grad is None for n in params if name not in stage.trainable or n in model.fixed_parameters), \
-            f"{stage.name}: a frozen parameter of {name} got a gradient"
+        assert all(
+            params[n].grad is None for n in params if name not in stage.trainable or n in model.fixed_parameters
+        ), f"{stage.name}: a frozen parameter of {name} got a gradient"
 
 
 def test_activation_checkpointing_saves_less_and_keeps_gradients(tiny_cfg, tokenizer):
@@ -75,17 +80,35 @@ def test_deepspeed_stage_learns_and_generation_agrees(zero_stage, tiny_cfg, toke
     processor = OmniProcessor(tokenizer, tiny_cfg)
     model = OmniModel(tiny_cfg, len(tokenizer), processor.placeholder_ids)
     frozen_before = model.audio_encoder.encoder.conv1.weight.clone()
-    samples = [processor.encode(ChatInput(
-        messages=[{"role": "user", "content": "<image>what color?"}, {"role": "assistant", "content": c}],
-        images=[Image.new("RGB", (64, 64), rgb)])) for c, rgb in COLORS.items()] * 4
-    stage = StageConfig(name="t", trainable=["vision_projector", "llm"], lr=3e-3, data_tasks=["x"], steps=40,
-                        micro_batch_size=8, zero_stage=zero_stage, warmup_steps=2)
+    samples = [
+        processor.encode(
+            ChatInput(
+                messages=[{"role": "user", "content": "<image>what color?"}, {"role": "assistant", "content": c}],
+                images=[Image.new("RGB", (64, 64), rgb)],
+            )
+        )
+        for c, rgb in COLORS.items()
+    ] * 4
+    stage = StageConfig(
+        name="t",
+        trainable=["vision_projector", "llm"],
+        lr=3e-3,
+        data_tasks=["x"],
+        steps=40,
+        micro_batch_size=8,
+        zero_stage=zero_stage,
+        warmup_steps=2,
+    )
     result = train_stage(model, processor, samples, stage, progress=False)
     assert result.losses[-1] < 0.3 * result.losses[0]
     assert torch.equal(model.audio_encoder.encoder.conv1.weight, frozen_before)
     chat = OmniChat(model, processor)
-    questions = [ChatInput(messages=[{"role": "user", "content": "<image>what color?"}],
-                           images=[Image.new("RGB", (64, 64), rgb)]) for rgb in COLORS.values()]
+    questions = [
+        ChatInput(
+            messages=[{"role": "user", "content": "<image>what color?"}], images=[Image.new("RGB", (64, 64), rgb)]
+        )
+        for rgb in COLORS.values()
+    ]
     batched = chat.generate(questions, max_new_tokens=6)
     assert batched == [chat.generate([q], max_new_tokens=6)[0] for q in questions]
     assert batched == list(COLORS)
@@ -103,7 +126,8 @@ def test_param_groups_give_the_vit_its_own_rate_and_skip_frozen_modules(tiny_cfg
     assert groups["vision_tower"]["lr"] == stage.lr_overrides["vision_tower"]
     assert groups["vision_projector"]["lr"] == groups["llm"]["lr"] == stage.lr
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == sum(
-        p.numel() for p in model.parameters() if p.requires_grad)
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
 
 
 def test_warmup_then_cosine_to_zero():
@@ -117,8 +141,17 @@ def test_warmup_then_cosine_to_zero():
 
 
 def test_deepspeed_config_carries_clipping_accumulation_and_zero_stage():
-    stage = StageConfig(name="s", trainable=["llm"], lr=1.0, data_tasks=["t"], steps=1, grad_clip=0.5,
-                        grad_accum=4, micro_batch_size=2, zero_stage=3)
+    stage = StageConfig(
+        name="s",
+        trainable=["llm"],
+        lr=1.0,
+        data_tasks=["t"],
+        steps=1,
+        grad_clip=0.5,
+        grad_accum=4,
+        micro_batch_size=2,
+        zero_stage=3,
+    )
     ds = deepspeed_config(stage)
     assert ds["gradient_clipping"] == 0.5 and ds["gradient_accumulation_steps"] == 4
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["zero_optimization"]["stage"] == 3

@@ -40,7 +40,9 @@ def _finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert proc.poll() is None, f"worker exited ({proc.returncode}) before {path.name} appeared:\n{_finish(proc)[1]}"
+        assert proc.poll() is None, (
+            f"worker exited ({proc.returncode}) before {path.name} appeared:\n{_finish(proc)[1]}"
+        )
         assert time.monotonic() < deadline, f"no {path} after {timeout} s"
         time.sleep(0.05)
 
@@ -70,8 +72,9 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_curve(tmp_path):
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_exits(tmp_path):
     progress, ckpt = tmp_path / "progress", tmp_path / "ckpt"
-    proc = _worker(tmp_path / "d.json", "--steps", "20", "--ckpt", str(ckpt), "--sleep", "0.4",
-                   "--progress", str(progress))
+    proc = _worker(
+        tmp_path / "d.json", "--steps", "20", "--ckpt", str(ckpt), "--sleep", "0.4", "--progress", str(progress)
+    )
     _wait_for(progress, proc)  # the handler is installed once the training loop runs
     proc.send_signal(signal.SIGTERM)
     code, output = _finish(proc)
@@ -88,10 +91,28 @@ def test_two_ranks_gloo_agree_on_losses_and_end_with_the_same_full_weights(tmp_p
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(port)]
-    proc = _worker(tmp_path / "e.json", "--steps", "4", "--every", "2", "--zero", str(zero), "--ckpt",
-                   str(tmp_path / "ckpt"), launcher=launcher)
+    launcher = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+    ]
+    proc = _worker(
+        tmp_path / "e.json",
+        "--steps",
+        "4",
+        "--every",
+        "2",
+        "--zero",
+        str(zero),
+        "--ckpt",
+        str(tmp_path / "ckpt"),
+        launcher=launcher,
+    )
     code, output = _finish(proc)
     assert code == 0, output
     rank0, rank1 = _losses(tmp_path / "e.json"), _losses(tmp_path / "e.json.rank1")

@@ -28,95 +28,26 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
 
+import kserve
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import Field, TypeAdapter, ValidationError, field_validator
+from pydantic import ValidationError
 
-from model.config import Strict
 from model.media.tags import TAG_PATTERN
-from serving.predictor import BadRequest, Conversation, MediaItem, OmniPredictor, decode_base64, kserve
+from serving.conversation import BadRequest, Conversation, MediaItem, decode_base64
+from serving.predictor import ChatRequest, OmniPredictor
+from serving.protocol.openai.schema import (
+    CONTENT_PART,
+    AudioURLPart,
+    ChatCompletionRequest,
+    ChatMessage,
+    ImagePart,
+    TextPart,
+    VideoURLPart,
+)
 
 logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------ schema
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ImageURL(Strict):
-    url: str
-    detail: Literal["auto", "low", "high"] | None = None  # accepted; images are always resized the same way
-
-
-class ImagePart(Strict):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-class InputAudio(Strict):
-    data: str  # base64 (a data URI is accepted too)
-    format: str = "wav"  # informational: ffmpeg sniffs the real format
-
-
-class InputAudioPart(Strict):
-    type: Literal["input_audio"]
-    input_audio: InputAudio
-
-
-class MediaURL(Strict):
-    url: str
-
-
-class AudioURLPart(Strict):
-    type: Literal["audio_url"]
-    audio_url: MediaURL
-
-
-class VideoURLPart(Strict):
-    type: Literal["video_url"]
-    video_url: MediaURL
-
-
-ContentPart = Annotated[
-    TextPart | ImagePart | InputAudioPart | AudioURLPart | VideoURLPart, Field(discriminator="type")
-]
-_PART = TypeAdapter(ContentPart)
-
-
-class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    # A string or raw parts; parts are validated one by one so errors can name messages[i].content[j].
-    content: Any
-    name: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _string_or_parts(cls, value: Any) -> Any:
-        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(p, dict) for p in value)):
-            return value
-        raise ValueError("must be a string or a list of content parts (objects with a 'type')")
-
-
-class StreamOptions(Strict):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(Strict):
-    model: str | None = None  # None: the served model
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    n: Literal[1] = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
 
 
 # --------------------------------------------------------------------------------- conversion
@@ -147,7 +78,7 @@ def _data_uri(url: str, field: str) -> bytes:
 
 def _part(raw: dict, field: str):
     try:
-        return _PART.validate_python(raw)
+        return CONTENT_PART.validate_python(raw)
     except ValidationError as e:
         err = e.errors()[0]
         # The first location item of a tagged union is the tag itself, e.g. ("image_url", "image_url", "url").
@@ -252,7 +183,6 @@ def _usage(prompt: int, completion: int) -> dict:
 def build_router(predictor: OmniPredictor) -> APIRouter:
     """`/openai/v1/chat/completions` and `/openai/v1/models` for one predictor."""
     router = APIRouter(prefix="/openai/v1", tags=["OpenAI"])
-    latency = kserve.metrics.PREDICT_HIST_TIME.labels(**kserve.metrics.get_labels(predictor.name))
     started = int(time.time())
 
     async def models() -> dict:
@@ -273,13 +203,14 @@ def build_router(predictor: OmniPredictor) -> APIRouter:
             max_new = predictor.max_new_tokens(req.max_completion_tokens or req.max_tokens, param)
             conv = to_conversation(req.messages)
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-            if req.stream:
-                item, prompt_tokens = await predictor.prepare(conv, max_new)
+            if req.stream:  # preprocess before the headers go out: a bad request still gets its 400
+                prepared = await predictor.preprocess(ChatRequest(conv, max_new))
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                events = _stream_events(predictor, item, max_new, prompt_tokens, rid, created, include_usage)
+                events = _stream_events(predictor, prepared.items[0], max_new, prepared.prompt_tokens[0], rid, created,
+                                        include_usage)
                 return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            with latency.time():
-                [done] = await predictor.complete([conv], max_new)
+            # KServe's own request phases (and their latency metrics): preprocess -> predict -> postprocess.
+            [done], _ = await predictor(ChatRequest(conv, max_new))
         except BadRequest as e:
             return error_response(400, e.reason, e.param)
         except _TooLarge:
@@ -337,7 +268,9 @@ async def _stream_events(
         completion_tokens = await predictor.count_tokens("".join(pieces), max_new)
     except Exception as e:
         logger.exception("streamed generation failed")
-        yield _sse({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None, "code": None}})
+        yield _sse(
+            {"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None, "code": None}}
+        )
         yield _sse("[DONE]")
         return
     yield _sse(chunk({}, "length" if completion_tokens >= max_new else "stop"))

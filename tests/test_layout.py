@@ -1,0 +1,78 @@
+"""The package layout's rules, checked on the source: arrows point down, `model/` knows nothing of
+KFP, KServe or MLflow, and the light pipeline steps do not pay for torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# model/'s rooms, lowest first: a module may import its own room and the rooms below it.
+ROOMS = [("model.config",), ("model.runtime", "model.storage"), ("model.media",), ("model.text",), ("model.nn",),
+         ("model.data",), ("model.training", "model.eval", "model.export")]
+RANK = {room: level for level, rooms in enumerate(ROOMS) for room in rooms}
+FOREIGN = ("kfp", "kserve", "mlflow", "components", "pipelines", "serving")
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "model":  # from model import runtime
+            found += [f"model.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+    return found
+
+
+def _model_modules() -> list[tuple[str, Path]]:
+    out = []
+    for path in sorted((REPO / "model").rglob("*.py")):
+        if "templates" in path.parts:  # the Triton entry model runs inside Triton, not as part of the package
+            continue
+        rel = path.relative_to(REPO).with_suffix("")
+        module = ".".join(p for p in rel.parts if p != "__init__")
+        if module != "model":
+            out.append((module, path))
+    return out
+
+
+@pytest.mark.parametrize("module,path", _model_modules(), ids=lambda x: x if isinstance(x, str) else "")
+def test_model_imports_point_down_and_never_outward(module, path):
+    room = _room(module)
+    assert room in RANK, f"{module}: not in a known room; add it to ROOMS"
+    for imported in _imports(path):
+        top = imported.split(".")[0]
+        assert top not in FOREIGN, f"{module} imports {imported}: model/ never imports {', '.join(FOREIGN)}"
+        if top == "model" and imported != "model":
+            target = _room(imported)
+            assert RANK[target] < RANK[room] or target == room, (
+                f"{module} ({room}) imports {imported} ({target}): arrows point down only")
+
+
+def _loads(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sorted(sys.modules)))"],
+                         capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
+    return set(out)
+
+
+def test_light_steps_do_not_import_torch():
+    loaded = _loads("import components.pipeline_components, components.lifecycle, components.gate")
+    assert "torch" not in loaded and "transformers" not in loaded
+
+
+def test_data_prep_does_not_import_the_network_or_deepspeed():
+    # Prep tokenises (a transformers tokenizer, which loads torch), but never builds the model.
+    loaded = _loads("import model.data.prep")
+    assert not {"model.nn.omni", "deepspeed", "model.training"} & {m for m in loaded if "." in m or m == "deepspeed"}
