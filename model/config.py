@@ -193,7 +193,8 @@ class DataConfig(Strict):
 
 
 class SftFilterConfig(Strict):
-    """Loss-based SFT filter (see model.training.sft_filter): the paper's mean +- 1 std rule, fitted per task by default."""
+    """Loss-based SFT filter (see model.training.sft_filter): the paper's mean +- 1 std rule, fitted
+    per task by default."""
 
     enabled: bool = True
     k_sigma: float = Field(1.0, gt=0, description="keep samples within mean +- k_sigma * std (paper: 1)")
