@@ -110,6 +110,7 @@ def server(checkpoint: Path):
             {
                 "model_name": "omni",
                 "max_new_tokens": 8,
+                "default_temperature": 0.0,  # greedy unless a test asks otherwise: answers compare exactly
                 "limits": {"max_images": MAX_IMAGES, "max_request_bytes": MAX_REQUEST_BYTES, "max_tokens": MAX_TOKENS},
             }
         )
@@ -289,7 +290,21 @@ BAD_REQUESTS = {
     ),
     "no messages": ({"messages": []}, 400, "", "messages"),
     "bad role": ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "", "messages[0].role"),
-    "unsupported field": ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, 400, "", "stop"),
+    "unsupported field": ({"messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "", "tools"),
+    "json response format": (
+        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+        400, "text", "response_format.type",
+    ),
+    "too many stops": ({"messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, 400, "4", "stop"),
+    "temperature out of range": (
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}, 400, "2", "temperature",
+    ),
+    "top_logprobs without logprobs": (
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "logprobs", "top_logprobs",
+    ),
+    "logit_bias not a token id": (
+        {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"hello": 1}}, 400, "token ids", "logit_bias",
+    ),
     "non-JSON body": ("{this is not json", 400, "JSON", None),
     "JSON but not an object": ("[1, 2]", 400, "object", None),
 }
@@ -456,7 +471,7 @@ def test_v2_json_without_content_type(server):
 
 
 def test_concurrent_requests_share_the_model_safely(server):
-    """Generation is serialised behind one lock; parallel clients all get the same greedy answer."""
+    """Parallel clients, plain and streamed, share the engine's batch and all get the same greedy answer."""
     prompt = {"messages": [{"role": "user", "content": "what color is the shape"}], "max_tokens": 6}
 
     def plain(_):
