@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
 from serving.config import ServingConfig, resolve_storage_uri
-from tests.serving.live_server import start_server
+from serving.local import start_server
 
 # Deliberately no `serving.predictor` / `serving.server` import: they import kserve, whose protobuf
 # definitions clash with tritonclient.grpc's, which other test modules may load in this process.

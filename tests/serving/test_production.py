@@ -23,7 +23,7 @@ import requests
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
 from model.text.tokenizer import IM_END
-from tests.serving.live_server import LiveServer, metric, start_server
+from serving.local import LiveServer, metric, start_server
 from tests.serving.test_predictor import png_bytes
 
 API_KEY = "sk-test-secret-7f3a9c"  # must never reach the server's log

@@ -21,8 +21,8 @@ import tritonclient.http as triton_http
 from model.export.triton import write_triton_repository
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
+from serving.local import start_server
 from serving.triton import start_tritonserver
-from tests.serving.live_server import start_server
 from tests.serving.test_predictor import mp4_bytes, png_bytes, wav_bytes
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,5 +1,6 @@
-"""`python -m serving.server` as a subprocess on a free 127.0.0.1 port, for the serving tests and
-the serving benchmark: started with a serving config, waited for, stopped by its PID."""
+"""The predictor as a local process: `python -m serving.server` on a free 127.0.0.1 port with a
+serving config, waited for until ready, stopped by its PID (SIGTERM, then SIGKILL). The serving
+tests and the serving benchmark use it; traffic goes to 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import requests
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]  # the checkout: `python -m serving.server` runs from here
 
 
 def free_port() -> int:
