@@ -45,11 +45,13 @@ lint: install
 compile: install
 	$(BIN)/omni pipeline compile
 
-# Training throughput (packed vs padded, FLOP/s vs GEMM peak), data-prep records/s and video
-# sampling by seek vs decode-every-frame: see benchmarks/README.md.
+# Training throughput (packed vs padded, FLOP/s vs GEMM peak), data-prep records/s, video
+# sampling by seek vs decode-every-frame, and serving (8 clients / 1, endpoint / in-process latency,
+# a 10,000-request mixed load): see benchmarks/README.md.
 bench: install
 	$(BIN)/python -m benchmarks.bench_training
 	$(BIN)/python -m benchmarks.bench_data
+	$(BIN)/python -m benchmarks.bench_serving
 
 # The real tritonserver the tests start (serving/triton.py): the models get their own venv with
 # numpy<2 (Triton 2.51's Python-backend stub breaks with numpy 2) and nvidia-pytriton's CPU server.
