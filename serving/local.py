@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +36,35 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        return stop_process(self.proc, timeout)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM (a graceful stop), then SIGKILL after `timeout` seconds; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def wait_ready(proc: subprocess.Popen, url: str, ready_s: float, log: Callable[[], str], what: str) -> None:
+    """Poll `url` until it answers 200; raise with the log's tail if the process dies or time runs out."""
+    deadline = time.monotonic() + ready_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log()[-4000:]}")
         try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+            if requests.get(url, timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            stop_process(proc)
+            raise RuntimeError(f"{what} not ready in {ready_s:.0f} s:\n{log()[-4000:]}")
+        time.sleep(0.2)
 
 
 def start_server(checkpoint: Path, workdir: Path, config: dict, threads: int = 1, ready_s: float = 90) -> LiveServer:
@@ -57,19 +80,8 @@ def start_server(checkpoint: Path, workdir: Path, config: dict, threads: int = 1
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = LiveServer(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + ready_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-3000:]}")
-        try:
-            if requests.get(f"{server.base}/v2/health/ready", timeout=1).status_code == 200:
-                return server
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"server not ready in {ready_s:.0f} s:\n{server.log()[-3000:]}")
-        time.sleep(0.2)
+    wait_ready(proc, f"{server.base}/v2/health/ready", ready_s, server.log, "server")
+    return server
 
 
 def metric(text: str, name: str, **labels) -> float:

@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
+from serving.local import free_port, stop_process, wait_ready
 
 PYTRITON = "nvidia-pytriton==0.7.0"
 MODELS_NUMPY = "numpy<2"
@@ -67,12 +64,6 @@ def _backend_dir(venv: Path, dst: Path) -> Path:
     return dst
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class TritonServer:
     proc: subprocess.Popen
@@ -93,13 +84,7 @@ class TritonServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop_process(self.proc, timeout)
 
 
 def start_tritonserver(repo: str | Path, venv: str | Path, workdir: str | Path, threads: int = 1,
@@ -108,7 +93,7 @@ def start_tritonserver(repo: str | Path, venv: str | Path, workdir: str | Path, 
     venv, workdir, repo = ensure_models_venv(venv).resolve(), Path(workdir).resolve(), Path(repo).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     site = _site_packages(venv)
-    http, grpc, metrics = ports or (_free_port(), _free_port(), _free_port())
+    http, grpc, metrics = ports or (free_port(), free_port(), free_port())
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PATH=f"{venv / 'bin'}:{env.get('PATH', '')}", OMP_NUM_THREADS=str(threads),
                LD_LIBRARY_PATH=f"{site / 'nvidia_pytriton.libs'}:{sysconfig.get_config_var('LIBDIR')}")
@@ -121,19 +106,8 @@ def start_tritonserver(repo: str | Path, venv: str | Path, workdir: str | Path, 
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
     server = TritonServer(proc, http, grpc, metrics, log_path)
-    deadline = time.monotonic() + ready_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tritonserver exited with {proc.returncode}:\n{server.log()[-4000:]}")
-        try:
-            if requests.get(f"http://{server.http_url}/v2/health/ready", timeout=1).status_code == 200:
-                return server
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"tritonserver not ready in {ready_s:.0f} s:\n{server.log()[-4000:]}")
-        time.sleep(0.3)
+    wait_ready(proc, f"http://{server.http_url}/v2/health/ready", ready_s, server.log, "tritonserver")
+    return server
 
 
 def main(argv: list[str] | None = None) -> None:

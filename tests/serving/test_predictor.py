@@ -23,8 +23,6 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from model.nn.omni import OmniModel
-from model.text.processor import OmniProcessor
 from serving.config import ServingConfig, resolve_storage_uri
 from serving.local import start_server
 
@@ -78,14 +76,6 @@ def data_uri(mime: str, data: bytes) -> str:
 
 
 # ----------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_cfg, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("serving") / "ckpt"
-    processor = OmniProcessor(tokenizer, tiny_cfg)
-    OmniModel(tiny_cfg, len(tokenizer), processor.placeholder_ids).save_pretrained(path, tokenizer)
-    return path
 
 
 SERVER_CONFIG = {

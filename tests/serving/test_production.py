@@ -14,14 +14,11 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 import pytest
 import requests
 
-from model.nn.omni import OmniModel
-from model.text.processor import OmniProcessor
 from model.text.tokenizer import IM_END
 from serving.local import LiveServer, metric, start_server
 from tests.serving.test_predictor import png_bytes
@@ -29,14 +26,6 @@ from tests.serving.test_predictor import png_bytes
 API_KEY = "sk-test-secret-7f3a9c"  # must never reach the server's log
 PROMPTS = ["what color is the shape", "describe", "hi", "transcribe the audio one two three", "A B C D",
            "red green blue yellow", "is the shape blue", "one"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_cfg, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("production") / "ckpt"
-    processor = OmniProcessor(tokenizer, tiny_cfg)
-    OmniModel(tiny_cfg, len(tokenizer), processor.placeholder_ids).save_pretrained(path, tokenizer)
-    return path
 
 
 @pytest.fixture(scope="module")

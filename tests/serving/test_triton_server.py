@@ -19,8 +19,6 @@ import pytest
 import tritonclient.http as triton_http
 
 from model.export.triton import write_triton_repository
-from model.nn.omni import OmniModel
-from model.text.processor import OmniProcessor
 from serving.local import start_server
 from serving.triton import start_tritonserver
 from tests.serving.test_predictor import mp4_bytes, png_bytes, wav_bytes
@@ -57,14 +55,6 @@ for name, (text, media) in cases.items():
 client.close()
 print(json.dumps(answers))
 """
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_cfg, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("triton") / "ckpt"
-    processor = OmniProcessor(tokenizer, tiny_cfg)
-    OmniModel(tiny_cfg, len(tokenizer), processor.placeholder_ids).save_pretrained(path, tokenizer)
-    return path
 
 
 @pytest.fixture(scope="module")
