@@ -48,6 +48,26 @@ def _hf_configs(cfg: ModelConfig, vocab_size: int) -> tuple[SiglipVisionConfig, 
     return vision, audio, llm
 
 
+def build_llm(cfg: ModelConfig, vocab_size: int) -> Qwen2ForCausalLM:
+    """The LLM alone (what the Triton entry model runs; the encoders are exported separately)."""
+    return Qwen2ForCausalLM(_hf_configs(cfg, vocab_size)[2])
+
+
+def splice_media(embeds: torch.Tensor, input_ids: torch.Tensor, features: dict[str, torch.Tensor | None],
+                 media_token_ids: dict[str, int]) -> torch.Tensor:
+    """Token embeddings with each kind's placeholder tokens replaced, in order, by its encoder's
+    (tokens, dim) output; the counts must match exactly."""
+    for kind, feats in features.items():
+        slots = input_ids == media_token_ids[kind]
+        n_slots = int(slots.sum())
+        n_feats = 0 if feats is None else feats.shape[0]
+        if n_slots != n_feats:
+            raise ValueError(f"{n_slots} {kind} placeholder tokens but the {kind} encoder produced {n_feats}")
+        if n_feats:
+            embeds = embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
+    return embeds
+
+
 class OmniModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, media_token_ids: dict[str, int]):
         super().__init__()
@@ -102,15 +122,7 @@ class OmniModel(nn.Module):
             if video_pixel_values is not None else None,
             "audio": torch.cat(self.encode_audio(audio_mel, audio_frames)) if audio_mel is not None else None,
         }
-        for kind, feats in features.items():
-            slots = input_ids == self.media_token_ids[kind]
-            n_slots = int(slots.sum())
-            n_feats = 0 if feats is None else feats.shape[0]
-            if n_slots != n_feats:
-                raise ValueError(f"{n_slots} {kind} placeholder tokens but the {kind} encoder produced {n_feats}")
-            if n_feats:
-                embeds = embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
-        return embeds
+        return splice_media(embeds, input_ids, features, self.media_token_ids)
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, **media):
         embeds = self.embed(input_ids, **media)
