@@ -316,12 +316,19 @@ def _write(ledger: Ledger, out_dir: Path, data: DataConfig, model: ModelConfig, 
         if f"media/{path.name}" not in used:
             path.unlink()
     shards = _write_shards(out_dir, ledger.kept, data.records_per_shard)
-    (out_dir / QUARANTINE).write_text(
-        "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in ledger.quarantine), encoding="utf-8"
-    )
+    (out_dir / QUARANTINE).write_text("".join(_jsonl_line(q) for q in ledger.quarantine), encoding="utf-8")
     manifest = _manifest(ledger, shards, out_dir, {"data": data.model_dump(), "model": model.model_dump()}, processor)
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest
+
+
+# Line breaks to Unicode (and so to str.splitlines, JavaScript, many editors) that JSON leaves raw.
+_UNICODE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _jsonl_line(obj: dict) -> str:
+    """One JSONL line, readable as text (non-ASCII kept) and one line to every reader."""
+    return json.dumps(obj, ensure_ascii=False).translate(_UNICODE_BREAKS) + "\n"
 
 
 def _media_refs(record: Record) -> list[str]:
