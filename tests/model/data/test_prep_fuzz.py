@@ -7,9 +7,9 @@ every field, duplicates, broken bytes), then `prepare` twice. Whatever the corpu
 - the manifest's counts add up, and everything written is strict UTF-8 JSON;
 - a second run gives byte-identical shards, quarantine file and manifest.
 
-CI runs a bounded, derandomised set (OMNI_FUZZ_EXAMPLES, default 40); `make fuzz` runs many more with
-a fresh seed. s3:// media are left to test_prep_hostile.py: without S3 settings the run refuses to
-start, which would end the example before the rest of the corpus is exercised.
+The one exception allowed is the run-level refusal before any work when a record names s3:// media
+and S3 is not configured (test_prep_hostile.py has its own test). CI runs a bounded, derandomised
+set (OMNI_FUZZ_EXAMPLES, default 100); `make fuzz` runs many more with a fresh seed.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 import wave
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
+from unittest import mock
 
 import av
 import numpy as np
@@ -33,8 +35,9 @@ from PIL import Image
 from model.config import DataConfig
 from model.data.prep import prepare
 from model.data.shards import SPLITS, read_shard
+from model.storage import StorageError
 
-EXAMPLES = int(os.environ.get("OMNI_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("OMNI_FUZZ_EXAMPLES", "100"))
 # CI: the same corpora every run (a red build names a bug, not bad luck); `make fuzz`: a fresh seed each time.
 RANDOM = os.environ.get("OMNI_FUZZ_RANDOM") == "1"
 LIMITS = DataConfig(max_text_chars=2000, val_fraction=0.5, records_per_shard=3)
@@ -199,7 +202,8 @@ def fuzz_summary(request):
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     kinds = ", ".join(f"{k}: {n}" for k, n in sorted(STATS.items()) if k.startswith("kind "))
     line = (f"prep fuzz: {STATS['corpora']} corpora, {STATS['records']} records generated "
-            f"({STATS['kept']} kept, {STATS['quarantined']} quarantined), {STATS['crashes']} crashes; {kinds}")
+            f"({STATS['kept']} kept, {STATS['quarantined']} quarantined), {STATS['crashes']} crashes, "
+            f"{STATS['refused to start']} refused to start (s3:// media without S3 settings); {kinds}")
     if reporter is not None and capture is not None:
         with capture.global_and_fixture_disabled():
             reporter.write_line(line)
@@ -214,6 +218,18 @@ def _read_outputs(out: Path, manifest: dict) -> tuple[list[dict], dict[str, byte
             json.dumps(sample, ensure_ascii=False).encode("utf-8")  # strict: raises on a surrogate
     json.loads((out / "manifest.json").read_bytes().decode("utf-8"))
     return quarantine, shards
+
+
+def _check_refusal(err: StorageError, files: dict[str, list[bytes]], out: Path) -> None:
+    """The one run-level refusal a local corpus can cause: an s3:// media item while S3 is not
+    configured. The message names a line that has one, and nothing was written."""
+    match = re.search(r"/(part-\d+\.jsonl):(\d+) uses S3 media ", str(err))
+    if match is None:
+        raise err
+    obj = json.loads(files[match[1]][int(match[2]) - 1].removeprefix(b"\xef\xbb\xbf"))
+    assert any(isinstance(u, str) and u.startswith("s3://") for k in ("images", "videos", "audios")
+               for u in (obj.get(k) if isinstance(obj.get(k), list) else []))
+    assert not out.exists()
 
 
 def _check_accounting(files: dict[str, list[bytes]], manifest: dict, quarantine: list[dict]) -> None:
@@ -234,7 +250,8 @@ def _check_accounting(files: dict[str, list[bytes]], manifest: dict, quarantine:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 @given(corpus=corpora())
 def test_prep_survives_generated_corpora(corpus, media_dir, tiny_cfg):
-    with tempfile.TemporaryDirectory(dir=media_dir) as work:
+    s3_settings = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    with mock.patch.dict(os.environ, {k: "" for k in s3_settings}), tempfile.TemporaryDirectory(dir=media_dir) as work:
         src = Path(work) / "in"
         src.mkdir()
         (src / "media").symlink_to(media_dir / "media")
@@ -246,6 +263,10 @@ def test_prep_survives_generated_corpora(corpus, media_dir, tiny_cfg):
         try:
             first = prepare([src], Path(work) / "a", LIMITS, tiny_cfg, progress=False)
             second = prepare([src], Path(work) / "b", LIMITS, tiny_cfg, progress=False)
+        except StorageError as err:
+            _check_refusal(err, files, Path(work) / "a")  # s3:// media without S3 settings: said before any work
+            STATS["refused to start"] += 1
+            return
         except BaseException:
             STATS["crashes"] += 1
             raise

@@ -87,6 +87,16 @@ def test_nul_characters_are_refused_in_any_field(corpus, tmp_path, tiny_cfg):
     assert "messages.0.content: NUL" in q["nul-text"]["reason"] and "images.0: NUL" in q["nul-path"]["reason"]
 
 
+def test_quarantine_lines_stay_one_line_to_unicode_readers(corpus, tmp_path, tiny_cfg):
+    """Found by the fuzz test: JSON leaves U+2028/U+2029/U+0085 raw, and str.splitlines (and JavaScript,
+    and many editors) break lines there, so one quarantine entry read as two broken ones."""
+    out = tmp_path / "out"
+    _, q = _prep(corpus, out, [_rec("sep", user="<image>What\u2028color\u2029is\x85it?", images=[])], tiny_cfg)
+    assert q["sep"]["kind"] == "tag/media mismatch"
+    text = (out / "quarantine.jsonl").read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 1 and json.loads(text)["id"] == "sep"
+
+
 def test_an_input_file_name_that_is_not_utf8_is_written_escaped(corpus, tmp_path, tiny_cfg):
     name = os.fsdecode(b"caf\xe9.jsonl")  # a Linux name is bytes: Python holds this one with a lone surrogate
     (corpus / name).write_text(json.dumps(_rec("good")) + "\n{broken\n")
