@@ -8,7 +8,9 @@ The command line is KServe's own (`kserve.model_server.parser`: --http_port, --w
 Flags given win over the serving config file; the file's values win over KServe's defaults.
 
 Endpoints: `/v2/...` (open inference protocol, what `tritonclient.http` speaks), `/v1/models/N:predict`,
-`/openai/v1/chat/completions`, `/openai/v1/models`, health, and Prometheus `/metrics`. KServe's
+`/openai/v1/chat/completions`, `/openai/v1/models`, health, Prometheus `/metrics` and the OpenAPI document
+`/openapi.json`. A model version (`/v2/models/N/versions/V/...`, `?model_version=V`) is a 404 and the model
+repository's load/unload a 403: this server serves one model, fixed at start (serving/protocol/repository.py). KServe's
 HTTP server always binds 0.0.0.0 (it has no host option). gRPC is off: REST carries every protocol
 we serve.
 
@@ -26,6 +28,7 @@ import kserve
 from serving.auth import BearerTokenAuth, configured_token
 from serving.config import ServingConfig
 from serving.predictor import OmniPredictor
+from serving.protocol import repository
 from serving.protocol.openai.routes import build_router
 from serving.protocol.v2 import OmniDataPlane
 
@@ -39,7 +42,10 @@ def build_server(model_dir: str | Path, cfg: ServingConfig, **server_args) -> tu
     # The REST server is built in start() from these: swap in our data plane, add our routes.
     server.dataplane = OmniDataPlane(server.registered_models, cfg.limits.max_request_bytes)
     kserve.model_server.app.include_router(build_router(predictor))
-    if token := configured_token():  # the cluster sets OMNI_API_TOKEN_FILE (serving/auth.py)
+    # Before KServe's own routes (added in start()): repository control is a 403, model versions a 404.
+    kserve.model_server.app.include_router(repository.build_router(cfg.model_name))
+    kserve.model_server.app.add_middleware(repository.NoModelVersions, served_model=cfg.model_name)
+    if token := configured_token():  # the cluster sets OMNI_API_TOKEN_FILE (serving/auth.py); outermost: 401 first
         kserve.model_server.app.add_middleware(BearerTokenAuth, token=token)
     return server, predictor
 

@@ -10,12 +10,6 @@ import base64
 import io
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import wave
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -26,13 +20,13 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.http as triton
-import yaml
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
 from serving.config import ServingConfig, resolve_storage_uri
+from tests.serving.live_server import live_server
 
 # Deliberately no `serving.predictor` / `serving.server` import: they import kserve, whose protobuf
 # definitions clash with tritonclient.grpc's, which other test modules may load in this process.
@@ -86,12 +80,6 @@ def data_uri(mime: str, data: bytes) -> str:
 # ----------------------------------------------------------------------------------- fixtures
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_cfg, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("serving") / "ckpt"
@@ -103,45 +91,9 @@ def checkpoint(tmp_path_factory, tiny_cfg, tokenizer) -> Path:
 @pytest.fixture(scope="module")
 def server(checkpoint: Path):
     """`python -m serving.server` on a free port; yields its base URL (127.0.0.1 only)."""
-    port = _free_port()
-    conf = checkpoint.parent / "serving.yaml"
-    conf.write_text(
-        yaml.safe_dump(
-            {
-                "model_name": "omni",
-                "max_new_tokens": 8,
-                "limits": {"max_images": MAX_IMAGES, "max_request_bytes": MAX_REQUEST_BYTES, "max_tokens": MAX_TOKENS},
-            }
-        )
-    )
-    log = (checkpoint.parent / "server.log").open("w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "serving.server", "--model-dir", str(checkpoint),
-           "--http-port", str(port), "--serving-config", str(conf)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{Path(log.name).read_text()[-3000:]}")
-            try:
-                if requests.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in 60 s:\n{Path(log.name).read_text()[-3000:]}")
-            time.sleep(0.2)
+    limits = {"max_images": MAX_IMAGES, "max_request_bytes": MAX_REQUEST_BYTES, "max_tokens": MAX_TOKENS}
+    with live_server(checkpoint, {"model_name": "omni", "max_new_tokens": 8, "limits": limits}) as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
