@@ -176,10 +176,17 @@ def _publish(staging: Path, out: str, progress: bool) -> None:
     # Media keys are the sha256 of their bytes: one already there from an earlier run is this very file.
     present = set(store.list("media/"))
     store.delete([MANIFEST])
-    for key in tqdm([k for k in staged if not (k.startswith("media/") and k in present)], desc="upload",
-                    unit="file", disable=not progress):
-        store.upload_file(key, staging / key)
-    store.upload_file(MANIFEST, staging / MANIFEST)  # last: it vouches for the rest
+    todo = [k for k in staged if not (k.startswith("media/") and k in present)]
+    done = 0
+    try:
+        for key in tqdm(todo, desc="upload", unit="file", disable=not progress):
+            store.upload_file(key, staging / key)
+            done += 1
+        store.upload_file(MANIFEST, staging / MANIFEST)  # last: it vouches for the rest
+    except StorageError as err:  # after the store's own retries with backoff
+        raise StorageError(f"uploading the prepared data set to {out} stopped after {done} of {len(todo)} files: {err}. "
+                           "No manifest is there, so no reader takes the partial upload for a data set; re-run "
+                           "the prep (media already uploaded are not sent again)") from err
     written = set(staged)
     stale = [k for area in _OWNED_AREAS for k in store.list(area) if k not in written]
     store.delete(stale)  # after the manifest: no reader of the new one needs them
