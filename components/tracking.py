@@ -41,6 +41,7 @@ LINEAGE_TAGS = ("pipeline_run_id", "data_manifest_sha256", "config_sha256", "git
 METRIC_TAG_PREFIX = "metric."
 MODEL_ARTIFACT_PATH = "model"
 STAGE_TAG = "omni.stage"
+REGISTRATION_TAG = "omni.registration"  # what makes a registration resumable (register_model_version)
 
 # MLflow's own limits (mlflow.utils.validation): longer values are rejected, not truncated.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -223,12 +224,18 @@ def register_model_version(
     run_id: str,
     tags: Mapping[str, Any],
     metrics: Mapping[str, float] | None = None,
+    registration_key: str | None = None,
 ) -> str:
     """Upload `checkpoint_dir` as the run's `model/` artifacts, register it as a new version of
     `model_name`, and point the `challenger` alias at it. Returns the version number.
 
     `tags` must hold the lineage keys in LINEAGE_TAGS (`git_sha` is filled in when absent);
     `metrics` (the eval results) are stored as `metric.<name>` tags, which is what the gate reads.
+
+    With a `registration_key` (the pipeline step passes its pipeline run) the call is resumable: a
+    re-run after an outage finds the version an earlier attempt with the same key and tags created
+    (a version is created with all its tags in one request) and completes it (the alias) instead of
+    leaving it behind and registering another.
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir() or not any(checkpoint_dir.iterdir()):
@@ -241,10 +248,10 @@ def register_model_version(
     for name, value in (metrics or {}).items():
         version_tags[f"{METRIC_TAG_PREFIX}{_clean_key(name)}"] = repr(float(value))
 
+    if registration_key is not None:
+        version_tags[REGISTRATION_TAG] = registration_key
     c = client(uri)
-    # Resumable: a re-run after an outage finds the version an earlier attempt created (versions are
-    # created with all their tags in one request) and completes it, instead of leaving it orphaned.
-    mv = _registered(c, model_name, version_tags)
+    mv = _registered(c, model_name, version_tags) if registration_key is not None else None
     if mv is None:
         c.log_artifacts(run_id, str(checkpoint_dir), MODEL_ARTIFACT_PATH)
         try:
@@ -263,10 +270,10 @@ def register_model_version(
 
 
 def _registered(c: MlflowClient, model_name: str, tags: Mapping[str, str]) -> ModelVersion | None:
-    """The version an earlier attempt of this very registration created: same pipeline run, same tags."""
-    run = tags["pipeline_run_id"].replace("'", "")
+    """The version an earlier attempt of this very registration created: same key, same tags."""
+    key = tags[REGISTRATION_TAG].replace("'", "")
     try:
-        found = c.search_model_versions(f"name='{model_name}' and tags.pipeline_run_id='{run}'")
+        found = c.search_model_versions(f"name='{model_name}' and tags.`{REGISTRATION_TAG}`='{key}'")
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None

@@ -46,7 +46,7 @@ class MlflowServer:
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy starting to answer
                 pass
             time.sleep(0.5)
         self.stop()

@@ -22,6 +22,7 @@ from schemathesis import GenerationMode
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
 from tests.serving.live_server import live_server
+from tests.summary import write_summary
 
 EXAMPLES = int(os.environ.get("OMNI_FUZZ_EXAMPLES", "12"))
 RANDOM = os.environ.get("OMNI_FUZZ_RANDOM") == "1"
@@ -53,14 +54,11 @@ def api(base_url):
 def fuzz_figures(request):
     FIGURES.clear()
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None and FIGURES["requests"]:
+    if FIGURES["requests"]:
         statuses = ", ".join(f"{k.removeprefix('status ')}: {n}" for k, n in sorted(FIGURES.items())
                              if k.startswith("status"))
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"schemathesis: {FIGURES['requests']} requests (statuses {statuses}), "
-                                f"{FIGURES['5xx']} answered 5xx")
+        write_summary(request, f"schemathesis: {FIGURES['requests']} requests (statuses {statuses}), "
+                               f"{FIGURES['5xx']} answered 5xx")
 
 
 def _fuzz(operation, mode: GenerationMode, served: bool) -> str | None:

@@ -21,11 +21,9 @@ import re
 import tempfile
 import wave
 from collections import Counter
-from fractions import Fraction
 from pathlib import Path
 from unittest import mock
 
-import av
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -36,6 +34,8 @@ from model.config import DataConfig
 from model.data.prep import prepare
 from model.data.shards import SPLITS, read_shard
 from model.storage import StorageError
+from tests.model.data.test_prep_corrupt import _mp4
+from tests.summary import write_summary
 
 EXAMPLES = int(os.environ.get("OMNI_FUZZ_EXAMPLES", "100"))
 # CI: the same corpora every run (a red build names a bug, not bad luck); `make fuzz`: a fresh seed each time.
@@ -161,20 +161,6 @@ def _wav(seconds: float, rate: int = 16000) -> bytes:
     return buf.getvalue()
 
 
-def _mp4(frames: int = 4, fps: int = 4) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width = stream.height = 32
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            frame = av.VideoFrame.from_image(Image.new("RGB", (32, 32), (60 * i % 255, 90, 200)))
-            frame.pts, frame.time_base = i, Fraction(1, fps)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def media_dir(tmp_path_factory) -> Path:
     """Real media, and the special files a hostile corpus points at."""
@@ -184,7 +170,7 @@ def media_dir(tmp_path_factory) -> Path:
     Image.new("RGB", (32, 32), "red").save(media / "red.png")
     Image.new("RGB", (40, 24), "blue").save(media / "blue.jpg")
     (media / "speech.wav").write_bytes(_wav(0.5))
-    (media / "clip.mp4").write_bytes(_mp4())
+    (media / "clip.mp4").write_bytes(_mp4(4))
     (media / "text.png").write_text("not an image")
     (media / "empty.png").write_bytes(b"")
     os.mkfifo(media / "pipe.png")
@@ -198,15 +184,10 @@ def fuzz_summary(request):
     """The figures of this run, printed at the end (also without -s)."""
     STATS.clear()
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
     kinds = ", ".join(f"{k}: {n}" for k, n in sorted(STATS.items()) if k.startswith("kind "))
-    line = (f"prep fuzz: {STATS['corpora']} corpora, {STATS['records']} records generated "
-            f"({STATS['kept']} kept, {STATS['quarantined']} quarantined), {STATS['crashes']} crashes, "
-            f"{STATS['refused to start']} refused to start (s3:// media without S3 settings); {kinds}")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(line)
+    write_summary(request, f"prep fuzz: {STATS['corpora']} corpora, {STATS['records']} records generated "
+                           f"({STATS['kept']} kept, {STATS['quarantined']} quarantined), {STATS['crashes']} crashes, "
+                           f"{STATS['refused to start']} refused to start (s3:// media without S3 settings); {kinds}")
 
 
 def _read_outputs(out: Path, manifest: dict) -> tuple[list[dict], dict[str, bytes]]:
