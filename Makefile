@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_BUILD_OPS := 0
 
-.PHONY: install system-deps demo test test-fast lint compile bench clean images checkov check-cluster triton-venv
+.PHONY: install system-deps demo test test-fast fuzz lint compile bench clean images checkov check-cluster triton-venv
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,13 @@ test: install checkov triton-venv
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+# The generated-input tests at length, with a fresh seed each run (CI runs a small fixed set):
+# data prep over hostile corpora and the predictor under schemathesis. FUZZ_EXAMPLES per test.
+FUZZ_EXAMPLES ?= 2000
+fuzz: install
+	OMNI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) OMNI_FUZZ_RANDOM=1 $(BIN)/pytest -q -p no:cacheprovider \
+	  tests/model/data/test_prep_fuzz.py tests/serving/test_fuzz_requests.py
 
 lint: install
 	$(BIN)/ruff check .

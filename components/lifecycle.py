@@ -25,14 +25,16 @@ def start_tracking(cfg: OmniConfig, pipeline_run: str) -> str:
 
 def register(cfg: OmniConfig, model_dir: Path, metrics: dict[str, float], manifest_sha256: str,
              parent_run_id: str, pipeline_run: str) -> str:
-    """A new registered version (alias `challenger`) with lineage tags and its eval metrics."""
+    """A new registered version (alias `challenger`) with lineage tags and its eval metrics; a re-run
+    of the step (after a registry outage) completes the version its earlier attempt created."""
     uri = mlflow_uri(cfg)
-    with tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "register") as run:
+    with tracking.registry_outage(uri, f"registering {cfg.tracking.registered_model}"), \
+            tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "register") as run:
         version = tracking.register_model_version(
             uri, cfg.tracking.registered_model, model_dir, run.run_id,
             tags={"pipeline_run_id": pipeline_run, "data_manifest_sha256": manifest_sha256,
                   "config_sha256": cfg.sha256(), "git_sha": tracking.git_sha()},
-            metrics=metrics,
+            metrics=metrics, registration_key=pipeline_run,  # one registration per pipeline run: a re-run resumes it
         )
     return version
 
@@ -40,7 +42,8 @@ def register(cfg: OmniConfig, model_dir: Path, metrics: dict[str, float], manife
 def judge(cfg: OmniConfig, version: str) -> dict:
     """The gate: compare `version` with `@champion` under the promotion rules, record the verdict
     on the version (tags), move nothing."""
-    decision = gate.judge(mlflow_uri(cfg), cfg.tracking.registered_model, version, cfg.promotion)
+    with tracking.registry_outage(mlflow_uri(cfg), f"judging version {version}"):
+        decision = gate.judge(mlflow_uri(cfg), cfg.tracking.registered_model, version, cfg.promotion)
     return decision.model_dump()
 
 
@@ -49,13 +52,16 @@ def promote(cfg: OmniConfig, version: str, out_dir: Path, kube: Kube | None = No
     InferenceService is always written to `out_dir`; with cluster.target=kubernetes it is also
     rolled out (canary, then full traffic) before `champion` moves, so a failed rollout leaves
     the alias where it was."""
-    isvc = champion_inference_service(cfg, version)
+    with tracking.registry_outage(mlflow_uri(cfg), f"reading version {version} to promote it"):
+        isvc = champion_inference_service(cfg, version)
     validate_custom_resource(isvc)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(isvc, out_dir / "inferenceservice.yaml")
     if cfg.cluster.target == "kubernetes":
         endpoint.rollout(cfg, isvc, kube or connect())
-    gate.crown(mlflow_uri(cfg), cfg.tracking.registered_model, version)
+    # Re-runnable: crown moves previous-champion, then champion, each to where a finished promote puts it.
+    with tracking.registry_outage(mlflow_uri(cfg), f"promoting version {version} to {tracking.CHAMPION}"):
+        gate.crown(mlflow_uri(cfg), cfg.tracking.registered_model, version)
     return isvc
 
 

@@ -28,6 +28,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -40,6 +41,7 @@ LINEAGE_TAGS = ("pipeline_run_id", "data_manifest_sha256", "config_sha256", "git
 METRIC_TAG_PREFIX = "metric."
 MODEL_ARTIFACT_PATH = "model"
 STAGE_TAG = "omni.stage"
+REGISTRATION_TAG = "omni.registration"  # what makes a registration resumable (register_model_version)
 
 # MLflow's own limits (mlflow.utils.validation): longer values are rejected, not truncated.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -162,7 +164,10 @@ def stage_run(
             handle.log_params(params)
         yield handle
     except BaseException:
-        end_run(uri, handle.run_id, "FAILED")
+        try:
+            end_run(uri, handle.run_id, "FAILED")
+        except MlflowException:  # the server is what failed: the run stays RUNNING, the first error tells why
+            pass
         raise
     end_run(uri, handle.run_id, "FINISHED")
 
@@ -219,12 +224,18 @@ def register_model_version(
     run_id: str,
     tags: Mapping[str, Any],
     metrics: Mapping[str, float] | None = None,
+    registration_key: str | None = None,
 ) -> str:
     """Upload `checkpoint_dir` as the run's `model/` artifacts, register it as a new version of
     `model_name`, and point the `challenger` alias at it. Returns the version number.
 
     `tags` must hold the lineage keys in LINEAGE_TAGS (`git_sha` is filled in when absent);
     `metrics` (the eval results) are stored as `metric.<name>` tags, which is what the gate reads.
+
+    With a `registration_key` (the pipeline step passes its pipeline run) the call is resumable: a
+    re-run after an outage finds the version an earlier attempt with the same key and tags created
+    (a version is created with all its tags in one request) and completes it (the alias) instead of
+    leaving it behind and registering another.
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir() or not any(checkpoint_dir.iterdir()):
@@ -237,21 +248,58 @@ def register_model_version(
     for name, value in (metrics or {}).items():
         version_tags[f"{METRIC_TAG_PREFIX}{_clean_key(name)}"] = repr(float(value))
 
+    if registration_key is not None:
+        version_tags[REGISTRATION_TAG] = registration_key
     c = client(uri)
-    c.log_artifacts(run_id, str(checkpoint_dir), MODEL_ARTIFACT_PATH)
-    try:
-        c.create_registered_model(model_name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    # MlflowClient.create_model_version stores `runs:/...` as the source as is. (The fluent
-    # mlflow.register_model would insist on an MLmodel file or a LoggedModel in MLflow 3.)
-    mv = c.create_model_version(
-        model_name, f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}", run_id=run_id, tags=version_tags
-    )
+    mv = _registered(c, model_name, version_tags) if registration_key is not None else None
+    if mv is None:
+        c.log_artifacts(run_id, str(checkpoint_dir), MODEL_ARTIFACT_PATH)
+        try:
+            c.create_registered_model(model_name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        # MlflowClient.create_model_version stores `runs:/...` as the source as is. (The fluent
+        # mlflow.register_model would insist on an MLmodel file or a LoggedModel in MLflow 3.)
+        mv = c.create_model_version(
+            model_name, f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}", run_id=run_id, tags=version_tags
+        )
     version = str(mv.version)  # the sqlite store returns an int
     c.set_registered_model_alias(model_name, CHALLENGER, version)
     return version
+
+
+def _registered(c: MlflowClient, model_name: str, tags: Mapping[str, str]) -> ModelVersion | None:
+    """The version an earlier attempt of this very registration created: same key, same tags."""
+    key = tags[REGISTRATION_TAG].replace("'", "")
+    try:
+        found = c.search_model_versions(f"name='{model_name}' and tags.`{REGISTRATION_TAG}`='{key}'")
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return next((v for v in found if all(v.tags.get(k) == val for k, val in tags.items())), None)
+
+
+class RegistryUnavailable(RuntimeError):
+    """The MLflow server did not answer, after the client's retries with backoff."""
+
+
+@contextmanager
+def registry_outage(uri: str, doing: str) -> Iterator[None]:
+    """Turn "the server did not answer" (after MLflow's own retries with exponential backoff:
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR) into one clear error that
+    says what to do. Other registry errors (a missing version, a bad name) pass unchanged."""
+    try:
+        yield
+    except MlflowException as e:
+        if not str(e.message).startswith("API request to"):  # how MLflow's REST client reports transport errors
+            raise
+        raise RegistryUnavailable(
+            f"{doing}: the MLflow server at {uri} did not answer after "
+            f"{MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} retries with backoff ({str(e.message)[:300]}). Nothing is "
+            "left half-done that a re-run does not finish: re-run this step once the server is back"
+        ) from e
 
 
 def get_version(uri: str, model_name: str, version: str | int) -> ModelVersion:

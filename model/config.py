@@ -184,6 +184,11 @@ class DataConfig(Strict):
     min_audio_seconds: float = Field(0.1, ge=0)
     min_audio_sample_rate: int = Field(8000, gt=0, description="Hz of the source file, before resampling")
     records_per_shard: int = Field(1000, gt=0, description="samples per tar shard")
+    # Media paths are data, not commands: only regular files are read, never more than this many bytes.
+    max_media_bytes: int = Field(1024**3, gt=0, description="bytes of one media file, checked before reading it")
+    media_roots: list[str] = Field(
+        default_factory=list, description="folders local media may lie in (symlinks resolved; a relative path may "
+                                          "also stay inside its JSONL file's folder); empty: anywhere prep can read")
     # Training reader (model/data/shards.py).
     shuffle_buffer: int = Field(1024, ge=1, description="samples mixed across shard boundaries; 1 = no shuffle")
     reader_cache_mb: float = Field(

@@ -48,6 +48,11 @@ class StorageError(Exception):
     """A storage operation failed for a reason other than a missing key."""
 
 
+class ObjectRefused(StorageError):
+    """The server refused a request about one object (a 4xx other than auth or missing: a key too
+    long, an invalid argument): the key's problem, not the store's."""
+
+
 class StorageConfig(Strict):
     """How to reach an S3 endpoint. `secret_key` is kept out of repr so configs can be logged."""
 
@@ -156,6 +161,7 @@ class Store(Protocol):
     def upload_file(self, key: str, path: str | Path) -> None: ...
     def download_file(self, key: str, path: str | Path) -> Path: ...
     def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int: ...
     def upload_dir(self, local_dir: str | Path, prefix: str = "") -> list[str]: ...
     def download_dir(self, prefix: str, local_dir: str | Path) -> list[Path]: ...
     def delete(self, keys: Iterable[str]) -> None: ...
@@ -244,6 +250,11 @@ class LocalStore(_DirMixin):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def size(self, key: str) -> int:
+        if not self.exists(key):
+            raise self._missing(key)
+        return self._path(key).stat().st_size
+
     def delete(self, keys: Iterable[str]) -> None:
         """Remove these objects; keys that do not exist are fine."""
         for key in keys:
@@ -292,7 +303,8 @@ class S3Store(_DirMixin):
                     f"access denied for bucket {self.bucket} at endpoint {c.endpoint}: "
                     f"check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY ({e.code})"
                 ) from None
-            raise StorageError(f"S3 error on {self.uri(key)} at endpoint {c.endpoint}: {e.code}: {e.message}") from e
+            error = ObjectRefused if 400 <= status < 500 else StorageError
+            raise error(f"S3 error on {self.uri(key)} at endpoint {c.endpoint}: {e.code}: {e.message}") from e
         except (ServerError, InvalidResponseError) as e:
             raise StorageError(f"S3 endpoint {c.endpoint} failed on {self.uri(key)}: {e}") from e
         except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as e:
@@ -353,6 +365,11 @@ class S3Store(_DirMixin):
         except FileNotFoundError:
             return False
         return True
+
+    def size(self, key: str) -> int:
+        """Bytes of the object, from its metadata (nothing is downloaded)."""
+        name = self._name(key)
+        return self._call(lambda: self.client.stat_object(self.bucket, name), key).size
 
     def delete(self, keys: Iterable[str]) -> None:
         """Remove these objects in batched DeleteObjects requests; missing keys and a missing bucket are fine."""

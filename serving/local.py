@@ -67,14 +67,16 @@ def wait_ready(proc: subprocess.Popen, url: str, ready_s: float, log: Callable[[
         time.sleep(0.2)
 
 
-def start_server(checkpoint: Path, workdir: Path, config: dict, threads: int = 1, ready_s: float = 90) -> LiveServer:
-    """Start the server on `checkpoint` with `config` (ServingConfig keys) and wait until it is ready."""
+def start_server(checkpoint: Path, workdir: Path, config: dict, threads: int = 1, ready_s: float = 90,
+                 env: dict[str, str] | None = None) -> LiveServer:
+    """Start the server on `checkpoint` with `config` (ServingConfig keys) and wait until it is ready;
+    `env` adds environment variables (e.g. OMNI_API_TOKEN)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = workdir / f"serving-{port}.yaml"
     conf.write_text(yaml.safe_dump(config))
     log_path = workdir / f"server-{port}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), **(env or {})}
     cmd = [sys.executable, "-m", "serving.server", "--model-dir", str(checkpoint), "--http-port", str(port),
            "--serving-config", str(conf)]
     with log_path.open("w") as log:

@@ -8,7 +8,9 @@ The command line is KServe's own (`kserve.model_server.parser`: --http_port, --w
 Flags given win over the serving config file; the file's values win over KServe's defaults.
 
 Endpoints: `/v2/...` (open inference protocol, what `tritonclient.http` speaks), `/v1/models/N:predict`,
-`/openai/v1/chat/completions`, `/openai/v1/models`, health, and Prometheus `/metrics`. KServe's
+`/openai/v1/chat/completions`, `/openai/v1/models`, health, Prometheus `/metrics` and the OpenAPI document
+`/openapi.json`. A model version (`/v2/models/N/versions/V/...`, `?model_version=V`) is a 404 and the model
+repository's load/unload a 403: this server serves one model, fixed at start (serving/protocol/repository.py). KServe's
 HTTP server always binds 0.0.0.0 (it has no host option). gRPC is off: REST carries every protocol
 we serve.
 
@@ -34,6 +36,7 @@ from serving.auth import BearerTokenAuth, configured_token
 from serving.config import ServingConfig
 from serving.http import RequestObserver, configure_access_log
 from serving.predictor import RETRY_AFTER_S, DeadlineExceeded, OmniPredictor, Overloaded
+from serving.protocol import repository
 from serving.protocol.openai.routes import build_router
 from serving.protocol.v2 import OmniDataPlane
 
@@ -49,12 +52,17 @@ def build_server(model_dir: str | Path, cfg: ServingConfig, **server_args) -> tu
     server.dataplane = OmniDataPlane(server.registered_models, cfg.limits.max_request_bytes)
     app = kserve.model_server.app
     app.include_router(build_router(predictor))
+    # Before KServe's own routes (added in start()): repository control is a 403, model versions a 404.
+    app.include_router(repository.build_router(cfg.model_name))
     # KServe's v1/v2 routes raise these from the predictor; the OpenAI route answers them itself.
     app.add_exception_handler(Overloaded, _retry_later(429))
     app.add_exception_handler(DeadlineExceeded, _retry_later(503))
+    # Middleware added later wraps what came before: the observer outermost (it counts and logs 401s
+    # too), then the token check (401 before anything else), then the model-version guard.
+    app.add_middleware(repository.NoModelVersions, served_model=cfg.model_name)
     if token := configured_token():  # the cluster sets OMNI_API_TOKEN_FILE (serving/auth.py)
         app.add_middleware(BearerTokenAuth, token=token)
-    app.add_middleware(RequestObserver)  # outermost of ours: it counts and logs 401s too
+    app.add_middleware(RequestObserver)
     configure_access_log()
     return server, predictor
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,17 @@ class S3Server:
     secret_key: str
     pid: int
     root: Path
+    ports: dict[str, int] = field(default_factory=dict, repr=False)
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def stop(self) -> None:
+        """Stop the server by its PID (an outage); `start` brings it back on the same ports and data."""
+        if self.proc is not None:
+            _stop(self.proc, self.ports)
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.proc, _ = _start_once(self.root, timeout_s, self.ports)
+        self.pid = self.proc.pid
 
     def config(self, **overrides: Any) -> StorageConfig:
         """A StorageConfig for this server; fast retries so failing tests fail fast."""
@@ -112,8 +123,9 @@ def _ready(endpoint: str) -> bool:
         http.clear()
 
 
-def _start_once(root: Path, timeout_s: float) -> tuple[subprocess.Popen, dict[str, int]]:
-    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
+def _start_once(root: Path, timeout_s: float,
+                ports: dict[str, int] | None = None) -> tuple[subprocess.Popen, dict[str, int]]:
+    ports = ports or dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
     data = root / "data"
     data.mkdir(exist_ok=True)
     cmd = [
@@ -158,10 +170,11 @@ def seaweedfs(timeout_s: float = 30.0, attempts: int = 3) -> Iterator[S3Server]:
                 # A port picked as free can be taken by someone else before weed binds it.
                 if attempt == attempts:
                     raise
+        server = S3Server(f"127.0.0.1:{ports['s3.port']}", ACCESS_KEY, SECRET_KEY, proc.pid, root, ports, proc)
         try:
-            yield S3Server(f"127.0.0.1:{ports['s3.port']}", ACCESS_KEY, SECRET_KEY, proc.pid, root)
+            yield server
         finally:
-            _stop(proc, ports)
+            server.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

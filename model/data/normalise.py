@@ -19,6 +19,7 @@ from model.data.records import Record
 from model.data.shards import sha256
 from model.media.decode import MediaError
 from model.media.limits import LimitExceeded, MediaLimits, read_audio, read_image, read_video
+from model.storage import StorageError
 
 STATS = ("image_pixels", "video_seconds", "video_frames", "audio_seconds")
 
@@ -72,7 +73,7 @@ def normalise_media(record: Record, base: str, out_dir: Path, data: DataConfig, 
     references per kind keep list order (media_order() pairs the n-th <image> tag with images[n])."""
     out = NormalisedMedia()
     for kind, uri in record.media_order():
-        blob = fetch_media(uri, base)
+        blob = fetch_media(uri, base, data)
         if not blob:
             raise Rejected(f"bad {kind}", f"{uri!r} is an empty file (0 bytes)")
         try:
@@ -83,7 +84,10 @@ def normalise_media(record: Record, base: str, out_dir: Path, data: DataConfig, 
         digest = sha256(norm)
         name = f"media/{digest}{ext}"  # content-addressed: stored once however often it is used
         if not (out_dir / name).exists():
-            (out_dir / name).write_bytes(norm)
+            try:
+                (out_dir / name).write_bytes(norm)
+            except OSError as err:  # the output's problem (full, read-only), not the record's: stop the run
+                raise StorageError(f"cannot write {out_dir / name}: {err.strerror or err}") from err
         out.refs[kind].append(name)
         out.hashes.append(digest)
     return out

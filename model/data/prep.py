@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model.config import DataConfig, ModelConfig
-from model.data.inputs import InputFile, input_files
+from model.data.inputs import InputFile, check_s3_settings, input_files, printable
 from model.data.loading import to_chat_input
 from model.data.normalise import STATS, normalise_media
 from model.data.quarantine import FIXES, Rejected
@@ -98,8 +98,10 @@ class Ledger:
         self.kept[split].append(item)
 
     def reject(self, origin: tuple[str, int], rid: object, reason: str, kind: str) -> None:
-        self.quarantine.append({"source": origin[0], "line": origin[1], "id": rid if isinstance(rid, str) else None,
-                                "kind": kind, "reason": reason})
+        # printable: whatever a reason quotes (an exception's text, say) is written as valid UTF-8.
+        self.quarantine.append({"source": origin[0], "line": origin[1],
+                                "id": printable(rid) if isinstance(rid, str) else None,
+                                "kind": kind, "reason": printable(reason)})
 
     def all_kept(self) -> list[Kept]:
         return [k for split in SPLITS for k in self.kept[split]]
@@ -131,14 +133,30 @@ def prepare(inputs: list[str | Path], out: str | Path, data: DataConfig, model: 
             progress: bool = True) -> PrepResult:
     """Prepare `inputs` into `out` (folder or s3://bucket/prefix); see the module docstring."""
     out = str(out)
+    files = input_files(inputs)
+    _check_run(files, out)
     if out.startswith("s3://"):
         with tempfile.TemporaryDirectory(prefix="omni-prep-") as staging:
-            result = _prepare(inputs, Path(staging), data, model, progress)
+            result = _prepare(files, Path(staging), data, model, progress)
             _publish(Path(staging), out, progress)
     else:
-        result = _prepare(inputs, Path(out), data, model, progress)
+        result = _prepare(files, Path(out), data, model, progress)
     result.out = out
     return result
+
+
+def _check_run(files: list[InputFile], out: str) -> None:
+    """The run-level problems, found before any work: S3 settings a run will need, an output store
+    that cannot be reached, an output folder that cannot be written."""
+    check_s3_settings(files, out)
+    if out.startswith("s3://"):
+        open_store(out).exists(MANIFEST)  # reachable, with these credentials (StorageError if not)
+        return
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise StorageError(f"the output folder {out} cannot be written: {err.strerror or err}") from None
 
 
 # The areas of an output prefix a prep run owns: what an earlier run left there and this one did not
@@ -158,10 +176,18 @@ def _publish(staging: Path, out: str, progress: bool) -> None:
     # Media keys are the sha256 of their bytes: one already there from an earlier run is this very file.
     present = set(store.list("media/"))
     store.delete([MANIFEST])
-    for key in tqdm([k for k in staged if not (k.startswith("media/") and k in present)], desc="upload",
-                    unit="file", disable=not progress):
-        store.upload_file(key, staging / key)
-    store.upload_file(MANIFEST, staging / MANIFEST)  # last: it vouches for the rest
+    todo = [k for k in staged if not (k.startswith("media/") and k in present)]
+    done = 0
+    try:
+        for key in tqdm(todo, desc="upload", unit="file", disable=not progress):
+            store.upload_file(key, staging / key)
+            done += 1
+        store.upload_file(MANIFEST, staging / MANIFEST)  # last: it vouches for the rest
+    except StorageError as err:  # after the store's own retries with backoff
+        raise StorageError(f"uploading the prepared data set to {out} stopped after {done} of {len(todo)} files: "
+                           f"{err}. "
+                           "No manifest is there, so no reader takes the partial upload for a data set; re-run "
+                           "the prep (media already uploaded are not sent again)") from err
     written = set(staged)
     stale = [k for area in _OWNED_AREAS for k in store.list(area) if k not in written]
     store.delete(stale)  # after the manifest: no reader of the new one needs them
@@ -169,12 +195,12 @@ def _publish(staging: Path, out: str, progress: bool) -> None:
         log.info("removed %d object(s) of an earlier run from %s", len(stale), out)
 
 
-def _prepare(inputs: list[str | Path], out_dir: Path, data: DataConfig, model: ModelConfig,
+def _prepare(files: list[InputFile], out_dir: Path, data: DataConfig, model: ModelConfig,
              progress: bool) -> PrepResult:
     """validate -> normalise (inside validation, per record) -> tokenise -> write."""
     _reset_output(out_dir)
     ledger = Ledger()
-    _validate(input_files(inputs), out_dir, data, model, ledger, progress)
+    _validate(files, out_dir, data, model, ledger, progress)
     processor = _tokenise(ledger, out_dir, model, progress)
     manifest = _write(ledger, out_dir, data, model, processor)
     stats: dict[str, list[float]] = {k: [] for k in STATS}
@@ -298,12 +324,19 @@ def _write(ledger: Ledger, out_dir: Path, data: DataConfig, model: ModelConfig, 
         if f"media/{path.name}" not in used:
             path.unlink()
     shards = _write_shards(out_dir, ledger.kept, data.records_per_shard)
-    (out_dir / QUARANTINE).write_text(
-        "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in ledger.quarantine), encoding="utf-8"
-    )
+    (out_dir / QUARANTINE).write_text("".join(_jsonl_line(q) for q in ledger.quarantine), encoding="utf-8")
     manifest = _manifest(ledger, shards, out_dir, {"data": data.model_dump(), "model": model.model_dump()}, processor)
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest
+
+
+# Line breaks to Unicode (and so to str.splitlines, JavaScript, many editors) that JSON leaves raw.
+_UNICODE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _jsonl_line(obj: dict) -> str:
+    """One JSONL line, readable as text (non-ASCII kept) and one line to every reader."""
+    return json.dumps(obj, ensure_ascii=False).translate(_UNICODE_BREAKS) + "\n"
 
 
 def _media_refs(record: Record) -> list[str]:

@@ -10,6 +10,7 @@ import re
 
 FIXES = {
     "not UTF-8": "save the file as UTF-8",
+    "NUL character": "remove the NUL characters: tools that read the data set take them for the end of a string",
     "malformed JSON": "each line must be one complete JSON object",
     "invalid record": "see the record format in docs/data-format.md",
     "tag/media mismatch": "give each <image>/<video>/<audio> tag exactly one entry in the media list, in order",
@@ -17,6 +18,10 @@ FIXES = {
     "no answer": "a record without a target teaches nothing: add the answer or drop the record",
     "text too long": "split the conversation or raise data.max_text_chars",
     "missing media": "fix the path (relative paths resolve against the JSONL file's folder) or add the file",
+    "unreadable media": "media must be regular files (not devices, pipes, folders or /proc, /sys entries) that "
+                        "data prep can open",
+    "media outside roots": "move the file under one of data.media_roots, or add its folder there",
+    "media too large": "shrink the file or raise data.max_media_bytes",
     "bad image": "replace the file with a readable PNG/JPEG/WebP image",
     "image size": "resize the image or change the data.*image* limits",
     "bad video": "replace the file with a readable video (e.g. H.264 mp4) that has frames",

@@ -31,23 +31,45 @@ def parse_record(raw: bytes, data: DataConfig) -> Record:
         raise Rejected("malformed JSON", "nested too deeply to parse") from None
     if not isinstance(obj, dict):
         raise Rejected("invalid record", f"expected a JSON object, got {type(obj).__name__}")
+    _check_strings(obj)
     try:
         record = Record.model_validate(obj)
     except ValidationError as err:
         detail = "; ".join(("{}: ".format(".".join(map(str, e["loc"]))) if e["loc"] else "")
                            + e["msg"].removeprefix("Value error, ") for e in err.errors())
         raise Rejected(_schema_kind(err), detail) from None
-    chars = 0
-    for i, m in enumerate(record.messages):
-        try:
-            m.content.encode("utf-8")
-        except UnicodeEncodeError as err:  # e.g. "\ud800" escaped in the JSON: a lone surrogate
-            raise Rejected("not UTF-8", f"messages.{i}: unpaired surrogate {m.content[err.start]!r} at character "
-                                        f"{err.start}") from None
-        chars += len(m.content)
+    chars = sum(len(m.content) for m in record.messages)
     if chars > data.max_text_chars:
         raise Rejected("text too long", f"{chars} characters, over data.max_text_chars={data.max_text_chars}")
     return record
+
+
+def _check_strings(obj: dict) -> None:
+    """Every string of the line, keys and values in any field, is clean text: a lone surrogate
+    (`"\\ud800"` escaped in the JSON) cannot be written as UTF-8, and a NUL ends the string for C
+    tools and file systems. Walked with a stack: the parser accepts nesting deeper than a recursive
+    walk may go."""
+    stack: list[tuple[str, object]] = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, f"{where or 'record'}: key {key!r}")
+                stack.append((f"{where}.{key}" if where else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}.{i}", item) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, where)
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start]
+        raise Rejected("not UTF-8", f"{where}: unpaired surrogate {bad!r} at character {err.start}") from None
+    if "\x00" in text:
+        raise Rejected("NUL character", f"{where}: NUL (\\u0000) at character {text.index(chr(0))}")
 
 
 def maybe_id(raw: bytes) -> str | None:
@@ -58,4 +80,10 @@ def maybe_id(raw: bytes) -> str | None:
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
     rid = obj.get("id") if isinstance(obj, dict) else None
-    return rid if isinstance(rid, str) else None
+    if not isinstance(rid, str):
+        return None
+    try:
+        _check_text(rid, "id")
+    except Rejected:  # an id that is not clean text cannot name the line: the quarantine line says null
+        return None
+    return rid

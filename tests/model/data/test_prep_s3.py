@@ -5,19 +5,21 @@ training reader streaming it back; the result equals a local run's."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
 from PIL import Image
 
+import model.storage
 from model.config import DataConfig
 from model.data.prep import prepare
 from model.data.shards import SPLITS, ShardStream
-from model.storage import S3Store
+from model.storage import S3Store, StorageError
 from model.text.processor import OmniProcessor
 from model.text.tokenizer import load_tokenizer
 from pipelines.cli import main
-from tests.s3_server import S3Server, s3_server_fixture
+from tests.s3_server import S3Server, s3_server_fixture, seaweedfs
 
 s3_server = s3_server_fixture()
 
@@ -125,3 +127,45 @@ def test_rerun_into_the_same_prefix_replaces_the_earlier_run(raw, tmp_path, s3_e
     store.download_dir("tokenizer", tmp_path / "tok")
     processor = OmniProcessor(load_tokenizer(tmp_path / "tok"), tiny_cfg)
     assert len(list(ShardStream(out, "train", epochs=1).configure(processor))) == m["splits"]["train"]
+
+
+def test_the_store_going_away_during_upload_leaves_no_manifest(raw, tmp_path, tiny_cfg, monkeypatch):
+    """SeaweedFS stopped by PID in the middle of the upload of a re-run: the upload is retried with
+    backoff, then prep fails with a clear message; the old manifest is already gone and the new one
+    was never written, so no manifest vouches for missing shards. A re-run completes."""
+    with seaweedfs() as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        bucket = f"t-{uuid.uuid4().hex[:12]}"
+        S3Store(bucket, "corpus", server.config()).upload_dir(raw)
+        out, store = f"s3://{bucket}/prepared", S3Store(bucket, "prepared", server.config())
+        prepare([f"s3://{bucket}/corpus/"], out, DataConfig(val_fraction=0.3), tiny_cfg, progress=False)
+        assert store.exists("manifest.json")
+
+        waits: list[float] = []
+        real_retries, real_upload = model.storage.with_retries, S3Store.upload_file
+        uploads = []
+
+        def recorded(fn, *args, **kwargs):
+            return real_retries(fn, *args, sleep=lambda s: (waits.append(s), time.sleep(s)), **kwargs)
+
+        def upload(self, key, path):
+            uploads.append(key)
+            if len(uploads) == 2:
+                server.stop()  # the outage: one file is up, the rest are not
+            return real_upload(self, key, path)
+
+        monkeypatch.setattr(model.storage, "with_retries", recorded)
+        monkeypatch.setattr(S3Store, "upload_file", upload)
+        again = DataConfig(val_fraction=0.3, records_per_shard=1)  # other shards than the first run's
+        with pytest.raises(StorageError, match=r"uploading the prepared data set to s3://.*/prepared stopped after 1 "
+                                               r"of \d+ files: S3 endpoint .* unreachable after 5 attempts"):
+            prepare([f"s3://{bucket}/corpus/"], out, again, tiny_cfg, progress=False)
+        assert waits[:4] == [0.2, 0.4, 0.8, 1.6]  # StorageConfig's backoff, doubling
+
+        monkeypatch.setattr(S3Store, "upload_file", real_upload)
+        server.start()
+        assert not store.exists("manifest.json")
+        result = prepare([f"s3://{bucket}/corpus/"], out, again, tiny_cfg, progress=False)
+        assert json.loads(store.read_bytes("manifest.json")) == result.manifest
+        assert {s["path"] for s in result.manifest["shards"]} <= set(store.list("shards/"))
