@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel, WhisperConfig
 
+from model import runtime
 from model.config import ModelConfig
 from model.nn import checkpoint
 from model.nn.audio import AudioEncoder
@@ -102,6 +103,8 @@ class OmniModel(nn.Module):
             if video_pixel_values is not None else None,
             "audio": torch.cat(self.encode_audio(audio_mel, audio_frames)) if audio_mel is not None else None,
         }
+        if self.training and runtime.ranks().world_size > 1:
+            embeds = embeds + self._unused_towers(features, input_ids.device)
         for kind, feats in features.items():
             slots = input_ids == self.media_token_ids[kind]
             n_slots = int(slots.sum())
@@ -111,6 +114,28 @@ class OmniModel(nn.Module):
             if n_feats:
                 embeds = embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
         return embeds
+
+    def _unused_towers(self, features: dict[str, torch.Tensor | None], device: torch.device) -> torch.Tensor:
+        """0 x the output of every encoder whose media this batch lacks, run on a dummy input.
+
+        Data-parallel ranks draw different samples, but DeepSpeed needs every rank to run the same
+        parameters every step: ZeRO-3 gathers each parameter with a collective in forward, and
+        ZeRO-1/2 reduce gradients in buckets built from the parameters that got one. A rank whose
+        micro-batch has no image would skip the vision tower's gathers, and its gradients would pair
+        with another rank's wrong tensors. The dummy pass costs one tile, frame or 40 ms window, and
+        adds exactly zero to the loss and to every gradient."""
+        v, a = self.cfg.vision, self.cfg.audio
+        pixels = torch.zeros(1, v.num_channels, v.image_size, v.image_size, device=device)
+        dummy = torch.zeros((), device=device)
+        if features["image"] is None:
+            dummy = dummy + self.encode_images(pixels).sum()
+        if features["video"] is None:
+            dummy = dummy + self.encode_video_frames(pixels).sum()
+        if features["audio"] is None:
+            frames = 2 * a.projector_stride  # the shortest window that yields one audio token
+            mel = torch.zeros(1, a.num_mel_bins, frames, device=device)
+            dummy = dummy + torch.cat(self.encode_audio(mel, torch.tensor([frames], device=device))).sum()
+        return dummy * 0.0
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, **media):
         embeds = self.embed(input_ids, **media)
