@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel, WhisperConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model import runtime
 from model.config import ModelConfig
 from model.nn import checkpoint
 from model.nn.audio import AudioEncoder
+from model.nn.loss import chunked_causal_lm_loss
 from model.nn.projectors import ConvGMLPProjector, VideoProjector, VisionProjector
 from model.runtime import attention_kernel
 
@@ -137,10 +139,24 @@ class OmniModel(nn.Module):
             dummy = dummy + torch.cat(self.encode_audio(mel, torch.tensor([frames], device=device))).sum()
         return dummy * 0.0
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, **media):
-        embeds = self.embed(input_ids, **media)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        labels=labels, use_cache=False)
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, pixel_values=None,
+                video_pixel_values=None, audio_mel=None, audio_frames=None, **attention_kwargs):
+        """The LM forward over spliced embeddings. `attention_kwargs` go to the attention layers
+        (flash-attention's cu_seq_lens / max_length from the packing collator). With labels and a
+        chunked loss (`model.loss_chunk_tokens`), the output carries the loss and no logits."""
+        embeds = self.embed(input_ids, pixel_values, video_pixel_values, audio_mel, audio_frames)
+        common = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False,
+                  **attention_kwargs}
+        chunk = self.loss_chunk_tokens
+        if labels is None or not chunk:
+            return self.llm(inputs_embeds=embeds, labels=labels, **common)
+        hidden = self.llm.model(inputs_embeds=embeds, **common).last_hidden_state
+        return CausalLMOutputWithPast(loss=chunked_causal_lm_loss(hidden, labels, self.llm.lm_head, chunk))
+
+    @property
+    def loss_chunk_tokens(self) -> int:
+        """Target tokens per chunk of the LM-head loss; 0 = the plain loss (see ModelConfig)."""
+        return self.cfg.loss_chunk(self.vocab_size)
 
     # --- checkpoint format (model.nn.checkpoint): omni_config.json + model.safetensors + tokenizer/ ---
     def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
