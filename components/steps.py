@@ -114,7 +114,7 @@ def _train_stream(cfg: OmniConfig, tasks: list[str], data_dir: Path | str, sft_f
     """Data prep's train shards (local or s3://) as a stream: rank/worker split, resumable position."""
     return ShardStream(data_dir, "train", tasks, exclude_ids=read_filtered_out(sft_filter_dir),
                        shuffle_buffer=cfg.data.shuffle_buffer, cache_bytes=int(cfg.data.reader_cache_mb * 2**20),
-                       num_workers=cfg.data.loader_workers)
+                       num_workers=runtime.loader_workers(cfg.data.loader_workers))
 
 
 FILTER_FILE = "sft_filter.json"
@@ -132,7 +132,7 @@ def sft_filter(
         (out_dir / FILTER_FILE).write_text(json.dumps(summary, indent=2))
         write_report(out_dir / "report.html", "<html><body><p>SFT loss filter disabled.</p></body></html>")
         return summary
-    model = OmniModel.from_pretrained(model_dir)
+    model = runtime.place(OmniModel.from_pretrained(model_dir))
     processor = OmniProcessor(load_tokenizer(model_dir / TOKENIZER_DIR), model.cfg)
     stream = ShardStream(data_dir, "train", stage.data_tasks)
     records = list(stream.records())

@@ -199,7 +199,9 @@ class DataConfig(Strict):
     reader_cache_mb: float = Field(
         512, ge=0, description="MiB of encoded samples (pixels, log-mel) each reader process keeps, so repeats "
                                "in small sets skip decoding; 0 turns the cache off")
-    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes decoding media for training")
+    loader_workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes decoding media for training; null = 4 per GPU "
+                                "process where a GPU is present (media decoding must keep up), 0 on a CPU")
 
 
 class SftFilterConfig(Strict):

@@ -35,3 +35,20 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, head: tor
         stop = start + chunk_tokens
         total = total + checkpoint(_chunk_loss, head, states[start:stop], targets[start:stop], use_reentrant=False)
     return total / targets.numel() if targets.numel() else total + 0.0 * hidden.sum()
+
+
+@torch.no_grad()
+def per_sample_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module,
+                    chunk_tokens: int) -> torch.Tensor:
+    """(B,) mean next-token loss of each sample over its target tokens (0 for a sample without any),
+    the logits computed `chunk_tokens` rows at a time (all at once when 0). For scoring, not training."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
+    states, targets = hidden[:, :-1][keep], targets[keep]
+    sums = hidden.new_zeros(labels.shape[0], dtype=torch.float32)
+    step = chunk_tokens or max(1, targets.numel())
+    for start in range(0, targets.numel(), step):
+        part = F.cross_entropy(head(states[start:start + step]).float(), targets[start:start + step], reduction="none")
+        sums.index_add_(0, rows[start:start + step], part)
+    return sums / keep.sum(1).clamp(min=1)

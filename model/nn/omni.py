@@ -21,7 +21,7 @@ from model import runtime
 from model.config import ModelConfig
 from model.nn import checkpoint
 from model.nn.audio import AudioEncoder
-from model.nn.loss import chunked_causal_lm_loss
+from model.nn.loss import chunked_causal_lm_loss, per_sample_loss
 from model.nn.projectors import ConvGMLPProjector, VideoProjector, VisionProjector
 from model.runtime import attention_kernel
 
@@ -152,6 +152,13 @@ class OmniModel(nn.Module):
             return self.llm(inputs_embeds=embeds, labels=labels, **common)
         hidden = self.llm.model(inputs_embeds=embeds, **common).last_hidden_state
         return CausalLMOutputWithPast(loss=chunked_causal_lm_loss(hidden, labels, self.llm.lm_head, chunk))
+
+    def sample_losses(self, input_ids, labels, attention_mask=None, position_ids=None, **media) -> torch.Tensor:
+        """(B,) mean loss of each sample over its labelled tokens, without the full logits (SFT filter)."""
+        embeds = self.embed(input_ids, **media)
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False).last_hidden_state
+        return per_sample_loss(hidden, labels, self.llm.lm_head, self.loss_chunk_tokens)
 
     @property
     def loss_chunk_tokens(self) -> int:

@@ -46,3 +46,20 @@ def test_no_target_gives_zero_with_a_graph():
 def test_the_default_chunks_only_large_vocabularies(tiny_cfg):
     assert tiny_cfg.loss_chunk(1024) == 0 and tiny_cfg.loss_chunk(152_064) == 1024
     assert tiny_cfg.model_copy(update={"loss_chunk_tokens": 7}).loss_chunk(1024) == 7
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_per_sample_scores_equal_cross_entropy_over_the_full_logits(tiny_cfg, tokenizer, chunk):
+    import torch.nn.functional as F
+
+    processor = OmniProcessor(tokenizer, tiny_cfg)
+    torch.manual_seed(0)
+    model = OmniModel(tiny_cfg.model_copy(update={"loss_chunk_tokens": chunk}), len(tokenizer),
+                      processor.placeholder_ids).eval()
+    batch = _batch(processor)
+    labels = batch["labels"]
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+        token = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+        expected = token.sum(1) / (labels[:, 1:] != -100).sum(1)
+        torch.testing.assert_close(model.sample_losses(**batch), expected, atol=1e-5, rtol=1e-5)
