@@ -73,14 +73,15 @@ def init_model(cfg: OmniConfig, data_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path, out_dir: Path, parent_run_id: str,
-          progress: bool = True, sft_filter_dir: Path | None = None) -> dict:
+def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path, out_dir: Path,
+          parent_run_id: str | None, progress: bool = True, sft_filter_dir: Path | None = None) -> dict:
     """One training stage from `init_dir` to `out_dir`; skipped stages pass the checkpoint on.
     `data_dir`: data prep's output, a folder or a store URI (s3://...) the shards stream from.
     `sft_filter_dir`: the loss filter's output; the samples it dropped are left out.
 
-    The one entry of a stage, wherever it runs: the DAG's stage task, and every rank of a TrainJob
-    (components/train_entry.py) that the DAG's launcher task submits for multi-node stages."""
+    The one entry of a stage, wherever it runs: the DAG's stage task, every rank of a TrainJob
+    (components/train_entry.py) that the DAG's launcher task submits for multi-node stages, and
+    `omni train` (alone or under torchrun; `parent_run_id=None`: its MLflow run stands alone)."""
     if stage_name in cfg.run.skip_stages or stage_name not in cfg.stages:
         shutil.copytree(init_dir, out_dir, dirs_exist_ok=True)
         return {"skipped": True, "steps": 0}
