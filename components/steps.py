@@ -28,6 +28,7 @@ from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
 from model.text.tokenizer import load_tokenizer
+from model.training.loading import build_for_stage
 from model.training.recipe import train_stage
 from model.training.sft_filter import loss_filter, sample_losses
 
@@ -86,7 +87,7 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path
         shutil.copytree(init_dir, out_dir, dirs_exist_ok=True)
         return {"skipped": True, "steps": 0}
     stage = cfg.stages[stage_name]
-    model = OmniModel.from_pretrained(init_dir)
+    model = build_for_stage(init_dir, stage)  # on its device (ZeRO-3: partitioned as it is built)
     tokenizer = load_tokenizer(init_dir / TOKENIZER_DIR)
     processor = OmniProcessor(tokenizer, model.cfg)
     dataset = _train_stream(cfg, stage.data_tasks, data_dir, sft_filter_dir)

@@ -68,7 +68,9 @@ def test_one_process(prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_under_torchrun(prepared, tmp_path):
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_ranks_under_torchrun(prepared, tmp_path, zero):
+    """ZeRO-3: built partitioned (zero.Init), trained, gathered and saved by rank 0."""
     data, init, overrides = prepared
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,7 +79,7 @@ def test_two_ranks_under_torchrun(prepared, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(port), "-m", "pipelines.cli"]
     _check(_run([*launcher, "train", "sft", "--data", str(data), "--init", str(init), "--out", str(out),
-                 *overrides]), out)
+                 *overrides, f"stages.sft.zero_stage={zero}"]), out)
 
 
 def test_unknown_stage_and_missing_checkpoint_are_clear_errors(prepared, tmp_path, capsys):
