@@ -132,12 +132,15 @@ def _serve(cfg, args) -> int:
 
 
 def _render(cfg, args) -> int:
+    from components.capacity import endpoint_fit
     from pipelines import cluster
 
     try:
         written = cluster.render_all(cfg, args.out, args.values)
     except (cluster.ValuesConflict, ValueError) as err:
         return fail(str(err))
+    for warning in endpoint_fit(cfg):  # rendered anyway: the settings may be meant for another model
+        print(f"omni: warning: {warning}", file=sys.stderr)
     print("\n".join(map(str, written)))
     return 0
 
