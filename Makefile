@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_BUILD_OPS := 0
 
-.PHONY: install system-deps demo test test-fast lint compile bench clean images checkov check-cluster
+.PHONY: install system-deps demo test test-fast lint compile bench clean images checkov check-cluster triton-venv
 
 install: $(VENV)/.installed
 
@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt | system-deps
 demo: install
 	$(BIN)/omni demo
 
-test: install checkov
+test: install checkov triton-venv
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra --durations=15
 
@@ -45,11 +45,21 @@ lint: install
 compile: install
 	$(BIN)/omni pipeline compile
 
-# Training throughput (packed vs padded, FLOP/s vs GEMM peak), data-prep records/s and video
-# sampling by seek vs decode-every-frame: see benchmarks/README.md.
+# Training throughput (packed vs padded, FLOP/s vs GEMM peak), data-prep records/s, video
+# sampling by seek vs decode-every-frame, and serving (8 clients / 1, endpoint / in-process latency,
+# a 10,000-request mixed load): see benchmarks/README.md.
 bench: install
 	$(BIN)/python -m benchmarks.bench_training
 	$(BIN)/python -m benchmarks.bench_data
+	$(BIN)/python -m benchmarks.bench_serving
+
+# The real tritonserver the tests start (serving/triton.py): the models get their own venv with
+# numpy<2 (Triton 2.51's Python-backend stub breaks with numpy 2) and nvidia-pytriton's CPU server.
+TRITON_VENV := .cache/triton-venv
+triton-venv: $(TRITON_VENV)/.omni-ready
+
+$(TRITON_VENV)/.omni-ready: | install
+	$(BIN)/python -c 'from serving.triton import ensure_models_venv; ensure_models_venv("$(TRITON_VENV)")'
 
 # Cluster artifacts (docs/deploy.md). checkov gets its own venv: its pins (packaging<24, networkx<2.7,
 # tabulate<0.10, ...) clash with torch, mlflow and kfp in $(VENV).

@@ -9,6 +9,7 @@ instead of the server running out of memory or time. Unknown keys are errors
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import yaml
@@ -30,13 +31,29 @@ class ServingLimits(Strict):
         48, gt=0, description="frames sampled per video (a longer video is sampled evenly, not refused)"
     )
     max_tokens: int = Field(512, gt=0, description="largest max_tokens a request may ask for")
+    request_timeout_s: float = Field(120.0, gt=0, description="deadline per request: queueing + generation (503)")
+
+
+class BatchingConfig(Strict):
+    """How concurrent requests share the model (model.nn.engine). `continuous`: a request joins the
+    running batch at the next decode step; `dynamic`: a batch starts after `window_ms` (or when full)
+    and runs to its end before the next one is admitted (kept for comparison: benchmarks/README.md)."""
+
+    policy: Literal["continuous", "dynamic"] = "continuous"
+    max_batch_size: int = Field(8, gt=0, description="sequences decoded together (a v2 row is one sequence)")
+    max_queue: int = Field(64, ge=0, description="sequences waiting beyond the batch; past it requests get 429")
+    window_ms: float = Field(5.0, ge=0, description="dynamic policy only: how long a batch waits to fill")
 
 
 class ServingConfig(Strict):
     model_name: str = Field("omni", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     http_port: int = Field(8080, gt=0, lt=65536)
     max_new_tokens: int = Field(64, gt=0, description="default when a request does not say")
+    default_temperature: float = Field(1.0, ge=0, le=2, description="OpenAI requests without temperature "
+                                       "(OpenAI's own default is 1); v1/v2 requests are always greedy")
+    shutdown_grace_s: int = Field(30, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     limits: ServingLimits = ServingLimits()
+    batching: BatchingConfig = BatchingConfig()
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> ServingConfig:

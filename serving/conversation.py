@@ -44,6 +44,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
+    logprobs: list | None = None  # model.nn.sampling.TokenLogprob per token, when asked for
 
 
 def decode_base64(text: str, field: str) -> bytes:

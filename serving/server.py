@@ -12,6 +12,12 @@ Endpoints: `/v2/...` (open inference protocol, what `tritonclient.http` speaks),
 HTTP server always binds 0.0.0.0 (it has no host option). gRPC is off: REST carries every protocol
 we serve.
 
+Concurrent requests share the model through the predictor's generation engine (continuous
+batching, `batching` in the serving config); a full queue is a 429 with Retry-After. On SIGTERM the
+server stops accepting connections, lets in-flight requests finish for `shutdown_grace_s` (uvicorn's
+graceful shutdown; the chart's terminationGracePeriodSeconds should exceed it), then exits.
+Prometheus metrics (serving/metrics.py) and the access log (serving/http.py) cover every route.
+
 With OMNI_API_TOKEN_FILE (a mounted Secret, the chart's default) or OMNI_API_TOKEN set, every route
 but health and /metrics requires `Authorization: Bearer <token>` (serving/auth.py).
 """
@@ -22,10 +28,12 @@ import argparse
 from pathlib import Path
 
 import kserve
+from fastapi.responses import JSONResponse
 
 from serving.auth import BearerTokenAuth, configured_token
 from serving.config import ServingConfig
-from serving.predictor import OmniPredictor
+from serving.http import RequestObserver, configure_access_log
+from serving.predictor import RETRY_AFTER_S, DeadlineExceeded, OmniPredictor, Overloaded
 from serving.protocol.openai.routes import build_router
 from serving.protocol.v2 import OmniDataPlane
 
@@ -35,13 +43,27 @@ def build_server(model_dir: str | Path, cfg: ServingConfig, **server_args) -> tu
     kserve.ModelServer (workers, max_threads, ...)."""
     predictor = OmniPredictor(cfg.model_name, model_dir, cfg)
     predictor.load()
-    server = kserve.ModelServer(**{"workers": 1, **server_args, "http_port": cfg.http_port, "enable_grpc": False})
+    server = kserve.ModelServer(**{"workers": 1, **server_args, "http_port": cfg.http_port, "enable_grpc": False,
+                                   "grace_period": cfg.shutdown_grace_s})
     # The REST server is built in start() from these: swap in our data plane, add our routes.
     server.dataplane = OmniDataPlane(server.registered_models, cfg.limits.max_request_bytes)
-    kserve.model_server.app.include_router(build_router(predictor))
+    app = kserve.model_server.app
+    app.include_router(build_router(predictor))
+    # KServe's v1/v2 routes raise these from the predictor; the OpenAI route answers them itself.
+    app.add_exception_handler(Overloaded, _retry_later(429))
+    app.add_exception_handler(DeadlineExceeded, _retry_later(503))
     if token := configured_token():  # the cluster sets OMNI_API_TOKEN_FILE (serving/auth.py)
-        kserve.model_server.app.add_middleware(BearerTokenAuth, token=token)
+        app.add_middleware(BearerTokenAuth, token=token)
+    app.add_middleware(RequestObserver)  # outermost of ours: it counts and logs 401s too
+    configure_access_log()
     return server, predictor
+
+
+def _retry_later(status: int):
+    async def handler(request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=status, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    return handler
 
 
 def serve(model_dir: str | Path, cfg: ServingConfig | None = None, **server_args) -> None:

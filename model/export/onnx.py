@@ -1,4 +1,5 @@
-"""The media encoders as ONNX graphs: SigLIP tower + vision projector, Whisper encoder + Conv-GMLP.
+"""The media encoders as ONNX graphs: SigLIP tower + vision projector (images), SigLIP tower + video
+projector (video frames), Whisper encoder + Conv-GMLP (audio).
 
 The ONNX graphs are checked against torch with onnxruntime at batch sizes and audio lengths other
 than the ones the export traced, which proves the dynamic axes are real and not baked-in shapes.
@@ -24,7 +25,7 @@ from model.nn.omni import OmniModel
 
 log = logging.getLogger(__name__)
 
-VISION, AUDIO = "vision_encoder", "audio_encoder"
+VISION, VIDEO, AUDIO = "vision_encoder", "video_encoder", "audio_encoder"
 TOLERANCE = 1e-4
 
 
@@ -41,6 +42,17 @@ class VisionEncoderGraph(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_images(pixel_values)
+
+
+class VideoEncoderGraph(nn.Module):
+    """pixel_values (frames, 3, H, W) -> video_embeds (frames, tokens_per_frame, llm_dim)."""
+
+    def __init__(self, model: OmniModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_video_frames(pixel_values)
 
 
 class AudioEncoderGraph(nn.Module):
@@ -88,6 +100,11 @@ def _graph_specs(model: OmniModel) -> dict[str, GraphSpec]:
     return {
         VISION: GraphSpec(
             VisionEncoderGraph(model).eval(), "pixel_values", "image_embeds",
+            torch.rand(2, v.num_channels, v.image_size, v.image_size, device=p.device, dtype=p.dtype) * 2 - 1,
+            {0: ("batch", 1, 1024)}, {0: "batch"},
+        ),
+        VIDEO: GraphSpec(
+            VideoEncoderGraph(model).eval(), "pixel_values", "video_embeds",
             torch.rand(2, v.num_channels, v.image_size, v.image_size, device=p.device, dtype=p.dtype) * 2 - 1,
             {0: ("batch", 1, 1024)}, {0: "batch"},
         ),
@@ -152,13 +169,13 @@ def export_onnx(model: OmniModel, out_dir: str | Path, dynamo: bool = True) -> d
     return results
 
 
-def _torch_graph(model: nn.Module, input_name: str) -> nn.Module:
+def _torch_graph(model: nn.Module, output_name: str) -> nn.Module:
     if not isinstance(model, OmniModel):
         return model
-    graphs = {"pixel_values": VisionEncoderGraph, "mel": AudioEncoderGraph}
-    if input_name not in graphs:
-        raise ValueError(f"no OmniModel graph takes an input named {input_name!r}")
-    return graphs[input_name](model)
+    graphs = {"image_embeds": VisionEncoderGraph, "video_embeds": VideoEncoderGraph, "audio_embeds": AudioEncoderGraph}
+    if output_name not in graphs:
+        raise ValueError(f"no OmniModel graph has an output named {output_name!r}")
+    return graphs[output_name](model)
 
 
 def verify_onnx(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor | dict[str, torch.Tensor],
@@ -166,7 +183,7 @@ def verify_onnx(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor | 
     """Run `onnx_path` in onnxruntime and `model` in torch on `inputs`; return max |difference|.
 
     `model` is the torch module the graph came from, or the whole OmniModel (the graph is then
-    picked by its input name). Raises OnnxMismatchError on a shape mismatch or a difference above
+    picked by its output name). Raises OnnxMismatchError on a shape mismatch or a difference above
     `tolerance`."""
     import onnxruntime as ort
 
@@ -175,7 +192,7 @@ def verify_onnx(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor | 
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     feeds = inputs if isinstance(inputs, dict) else {names[0]: inputs}
-    module = _torch_graph(model, names[0])
+    module = _torch_graph(model, session.get_outputs()[0].name)
     was_training = module.training
     module.eval()
     try:
@@ -200,5 +217,6 @@ def check_inputs(model: OmniModel) -> dict[str, list[torch.Tensor]]:
     frames = sorted({min(12 * per_token, window), min(29 * per_token, window), window})
     return {
         VISION: [torch.rand(b, v.num_channels, v.image_size, v.image_size, generator=gen) * 2 - 1 for b in (1, 3)],
+        VIDEO: [torch.rand(b, v.num_channels, v.image_size, v.image_size, generator=gen) * 2 - 1 for b in (1, 3)],
         AUDIO: [torch.randn(1 + 2 * (i % 2), a.num_mel_bins, t, generator=gen) for i, t in enumerate(frames)],
     }

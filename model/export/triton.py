@@ -1,12 +1,19 @@
 """A Triton model repository for a trained checkpoint.
 
-    <repo>/vision_encoder/1/model.onnx (+ model.onnx.data)   SigLIP tower + vision projector
+    <repo>/vision_encoder/1/model.onnx (+ model.onnx.data)   SigLIP tower + vision projector (images)
+    <repo>/video_encoder/1/model.onnx  (+ model.onnx.data)   SigLIP tower + video projector (frames)
     <repo>/audio_encoder/1/model.onnx  (+ model.onnx.data)   Whisper encoder (any length) + Conv-GMLP
-    <repo>/omni/1/model.py                                    Python backend: the whole chat model
-    <repo>/omni/1/checkpoint/                                 the HF-format checkpoint it loads
+    <repo>/omni/1/model.py                                    Python backend: chat processor + LLM; calls
+                                                              the encoders above by BLS
+    <repo>/omni/1/checkpoint/                                 config, tokenizer and the LLM's weights
     <repo>/omni/1/omni_code/model/                            the code it answers with (see BUNDLED)
     <repo>/*/config.pbtxt                                     built as ModelConfig protobufs
     <repo>/export_report.json                                 exporter, max |onnx - torch|, sizes
+
+`encoder_backend` says what serves the encoders: "onnxruntime" (`platform: onnxruntime_onnx`, the
+NGC Triton image; GPU clusters) or "python" (a Python-backend model running the same model.onnx
+with onnxruntime: any Triton build, e.g. the CPU one bundled in nvidia-pytriton, which has no
+onnxruntime backend). The entry model is the same either way.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.export.onnx import AUDIO, TOLERANCE, VISION, check_inputs, export_onnx, onnx_files, verify_onnx
+from model.export.onnx import AUDIO, TOLERANCE, VIDEO, VISION, check_inputs, export_onnx, onnx_files, verify_onnx
+from model.nn import checkpoint as ckpt
 from model.nn.omni import OmniModel
 
 log = logging.getLogger(__name__)
@@ -34,6 +42,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the `model` package
 # What the entry model answers with: the network, the chat processor, media decoding and the shared
 # config/runtime. Data prep, training, evaluation, export and the S3 client stay behind.
 BUNDLED = ("__init__.py", "config.py", "runtime.py", "media", "text", "nn")
+ENCODERS = (VISION, VIDEO, AUDIO)
+ENCODER_BACKENDS = ("onnxruntime", "python")
 
 
 def _relocate_onnx(src: Path, dst: Path) -> None:
@@ -84,14 +94,18 @@ def _graph_versions(onnx_path: Path) -> dict:
     return {"ir_version": proto.ir_version, "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import}}
 
 
-def _onnx_config(name: str, onnx_path: Path, max_batch_size: int):
+def _onnx_config(name: str, onnx_path: Path, max_batch_size: int, backend: str = "onnxruntime"):
     # Imported here, never at module level: tritonclient.grpc's protobufs clash with kserve's.
     import onnx
     from tritonclient.grpc import model_config_pb2 as mc
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     batched = max_batch_size > 0  # Triton then owns the batch axis: dims list the rest
-    config = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=max_batch_size)
+    if backend == "onnxruntime":
+        config = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=max_batch_size)
+    else:
+        config = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
+        config.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
     config.input.extend(_tensor_configs(graph.input, batched, mc.ModelInput))
     config.output.extend(_tensor_configs(graph.output, batched, mc.ModelOutput))
     if batched:
@@ -99,7 +113,7 @@ def _onnx_config(name: str, onnx_path: Path, max_batch_size: int):
     return config
 
 
-def _entry_config(max_new_tokens: int):
+def _entry_config(max_new_tokens: int, encoder_max_batch: int):
     from tritonclient.grpc import model_config_pb2 as mc
 
     config = mc.ModelConfig(name=ENTRY, backend="python", max_batch_size=0)
@@ -113,6 +127,7 @@ def _entry_config(max_new_tokens: int):
     config.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
     config.parameters["checkpoint"].string_value = "checkpoint"  # relative to omni/1/: the repo is movable
     config.parameters["max_new_tokens"].string_value = str(max_new_tokens)
+    config.parameters["encoder_max_batch"].string_value = str(encoder_max_batch)
     return config
 
 
@@ -123,6 +138,15 @@ def _link_or_copy(src: str, dst: str) -> str:
         return dst
     except OSError:
         return shutil.copy2(src, dst)
+
+
+def _write_llm_checkpoint(checkpoint_dir: Path, model: OmniModel, dst: Path) -> None:
+    """The entry model's checkpoint: config and tokenizer as they are, weights of the LLM only (the
+    media towers are the ONNX encoder models)."""
+    dst.mkdir(parents=True)
+    shutil.copy2(checkpoint_dir / ckpt.CONFIG_FILE, dst / ckpt.CONFIG_FILE)
+    shutil.copytree(checkpoint_dir / ckpt.TOKENIZER_DIR, dst / ckpt.TOKENIZER_DIR, copy_function=_link_or_copy)
+    ckpt.save_weights({k: v for k, v in model.state_dict().items() if k.startswith("llm.")}, dst)
 
 
 def _bundle_code(dst: Path) -> None:
@@ -138,19 +162,22 @@ def _bundle_code(dst: Path) -> None:
 
 
 def write_triton_repository(checkpoint_dir: str | Path, out_dir: str | Path, max_batch_size: int = 8,
-                            max_new_tokens: int = 64, dynamo: bool = True) -> Path:
+                            max_new_tokens: int = 64, dynamo: bool = True,
+                            encoder_backend: str = "onnxruntime") -> Path:
     """Build a Triton model repository at `out_dir` from an HF-format checkpoint and return its path.
 
     Re-running replaces the models this function writes; nothing else in `out_dir` is touched.
     Raises OnnxMismatchError if an ONNX graph disagrees with torch beyond TOLERANCE."""
+    if encoder_backend not in ENCODER_BACKENDS:
+        raise ValueError(f"encoder_backend must be one of {ENCODER_BACKENDS}, got {encoder_backend!r}")
     checkpoint_dir, repo = Path(checkpoint_dir), Path(out_dir)
     model = OmniModel.from_pretrained(checkpoint_dir).eval()
     repo.mkdir(parents=True, exist_ok=True)
-    for name in (VISION, AUDIO, ENTRY):
+    for name in (*ENCODERS, ENTRY):
         shutil.rmtree(repo / name, ignore_errors=True)
 
     report: dict = {"checkpoint": str(checkpoint_dir), "tolerance": TOLERANCE, "torch": torch.__version__,
-                    "models": [VISION, AUDIO, ENTRY], "onnx": {}}
+                    "models": [*ENCODERS, ENTRY], "encoder_backend": encoder_backend, "onnx": {}}
     checks = check_inputs(model)
     with tempfile.TemporaryDirectory() as staging:
         exports = export_onnx(model, staging, dynamo=dynamo)
@@ -158,7 +185,9 @@ def write_triton_repository(checkpoint_dir: str | Path, out_dir: str | Path, max
             onnx_path = repo / name / "1" / "model.onnx"
             _relocate_onnx(exp.path, onnx_path)
             diffs = [{"shape": list(x.shape), "max_abs_diff": verify_onnx(model, onnx_path, x)} for x in checks[name]]
-            _write_config(_onnx_config(name, onnx_path, max_batch_size), repo / name)
+            _write_config(_onnx_config(name, onnx_path, max_batch_size, encoder_backend), repo / name)
+            if encoder_backend == "python":
+                shutil.copy2(TEMPLATES / "onnx_model.py", onnx_path.parent / "model.py")
             entry = asdict(exp) | {"path": str(onnx_path.relative_to(repo)), "files": onnx_files(onnx_path),
                                    "checks": diffs, "max_abs_diff": max(d["max_abs_diff"] for d in diffs),
                                    **_graph_versions(onnx_path)}
@@ -169,9 +198,9 @@ def write_triton_repository(checkpoint_dir: str | Path, out_dir: str | Path, max
     version = repo / ENTRY / "1"
     version.mkdir(parents=True)
     shutil.copy2(TEMPLATES / "omni_model.py", version / "model.py")
-    shutil.copytree(checkpoint_dir, version / "checkpoint", copy_function=_link_or_copy)
+    _write_llm_checkpoint(checkpoint_dir, model, version / "checkpoint")
     _bundle_code(version / "omni_code" / "model")
-    _write_config(_entry_config(max_new_tokens), repo / ENTRY)
+    _write_config(_entry_config(max_new_tokens, max_batch_size), repo / ENTRY)
 
     report["exporter"] = {name: e["exporter"] for name, e in report["onnx"].items()}
     (repo / REPORT_FILE).write_text(json.dumps(report, indent=2))

@@ -46,6 +46,12 @@ class OmniChat:
             "pad_token_id": self.tok.pad_token_id,
         }
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """The token ids that end an answer (what `generate` stops on; the serving engine uses the same)."""
+        eos = self._generate_kwargs(1)["eos_token_id"]
+        return [eos] if isinstance(eos, int) else list(eos)
+
     @torch.no_grad()
     def generate(self, batch: list[ChatInput], max_new_tokens: int = 32) -> list[str]:
         """Greedy answers, one per conversation (left-padded batch, KV-cached decoding)."""

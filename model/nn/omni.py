@@ -51,6 +51,26 @@ def _hf_configs(cfg: ModelConfig, vocab_size: int) -> tuple[SiglipVisionConfig, 
     return vision, audio, llm
 
 
+def build_llm(cfg: ModelConfig, vocab_size: int) -> Qwen2ForCausalLM:
+    """The LLM alone (what the Triton entry model runs; the encoders are exported separately)."""
+    return Qwen2ForCausalLM(_hf_configs(cfg, vocab_size)[2])
+
+
+def splice_media(embeds: torch.Tensor, input_ids: torch.Tensor, features: dict[str, torch.Tensor | None],
+                 media_token_ids: dict[str, int]) -> torch.Tensor:
+    """Token embeddings with each kind's placeholder tokens replaced, in order, by its encoder's
+    (tokens, dim) output; the counts must match exactly."""
+    for kind, feats in features.items():
+        slots = input_ids == media_token_ids[kind]
+        n_slots = int(slots.sum())
+        n_feats = 0 if feats is None else feats.shape[0]
+        if n_slots != n_feats:
+            raise ValueError(f"{n_slots} {kind} placeholder tokens but the {kind} encoder produced {n_feats}")
+        if n_feats:
+            embeds = embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
+    return embeds
+
+
 class OmniModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, media_token_ids: dict[str, int]):
         super().__init__()
@@ -107,15 +127,7 @@ class OmniModel(nn.Module):
         }
         if self.training and runtime.ranks().world_size > 1:
             embeds = embeds + self._unused_towers(features, input_ids.device)
-        for kind, feats in features.items():
-            slots = input_ids == self.media_token_ids[kind]
-            n_slots = int(slots.sum())
-            n_feats = 0 if feats is None else feats.shape[0]
-            if n_slots != n_feats:
-                raise ValueError(f"{n_slots} {kind} placeholder tokens but the {kind} encoder produced {n_feats}")
-            if n_feats:
-                embeds = embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
-        return embeds
+        return splice_media(embeds, input_ids, features, self.media_token_ids)
 
     def _unused_towers(self, features: dict[str, torch.Tensor | None], device: torch.device) -> torch.Tensor:
         """0 x the output of every encoder whose media this batch lacks, run on a dummy input.

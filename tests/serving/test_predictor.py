@@ -10,12 +10,6 @@ import base64
 import io
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import wave
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -26,13 +20,11 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.http as triton
-import yaml
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from model.nn.omni import OmniModel
-from model.text.processor import OmniProcessor
 from serving.config import ServingConfig, resolve_storage_uri
+from serving.local import start_server
 
 # Deliberately no `serving.predictor` / `serving.server` import: they import kserve, whose protobuf
 # definitions clash with tritonclient.grpc's, which other test modules may load in this process.
@@ -86,62 +78,28 @@ def data_uri(mime: str, data: bytes) -> str:
 # ----------------------------------------------------------------------------------- fixtures
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVER_CONFIG = {
+    "model_name": "omni",
+    "max_new_tokens": 8,
+    "default_temperature": 0.0,  # greedy unless a test asks otherwise: answers compare exactly
+    "limits": {"max_images": MAX_IMAGES, "max_request_bytes": MAX_REQUEST_BYTES, "max_tokens": MAX_TOKENS},
+}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_cfg, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("serving") / "ckpt"
-    processor = OmniProcessor(tokenizer, tiny_cfg)
-    OmniModel(tiny_cfg, len(tokenizer), processor.placeholder_ids).save_pretrained(path, tokenizer)
-    return path
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint: Path):
-    """`python -m serving.server` on a free port; yields its base URL (127.0.0.1 only)."""
-    port = _free_port()
-    conf = checkpoint.parent / "serving.yaml"
-    conf.write_text(
-        yaml.safe_dump(
-            {
-                "model_name": "omni",
-                "max_new_tokens": 8,
-                "limits": {"max_images": MAX_IMAGES, "max_request_bytes": MAX_REQUEST_BYTES, "max_tokens": MAX_TOKENS},
-            }
-        )
-    )
-    log = (checkpoint.parent / "server.log").open("w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "serving.server", "--model-dir", str(checkpoint),
-           "--http-port", str(port), "--serving-config", str(conf)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+def live(checkpoint: Path):
+    """`python -m serving.server` on a free port (127.0.0.1 only)."""
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{Path(log.name).read_text()[-3000:]}")
-            try:
-                if requests.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in 60 s:\n{Path(log.name).read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        server = start_server(checkpoint, checkpoint.parent, SERVER_CONFIG)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(live) -> str:
+    return live.base
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +247,21 @@ BAD_REQUESTS = {
     ),
     "no messages": ({"messages": []}, 400, "", "messages"),
     "bad role": ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "", "messages[0].role"),
-    "unsupported field": ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, 400, "", "stop"),
+    "unsupported field": ({"messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "", "tools"),
+    "json response format": (
+        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+        400, "text", "response_format.type",
+    ),
+    "too many stops": ({"messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, 400, "4", "stop"),
+    "temperature out of range": (
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}, 400, "2", "temperature",
+    ),
+    "top_logprobs without logprobs": (
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "logprobs", "top_logprobs",
+    ),
+    "logit_bias not a token id": (
+        {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"hello": 1}}, 400, "token ids", "logit_bias",
+    ),
     "non-JSON body": ("{this is not json", 400, "JSON", None),
     "JSON but not an object": ("[1, 2]", 400, "object", None),
 }
@@ -456,7 +428,7 @@ def test_v2_json_without_content_type(server):
 
 
 def test_concurrent_requests_share_the_model_safely(server):
-    """Generation is serialised behind one lock; parallel clients all get the same greedy answer."""
+    """Parallel clients, plain and streamed, share the engine's batch and all get the same greedy answer."""
     prompt = {"messages": [{"role": "user", "content": "what color is the shape"}], "max_tokens": 6}
 
     def plain(_):

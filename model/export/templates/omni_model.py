@@ -1,8 +1,15 @@
 """Triton Python-backend model "omni": the entry point of the exported model repository.
 
 Copied by `model.export.triton.write_triton_repository` to `<repo>/omni/1/model.py`, next to
-`checkpoint/` (the HF-format checkpoint) and `omni_code/` (the part of the `model` package that answers:
-network, chat processor, media decoding; `model.export.triton.BUNDLED`).
+`checkpoint/` (the config, the tokenizer and the LLM's weights only) and `omni_code/` (the part of
+the `model` package that answers: chat processor, media decoding, the LLM; `model.export.triton.BUNDLED`).
+
+The media encoders are the repository's other models, the exported ONNX graphs: `vision_encoder`,
+`video_encoder`, `audio_encoder`. Inside Triton this model calls them with BLS (business logic
+scripting: `pb_utils.InferenceRequest(...).exec()`), whatever backend serves them (onnxruntime on a
+GPU cluster, the Python backend over onnxruntime on a CPU-only server). Outside Triton (`load` from
+a test, say) it runs the same ONNX files in-process with onnxruntime. The torch media towers are
+not loaded at all.
 
 Request (one conversation turn):
     text            TYPE_STRING [1]    the user message; may hold <image>/<video>/<audio> tags
@@ -15,6 +22,7 @@ Response:
 
 Media without a matching tag in the text are placed before the text (images, videos, audios).
 Requests that Triton hands over together are answered in one batched `generate` call.
+Encoder calls are cut into pieces of at most the encoders' max_batch_size (`encoder_max_batch`).
 
 `triton_python_backend_utils` exists only inside Triton's stub process, so it is imported there
 and nowhere else: this file compiles and imports anywhere, and `load`/`answer` work without Triton.
@@ -58,6 +66,85 @@ def chat_input(text: str, media: dict[str, list[bytes]], cfg):
                      audios=audios)
 
 
+class Encoders:
+    """The exported encoder models: by BLS inside Triton, else with onnxruntime on the repository's files."""
+
+    OUTPUTS = {"vision_encoder": "image_embeds", "video_encoder": "video_embeds", "audio_encoder": "audio_embeds"}
+
+    def __init__(self, repository: Path, max_batch: int):
+        self.repository, self.max_batch = repository, max(max_batch, 1)
+        try:
+            import triton_python_backend_utils as pb_utils
+        except ImportError:  # not inside Triton's stub process
+            pb_utils = None
+        self.pb_utils, self.sessions = pb_utils, {}
+
+    def __call__(self, name: str, x: np.ndarray) -> np.ndarray:
+        pieces = [self._run(name, x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
+        return np.concatenate(pieces)
+
+    def _run(self, name: str, x: np.ndarray) -> np.ndarray:
+        input_name = "mel" if name == "audio_encoder" else "pixel_values"
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.pb_utils is None:
+            return self._session(name).run([self.OUTPUTS[name]], {input_name: x})[0]
+        pb = self.pb_utils
+        request = pb.InferenceRequest(model_name=name, requested_output_names=[self.OUTPUTS[name]],
+                                      inputs=[pb.Tensor(input_name, x)])
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{name}: {response.error().message()}")
+        return pb.get_output_tensor_by_name(response, self.OUTPUTS[name]).as_numpy()
+
+    def _session(self, name: str):
+        if name not in self.sessions:
+            import onnxruntime as ort
+
+            path = self.repository / name / "1" / "model.onnx"
+            self.sessions[name] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return self.sessions[name]
+
+
+class EncodedModel:
+    """What `OmniChat` needs of a model (`cfg`, `llm`, `embed`, `eval`), with the encoders outside."""
+
+    def __init__(self, checkpoint: Path, encoders: Encoders):
+        import torch
+
+        from model.config import ModelConfig
+        from model.nn import checkpoint as ckpt
+        from model.nn.omni import build_llm
+
+        meta = ckpt.read_meta(checkpoint)
+        self.cfg, self.media_token_ids, self.encoders = ModelConfig(**meta["model"]), meta["media_token_ids"], encoders
+        self.llm = build_llm(self.cfg, meta["vocab_size"])
+        weights = {k.removeprefix("llm."): v for k, v in ckpt.load_weights(checkpoint).items()}
+        missing, unexpected = self.llm.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight" or not self.cfg.llm.tie_word_embeddings]:
+            raise ValueError(f"{checkpoint}: LLM weights do not match (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+        self.torch = torch
+
+    def eval(self) -> EncodedModel:
+        self.llm.eval()
+        return self
+
+    def embed(self, input_ids, pixel_values=None, video_pixel_values=None, audio_mel=None, audio_frames=None):
+        from model.nn.omni import splice_media
+
+        def run(name: str, x):
+            return self.torch.from_numpy(self.encoders(name, x.numpy()))
+
+        features = {
+            "image": run("vision_encoder", pixel_values).flatten(0, 1) if pixel_values is not None else None,
+            "video": run("video_encoder", video_pixel_values).flatten(0, 1) if video_pixel_values is not None else None,
+            # The audio graph has no padding mask: each window goes alone, cut to its own length.
+            "audio": self.torch.cat([run("audio_encoder", audio_mel[i : i + 1, :, : int(n)])[0]
+                                     for i, n in enumerate(audio_frames)]) if audio_mel is not None else None,
+        }
+        return splice_media(self.llm.get_input_embeddings()(input_ids), input_ids, features, self.media_token_ids)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         _use_bundled_code()
@@ -65,13 +152,18 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         checkpoint = Path(params.get("checkpoint", "checkpoint"))
         self.load(checkpoint if checkpoint.is_absolute() else HERE / checkpoint,
-                  int(params.get("max_new_tokens", "64")))
+                  int(params.get("max_new_tokens", "64")), int(params.get("encoder_max_batch", "8")))
 
-    def load(self, checkpoint: str | Path, max_new_tokens: int = 64) -> None:
+    def load(self, checkpoint: str | Path, max_new_tokens: int = 64, encoder_max_batch: int = 8) -> None:
+        from model.nn.checkpoint import TOKENIZER_DIR
         from model.nn.generation import OmniChat
+        from model.text.processor import OmniProcessor
+        from model.text.tokenizer import load_tokenizer
 
-        self.chat = OmniChat.load(checkpoint)
-        self.cfg = self.chat.model.cfg
+        checkpoint = Path(checkpoint)
+        model = EncodedModel(checkpoint, Encoders(HERE.parents[1], encoder_max_batch))
+        self.chat = OmniChat(model, OmniProcessor(load_tokenizer(checkpoint / TOKENIZER_DIR), model.cfg))
+        self.cfg = model.cfg
         self.max_new_tokens = max_new_tokens
 
     def answer(self, items: list[tuple[str, dict[str, list[bytes]], int | None]]) -> list[str | Exception]:

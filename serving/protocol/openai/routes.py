@@ -13,12 +13,17 @@ shapes OpenAI and vLLM accept:
 
 Content parts become <image>/<audio>/<video> tags in the order they appear. Media must be inline
 (base64 or data URIs): the server makes no outbound requests, so http(s) URLs get a 400 saying so.
-Decoding is greedy: `temperature`, `top_p` and `seed` are accepted for client compatibility and do
-not change the answer. `n` must be 1. Fields outside this schema are refused, not ignored.
+Sampling follows OpenAI: `temperature` (default `default_temperature`, 1 like OpenAI; 0 is
+greedy), `top_p`, `top_k`, `seed` (same seed, same answer, whatever else is batched with it),
+`stop`, `presence_penalty` / `frequency_penalty`, `logit_bias`, `max_tokens` /
+`max_completion_tokens`, `logprobs` + `top_logprobs`, `response_format` of type text, and
+`stream_options.include_usage`. `n` must be 1. The fields in `schema.IGNORED_FIELDS` are accepted
+and change nothing; any other field is refused, not ignored.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for malformed
 JSON, schema violations, bad base64, undecodable media and exceeded limits; 404 for an unknown
-model; 413 for a body over `limits.max_request_bytes`.
+model; 413 for a body over `limits.max_request_bytes`; 429 with Retry-After when the queue is full;
+503 with Retry-After when a request misses its deadline (`limits.request_timeout_s`).
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from model.media.tags import TAG_PATTERN
+from model.nn.engine import Event, Sequence
+from model.nn.sampling import SamplingParams
 from serving.conversation import BadRequest, Conversation, MediaItem, decode_base64
-from serving.predictor import ChatRequest, OmniPredictor
+from serving.predictor import RETRY_AFTER_S, ChatRequest, ClientGone, DeadlineExceeded, OmniPredictor, Overloaded
 from serving.protocol.openai.schema import (
     CONTENT_PART,
     AudioURLPart,
@@ -179,6 +186,30 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def sampling_params(req: ChatCompletionRequest, predictor: OmniPredictor) -> SamplingParams:
+    """The request's sampling settings, checked against this model and server."""
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_new = predictor.max_new_tokens(req.max_completion_tokens or req.max_tokens, param)
+    if req.top_logprobs and not req.logprobs:
+        raise BadRequest("top_logprobs: needs logprobs: true", "top_logprobs")
+    vocab = predictor.chat.model.llm.config.vocab_size
+    bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+    if any(k >= vocab for k in bias):
+        raise BadRequest(f"logit_bias: token ids must be below the vocabulary size {vocab}", "logit_bias")
+    temperature = predictor.cfg.default_temperature if req.temperature is None else req.temperature
+    return SamplingParams(
+        max_new_tokens=max_new, temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(req.top_k or 0, 0), seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias, stop=tuple(req.stop or ()),
+        logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0)
+
+
+def _overloaded(e: Exception, status: int, code: str) -> JSONResponse:
+    response = error_response(status, str(e), None, code)
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
 # -------------------------------------------------------------------------------------- route
 def build_router(predictor: OmniPredictor) -> APIRouter:
     """`/openai/v1/chat/completions` and `/openai/v1/models` for one predictor."""
@@ -199,81 +230,79 @@ def build_router(predictor: OmniPredictor) -> APIRouter:
                     404, f"the model {req.model!r} does not exist; this server serves {predictor.name!r}",
                     "model", "model_not_found",
                 )
-            param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-            max_new = predictor.max_new_tokens(req.max_completion_tokens or req.max_tokens, param)
-            conv = to_conversation(req.messages)
-            rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-            if req.stream:  # preprocess before the headers go out: a bad request still gets its 400
-                prepared = await predictor.preprocess(ChatRequest(conv, max_new))
+            chat = ChatRequest(to_conversation(req.messages), sampling_params(req, predictor))
+            reply = Reply(predictor, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+            if req.stream:  # preprocess and queue before the headers go out: errors keep their status
+                prepared = await predictor.preprocess(chat)
+                seq, events = predictor.start_stream(prepared)
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                events = _stream_events(predictor, prepared.items[0], max_new, prepared.prompt_tokens[0], rid, created,
-                                        include_usage)
-                return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                body = reply.events(predictor.stream(seq, events), seq, include_usage)
+                return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             # KServe's own request phases (and their latency metrics): preprocess -> predict -> postprocess.
-            [done], _ = await predictor(ChatRequest(conv, max_new))
+            [done], _ = await predictor(chat)
         except BadRequest as e:
             return error_response(400, e.reason, e.param)
         except _TooLarge:
             limit = predictor.cfg.limits.max_request_bytes
             return error_response(413, f"request body exceeds {limit} bytes", None, "request_too_large")
+        except Overloaded as e:
+            return _overloaded(e, 429, "queue_full")
+        except DeadlineExceeded as e:
+            return _overloaded(e, 503, "timeout")
+        except ClientGone:
+            return error_response(499, "the client closed the connection", None, "client_closed")
         except Exception:
             logger.exception("chat completion failed")
             return error_response(500, "internal error while generating; see the server log")
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": predictor.name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": done.text},
-                        "logprobs": None,
-                        "finish_reason": done.finish_reason,
-                    }
-                ],
-                "usage": _usage(done.prompt_tokens, done.completion_tokens),
-            }
-        )
+        return JSONResponse(reply.completion(done))
 
     router.add_api_route("/models", models, methods=["GET"])
     router.add_api_route("/chat/completions", chat_completions, methods=["POST"], response_model=None)
     return router
 
 
-async def _stream_events(
-    predictor: OmniPredictor, item, max_new: int, prompt_tokens: int, rid: str, created: int, include_usage: bool
-) -> AsyncIterator[str]:
-    """chat.completion.chunk events: the role, content deltas, the finish reason, optionally usage,
-    then `[DONE]`. A failure after the headers went out can only be reported as an error event."""
+class Reply:
+    """The response objects of one chat completion: `chat.completion`, or its `chat.completion.chunk`s."""
 
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        return {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": predictor.name,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
+    def __init__(self, predictor: OmniPredictor, rid: str, created: int):
+        self.predictor, self.rid, self.created = predictor, rid, created
 
-    latency = kserve.metrics.PREDICT_HIST_TIME.labels(**kserve.metrics.get_labels(predictor.name))
-    yield _sse(chunk({"role": "assistant", "content": ""}))
-    pieces: list[str] = []
-    try:
-        with latency.time():
-            async for piece in predictor.stream(item, max_new):
-                pieces.append(piece)
-                yield _sse(chunk({"content": piece}))
-        completion_tokens = await predictor.count_tokens("".join(pieces), max_new)
-    except Exception as e:
-        logger.exception("streamed generation failed")
-        yield _sse(
-            {"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None, "code": None}}
-        )
+    def _logprobs(self, logprobs) -> dict | None:
+        return None if logprobs is None else {"content": self.predictor.logprob_entries(logprobs), "refusal": None}
+
+    def completion(self, done) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": done.text, "refusal": None},
+                  "logprobs": self._logprobs(done.logprobs), "finish_reason": done.finish_reason}
+        return {"id": self.rid, "object": "chat.completion", "created": self.created, "model": self.predictor.name,
+                "choices": [choice], "usage": _usage(done.prompt_tokens, done.completion_tokens)}
+
+    def chunk(self, delta: dict, finish: str | None = None, logprobs=None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish}
+        return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.predictor.name, "choices": [choice]}
+
+    async def events(self, events: AsyncIterator[Event], seq: Sequence, include_usage: bool) -> AsyncIterator[str]:
+        """The role, content deltas (with their logprobs), the finish reason, optionally usage, then
+        `[DONE]`. A failure after the headers went out can only be reported as an error event."""
+        latency = kserve.metrics.PREDICT_HIST_TIME.labels(**kserve.metrics.get_labels(self.predictor.name))
+        yield _sse(self.chunk({"role": "assistant", "content": ""}))
+        started, leading = time.perf_counter(), True
+        async for event in events:
+            text = event.text.lstrip() if leading else event.text  # as the plain answer, which is stripped
+            leading = leading and not text
+            lps = [event.logprob] if event.logprob is not None and seq.params.logprobs else None
+            if text or lps:
+                yield _sse(self.chunk({"content": text}, logprobs=lps))
+            if event.kind == "done" and event.finish_reason in ("timeout", "error", "cancelled"):
+                logger.warning("streamed generation ended: %s", event.finish_reason)
+                message = "the request missed the server's deadline" if event.finish_reason == "timeout" else \
+                    "generation failed; see the server log"
+                yield _sse({"error": {"message": message, "type": "server_error", "param": None,
+                                      "code": event.finish_reason}})
+                yield _sse("[DONE]")
+                return
+        latency.observe(time.perf_counter() - started)
+        yield _sse(self.chunk({}, seq.finish_reason))
+        if include_usage:
+            yield _sse({**self.chunk({}), "choices": [], "usage": _usage(seq.prompt_tokens, seq.completion_tokens)})
         yield _sse("[DONE]")
-        return
-    yield _sse(chunk({}, "length" if completion_tokens >= max_new else "stop"))
-    if include_usage:
-        yield _sse({**chunk({}), "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-    yield _sse("[DONE]")

@@ -70,6 +70,17 @@ class ChatMessage(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted; chunks carry no obfuscation padding
+
+
+class ResponseFormat(Strict):
+    # json_object / json_schema would need constrained decoding, which this server does not do.
+    type: Literal["text"]
+
+
+# Fields OpenAI defines that change nothing here; accepted so clients that send them work (README).
+IGNORED_FIELDS = ("user", "metadata", "store", "parallel_tool_calls", "service_tier", "prompt_cache_key",
+                  "safety_identifier", "modalities")
 
 
 class ChatCompletionRequest(Strict):
@@ -79,8 +90,42 @@ class ChatCompletionRequest(Strict):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1: off
     seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Accepted and ignored (IGNORED_FIELDS).
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    parallel_tool_calls: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    modalities: list[Literal["text"]] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None and (len(stops) > 4 or not all(stops)):
+            raise ValueError("at most 4 stop strings, none empty")
+        return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit() or int(key) < 0:
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias for token {key} must be between -100 and 100, got {bias}")
+        return value

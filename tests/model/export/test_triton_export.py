@@ -26,7 +26,7 @@ from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
 
 from model.config import ModelConfig
-from model.export.onnx import AUDIO, VISION, OnnxMismatchError, export_onnx, verify_onnx
+from model.export.onnx import AUDIO, VIDEO, VISION, OnnxMismatchError, export_onnx, verify_onnx
 from model.export.triton import ENTRY, REPORT_FILE, write_triton_repository
 from model.media.decode import load_audio, load_image
 from model.nn.generation import OmniChat
@@ -78,7 +78,7 @@ def _report(exported: Exported) -> dict:
 
 def test_report_records_exporter_diffs_and_files(exported):
     report = _report(exported)
-    assert set(report["onnx"]) == {VISION, AUDIO}
+    assert set(report["onnx"]) == {VISION, VIDEO, AUDIO}
     for name, entry in report["onnx"].items():
         assert entry["exporter"] in {"dynamo", "torchscript"}, entry.get("dynamo_error")
         assert report["exporter"][name] == entry["exporter"]
@@ -164,7 +164,7 @@ def _config(repo: Path, name: str) -> mc.ModelConfig:
 
 
 def test_onnx_configs_parse_and_match_the_graphs(exported):
-    for name in (VISION, AUDIO):
+    for name in (VISION, VIDEO, AUDIO):
         config = _config(exported.repo, name)
         assert config.name == name and config.platform == "onnxruntime_onnx"
         assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
@@ -193,6 +193,10 @@ def test_entry_config_parses(exported):
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]
     checkpoint = exported.repo / ENTRY / "1" / config.parameters["checkpoint"].string_value
     assert (checkpoint / "omni_config.json").is_file() and (checkpoint / "model.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as weights:  # the towers are the ONNX models
+        assert {k.split(".")[0] for k in weights.keys()} == {"llm"}
     bundled = exported.repo / ENTRY / "1" / "omni_code" / "model"
     assert (bundled / "nn" / "generation.py").is_file() and (bundled / "media" / "decode.py").is_file()
     # Only what answering needs: no data prep, training, evaluation, export or object-store code.

@@ -1,0 +1,189 @@
+"""The continuous-batching engine against `OmniChat.generate` (transformers' generate, one request
+alone): greedy answers equal in any batch, with requests joining mid-flight and leaving early;
+seeded sampling reproducible; stop strings, penalties, bias, logprobs; queue bound, cancel, deadline."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.nn.engine import Event, GenerationEngine, QueueFull, Sequence
+from model.nn.generation import OmniChat
+from model.nn.omni import OmniModel
+from model.nn.sampling import SamplingParams, adjust, draw
+from model.text.processor import ChatInput, OmniProcessor
+from model.text.stream import TextStream
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_cfg, tokenizer) -> OmniChat:
+    processor = OmniProcessor(tokenizer, tiny_cfg)
+    torch.manual_seed(0)
+    return OmniChat(OmniModel(tiny_cfg, len(tokenizer), processor.placeholder_ids), processor)
+
+
+def _image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+
+
+def _audio(seconds: float) -> np.ndarray:
+    t = np.arange(int(16000 * seconds)) / 16000
+    return (0.3 * np.sin(2 * math.pi * 330 * t)).astype(np.float32)
+
+
+def conversations() -> list[ChatInput]:
+    """Prompts of different lengths and media, so batches really pad."""
+    return [
+        ChatInput([{"role": "user", "content": "what color is the shape"}]),
+        ChatInput([{"role": "user", "content": "<image>describe"}], images=[_image(1)]),
+        ChatInput([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]),
+        ChatInput([{"role": "user", "content": "<audio>transcribe the audio"}], audios=[_audio(1.2)]),
+        ChatInput([{"role": "user", "content": "<image>one"}, {"role": "assistant", "content": "red"},
+                   {"role": "user", "content": "and <image> two?"}], images=[_image(2), _image(3)]),
+    ]
+
+
+def _seq(chat: OmniChat, item: ChatInput, **params) -> Sequence:
+    return Sequence(chat.processor.encode(item, add_generation_prompt=True), SamplingParams(**params))
+
+
+def test_greedy_answers_in_a_batch_equal_each_alone(chat):
+    items = conversations()
+    alone = [chat.generate([item], max_new_tokens=12)[0] for item in items]
+    engine = GenerationEngine(chat, max_batch=8)
+    together = engine.run_until_done([_seq(chat, it, max_new_tokens=12) for it in items])
+    assert [s.text.strip() for s in together] == alone
+    assert all(s.finish_reason in ("stop", "length") for s in together)
+
+
+def test_requests_joining_and_leaving_mid_flight_get_the_same_answers(chat):
+    """Short answers leave, newcomers join between decode steps: the cache is merged and trimmed."""
+    items = conversations()
+    budgets = [3, 14, 6, 10, 8]
+    alone = [chat.generate([it], max_new_tokens=n)[0] for it, n in zip(items, budgets, strict=True)]
+    engine = GenerationEngine(chat, max_batch=3)  # fewer slots than requests: some must wait
+    seqs = [_seq(chat, it, max_new_tokens=n) for it, n in zip(items, budgets, strict=True)]
+    engine.submit(seqs[0])
+    engine.submit(seqs[1])
+    engine.step()
+    engine.step()
+    sizes = []
+    for s in seqs[2:]:
+        engine.submit(s)
+        engine.step()
+        sizes.append(len(engine.running))
+    while not all(s.done.is_set() for s in seqs):
+        engine.step()
+        sizes.append(len(engine.running))
+    assert max(sizes) == 3 and engine.cache is None and engine.mask is None
+    assert [s.text.strip() for s in seqs] == alone
+
+
+def test_dynamic_policy_gives_the_same_answers(chat):
+    items = conversations()[:3]
+    alone = [chat.generate([it], max_new_tokens=6)[0] for it in items]
+    engine = GenerationEngine(chat, max_batch=8, policy="dynamic", window_s=0.0)
+    assert [s.text.strip() for s in engine.run_until_done([_seq(chat, it, max_new_tokens=6) for it in items])] == alone
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(chat):
+    item = conversations()[1]
+    params = {"max_new_tokens": 16, "temperature": 1.3, "top_p": 0.95, "top_k": 50, "seed": 7}
+    engine = GenerationEngine(chat)
+    [alone] = engine.run_until_done([_seq(chat, item, **params)])
+    batch = engine.run_until_done([_seq(chat, conversations()[0], max_new_tokens=9), _seq(chat, item, **params),
+                                   _seq(chat, item, **{**params, "seed": 8})])
+    assert batch[1].stream.ids == alone.stream.ids
+    assert batch[2].stream.ids != alone.stream.ids  # another seed, another answer
+    greedy = engine.run_until_done([_seq(chat, item, max_new_tokens=16)])[0]
+    assert alone.stream.ids != greedy.stream.ids
+
+
+def test_logit_bias_penalties_and_logprobs(chat):
+    item = conversations()[0]
+    engine = GenerationEngine(chat)
+    [plain] = engine.run_until_done([_seq(chat, item, max_new_tokens=8, logprobs=True, top_logprobs=3)])
+    first = plain.stream.ids[0]
+    assert len(plain.logprobs) == plain.completion_tokens
+    lp = plain.logprobs[0]
+    assert lp.token_id == first and [t for t, _ in lp.top][0] == first and len(lp.top) == 3
+    assert lp.logprob <= 0 and lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+    [banned] = engine.run_until_done([_seq(chat, item, max_new_tokens=8, logit_bias={first: -100.0})])
+    assert banned.stream.ids[0] != first
+    [penalised] = engine.run_until_done([_seq(chat, item, max_new_tokens=24, frequency_penalty=2.0,
+                                              presence_penalty=2.0)])
+    counts = np.bincount(penalised.stream.ids)
+    assert counts.max() <= np.bincount(plain.stream.ids).max() or penalised.stream.ids != plain.stream.ids
+
+
+def test_penalties_and_top_k_top_p_on_logits():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    counts = torch.tensor([2.0, 0.0, 0.0, 0.0])
+    out = adjust(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=1.0, logit_bias={3: 5.0}), counts)
+    assert out.tolist() == [3.0 - 2.0 - 0.5, 2.0, 1.0, 5.0]
+    gen = torch.Generator().manual_seed(0)
+    draws = {draw(logits, SamplingParams(temperature=1.0, top_k=2), gen) for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {draw(logits, SamplingParams(temperature=1.0, top_p=0.5), gen) for _ in range(200)}
+    assert draws == {0}  # the top token alone holds > 50% of the mass
+
+
+def test_stop_strings_end_the_answer_before_them(chat):
+    item = conversations()[2]
+    engine = GenerationEngine(chat)
+    [full] = engine.run_until_done([_seq(chat, item, max_new_tokens=16)])
+    text = full.text
+    stop = text[3:5] if len(text) >= 5 else text[-1:]
+    assert stop, "the model answered nothing; pick another prompt"
+    events: list[Event] = []
+    seq = _seq(chat, item, max_new_tokens=16, stop=(stop,))
+    seq.sink = events.append
+    engine.run_until_done([seq])
+    assert seq.finish_reason == "stop" and seq.text == text[: text.find(stop)]
+    assert "".join(e.text for e in events) == seq.text  # streamed deltas never show the stop string
+
+
+def test_text_stream_holds_back_partial_stops_and_characters():
+    pieces = {1: "ab", 2: "c", 3: "\ufffd", 4: "d", 5: "END", 6: "x"}
+    stream = TextStream(lambda ids: "".join(pieces[i] for i in ids).replace("\ufffdd", "é"), stop=("cE",))
+    assert stream.push(1) == "ab"
+    assert stream.push(2) == ""  # "c" may start "cE"
+    assert stream.push(3) == "c"  # not a stop after all; the incomplete character waits
+    assert stream.push(4) == "é"
+    assert stream.push(6) == "x" and stream.finish() == ""
+    stop = TextStream(lambda ids: "".join(pieces[i] for i in ids), stop=("cE",))
+    assert [stop.push(i) for i in (1, 2, 5)] == ["ab", "", ""] and stop.stopped and stop.text == "ab"
+
+
+def test_queue_bound_cancel_and_deadline(chat):
+    engine = GenerationEngine(chat, max_batch=1, max_queue=2)
+    a, b = _seq(chat, conversations()[0], max_new_tokens=50), _seq(chat, conversations()[2], max_new_tokens=50)
+    engine.submit(a)
+    engine.submit(b)
+    with pytest.raises(QueueFull, match="limit is 2"):
+        engine.submit(_seq(chat, conversations()[0]))
+    engine.step()  # a runs, b waits
+    b.deadline = time.monotonic() - 1
+    a.cancel()
+    engine.step()
+    assert a.finish_reason == "cancelled" and b.finish_reason == "timeout"
+    assert a.completion_tokens < 50 and not engine.running and not engine.waiting
+
+
+def test_engine_thread_serves_concurrent_submissions(chat):
+    items = conversations()
+    alone = [chat.generate([it], max_new_tokens=6)[0] for it in items]
+    engine = GenerationEngine(chat, max_batch=8)
+    engine.start()
+    try:
+        seqs = [engine.submit(_seq(chat, it, max_new_tokens=6)) for it in items]
+        assert all(s.done.wait(60) for s in seqs)
+    finally:
+        engine.stop()
+    assert [s.text.strip() for s in seqs] == alone
