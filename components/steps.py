@@ -28,6 +28,7 @@ from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
 from model.text.tokenizer import load_tokenizer
+from model.training.loading import build_for_stage
 from model.training.recipe import train_stage
 from model.training.sft_filter import loss_filter, sample_losses
 
@@ -73,19 +74,20 @@ def init_model(cfg: OmniConfig, data_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path, out_dir: Path, parent_run_id: str,
-          progress: bool = True, sft_filter_dir: Path | None = None) -> dict:
+def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path, out_dir: Path,
+          parent_run_id: str | None, progress: bool = True, sft_filter_dir: Path | None = None) -> dict:
     """One training stage from `init_dir` to `out_dir`; skipped stages pass the checkpoint on.
     `data_dir`: data prep's output, a folder or a store URI (s3://...) the shards stream from.
     `sft_filter_dir`: the loss filter's output; the samples it dropped are left out.
 
-    The one entry of a stage, wherever it runs: the DAG's stage task, and every rank of a TrainJob
-    (components/train_entry.py) that the DAG's launcher task submits for multi-node stages."""
+    The one entry of a stage, wherever it runs: the DAG's stage task, every rank of a TrainJob
+    (components/train_entry.py) that the DAG's launcher task submits for multi-node stages, and
+    `omni train` (alone or under torchrun; `parent_run_id=None`: its MLflow run stands alone)."""
     if stage_name in cfg.run.skip_stages or stage_name not in cfg.stages:
         shutil.copytree(init_dir, out_dir, dirs_exist_ok=True)
         return {"skipped": True, "steps": 0}
     stage = cfg.stages[stage_name]
-    model = OmniModel.from_pretrained(init_dir)
+    model = build_for_stage(init_dir, stage)  # on its device (ZeRO-3: partitioned as it is built)
     tokenizer = load_tokenizer(init_dir / TOKENIZER_DIR)
     processor = OmniProcessor(tokenizer, model.cfg)
     dataset = _train_stream(cfg, stage.data_tasks, data_dir, sft_filter_dir)
@@ -114,7 +116,7 @@ def _train_stream(cfg: OmniConfig, tasks: list[str], data_dir: Path | str, sft_f
     """Data prep's train shards (local or s3://) as a stream: rank/worker split, resumable position."""
     return ShardStream(data_dir, "train", tasks, exclude_ids=read_filtered_out(sft_filter_dir),
                        shuffle_buffer=cfg.data.shuffle_buffer, cache_bytes=int(cfg.data.reader_cache_mb * 2**20),
-                       num_workers=cfg.data.loader_workers)
+                       num_workers=runtime.loader_workers(cfg.data.loader_workers))
 
 
 FILTER_FILE = "sft_filter.json"
@@ -132,7 +134,7 @@ def sft_filter(
         (out_dir / FILTER_FILE).write_text(json.dumps(summary, indent=2))
         write_report(out_dir / "report.html", "<html><body><p>SFT loss filter disabled.</p></body></html>")
         return summary
-    model = OmniModel.from_pretrained(model_dir)
+    model = runtime.place(OmniModel.from_pretrained(model_dir))
     processor = OmniProcessor(load_tokenizer(model_dir / TOKENIZER_DIR), model.cfg)
     stream = ShardStream(data_dir, "train", stage.data_tasks)
     records = list(stream.records())

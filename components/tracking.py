@@ -138,25 +138,26 @@ class StageRun:
 def stage_run(
     uri: str,
     experiment: str,
-    parent_run_id: str,
+    parent_run_id: str | None,
     stage_name: str,
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
 ) -> Iterator[StageRun]:
-    """A child run for one stage, nested under the pipeline's parent run.
+    """A child run for one stage, nested under the pipeline's parent run (a run of its own when
+    `parent_run_id` is None: a stage run by hand, `omni train`).
 
     Params are flattened (`{"stage": {"lr": 1}}` -> `stage.lr`). The run ends FINISHED when the
     block exits normally and FAILED when it raises (the exception propagates).
     """
-    parent = client(uri).get_run(parent_run_id)  # fails early on a wrong id
     experiment_id = ensure_experiment(uri, experiment)
-    if parent.info.experiment_id != experiment_id:
-        # The UI only nests runs of one experiment.
-        raise ValueError(
-            f"parent run {parent_run_id} belongs to experiment {parent.info.experiment_id}, "
-            f"not {experiment!r}"
-        )
-    all_tags = {**_str_tags(tags), MLFLOW_PARENT_RUN_ID: parent_run_id, STAGE_TAG: stage_name}
+    all_tags = {**_str_tags(tags), STAGE_TAG: stage_name}
+    if parent_run_id is not None:
+        parent = client(uri).get_run(parent_run_id)  # fails early on a wrong id
+        if parent.info.experiment_id != experiment_id:
+            # The UI only nests runs of one experiment.
+            raise ValueError(f"parent run {parent_run_id} belongs to experiment {parent.info.experiment_id}, "
+                             f"not {experiment!r}")
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run = client(uri).create_run(experiment_id, run_name=stage_name, tags=all_tags)
     handle = StageRun(uri, run.info.run_id)
     try:

@@ -123,10 +123,20 @@ class ModelConfig(Strict):
     tokenizer: TokenizerConfig = TokenizerConfig()
     pretrained: str | None = Field(None, description="omni checkpoint dir to start from; null = fresh weights")
     max_seq_len: int = Field(512, gt=0)
+    loss_chunk_tokens: int | None = Field(
+        None, ge=0, description="target tokens per chunk of the LM-head loss, which then never holds the full "
+                                "logits (model.nn.loss); 0 = the plain loss; null = 1024 when the vocabulary has "
+                                "more than 32768 entries, else the plain loss")
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
         "auto", description="the LLM's attention kernel. auto: flash_attention_2 on a bf16 GPU with the "
                             "flash-attn package (packed rows then train through its varlen kernel), else sdpa. "
                             "The encoders always use sdpa.")
+
+    def loss_chunk(self, vocab_size: int) -> int:
+        """`loss_chunk_tokens` resolved for a vocabulary: the one place the default is decided."""
+        if self.loss_chunk_tokens is not None:
+            return self.loss_chunk_tokens
+        return 1024 if vocab_size > 32768 else 0
 
 
 MODULES = ("vision_tower", "vision_projector", "video_projector", "audio_encoder", "audio_projector", "llm")
@@ -194,7 +204,9 @@ class DataConfig(Strict):
     reader_cache_mb: float = Field(
         512, ge=0, description="MiB of encoded samples (pixels, log-mel) each reader process keeps, so repeats "
                                "in small sets skip decoding; 0 turns the cache off")
-    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes decoding media for training")
+    loader_workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes decoding media for training; null = 4 per GPU "
+                                "process where a GPU is present (media decoding must keep up), 0 on a CPU")
 
 
 class SftFilterConfig(Strict):

@@ -70,6 +70,22 @@ def flash_attention_available() -> bool:
     return dtype() == torch.bfloat16 and bool(is_flash_attn_2_available())
 
 
+def loader_workers(configured: int | None) -> int:
+    """`data.loader_workers` resolved: as configured, else 4 per process on a GPU (bounded by the CPUs
+    each rank of the node gets) and 0 on a CPU, where workers would only compete with training."""
+    if configured is not None:
+        return configured
+    if device().type != "cuda":
+        return 0
+    per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(0, min(4, per_rank - 1))
+
+
+def place(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` on this process's device in its dtype (bf16 on a GPU, fp32 on the CPU)."""
+    return module.to(device=device(), dtype=dtype())
+
+
 def attention_kernel(choice: str) -> str:
     """Resolve `model.attn_implementation`: "auto" takes flash-attention where it can run, else sdpa."""
     if choice != "auto":

@@ -8,6 +8,7 @@
     omni pipeline run --data DIR [overrides]      the whole DAG on this machine (kfp.local)
     omni serve --model-dir DIR | --model-version champion
     omni model plan [--gpus 8 --gpu-gib 80]       parameter counts + per-GPU memory for ZeRO-2/3
+    omni train STAGE --data D --init C --out O    one training stage outside the DAG (torchrun for N GPUs)
     omni config [overrides]                       print the resolved, validated config
     omni cluster render --out DIR [--values FILE] every manifest for a cluster (chart, ISVC, TrainJob, node pools)
     omni cluster node-pools                       regenerate infra/ node pools from conf/cluster
@@ -85,6 +86,27 @@ def _run(cfg, args) -> int:
     return 0
 
 
+def _train(cfg, args) -> int:
+    import hashlib
+    import json
+
+    from components.steps import train
+    from model import runtime
+    from model.nn.checkpoint import WEIGHTS_FILE
+
+    if args.stage not in cfg.stages:
+        return fail(f"unknown stage {args.stage!r}; the config has {', '.join(cfg.stages)}")
+    if not (args.init / "omni_config.json").is_file():
+        return fail(f"--init {args.init}: not an omni checkpoint (no omni_config.json); make one with "
+                    "`omni model compose` or take a stage's output")
+    primary = runtime.ranks().primary
+    result = train(cfg, args.stage, args.data, args.init, args.out, None, progress=primary)
+    if primary:  # only rank 0 saves the checkpoint (and speaks for the run)
+        digest = hashlib.sha256((args.out / WEIGHTS_FILE).read_bytes()).hexdigest()
+        print(json.dumps({"steps": result["steps"], "final_loss": result.get("final_loss"), "weights_sha256": digest}))
+    return 0
+
+
 def _plan(cfg, args) -> int:
     from model.nn.plan import format_plan
 
@@ -110,12 +132,15 @@ def _serve(cfg, args) -> int:
 
 
 def _render(cfg, args) -> int:
+    from components.capacity import endpoint_fit
     from pipelines import cluster
 
     try:
         written = cluster.render_all(cfg, args.out, args.values)
     except (cluster.ValuesConflict, ValueError) as err:
         return fail(str(err))
+    for warning in endpoint_fit(cfg):  # rendered anyway: the settings may be meant for another model
+        print(f"omni: warning: {warning}", file=sys.stderr)
     print("\n".join(map(str, written)))
     return 0
 
@@ -206,6 +231,19 @@ def _add_model(sub) -> None:
                       help="activation checkpointing: as each stage's config says (default), or on/off for all")
 
 
+def _add_train(sub) -> None:
+    train = _command(sub, "train", "Run one training stage outside the DAG: what the DAG's stage task and every "
+                     "TrainJob pod run. Under torchrun it trains data-parallel (`torchrun --nproc_per_node 2 -m "
+                     "pipelines.cli train sft ...`); rank 0 saves the checkpoint and prints the last line, a JSON "
+                     "object with steps, final_loss and weights_sha256. Example: omni train sft --data prepared/ "
+                     "--init ckpt/ --out sft/ stages.sft.steps=100", _train, overrides=False)
+    train.add_argument("stage", metavar="STAGE", help="a stage of the config, e.g. sft (conf/stage/)")
+    train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. stages.sft.steps=100")
+    train.add_argument("--data", required=True, help="data prep's output: a folder or s3://bucket/prefix")
+    train.add_argument("--init", type=Path, required=True, help="the omni checkpoint the stage starts from")
+    train.add_argument("--out", type=Path, required=True, help="folder for the trained checkpoint")
+
+
 def _add_cluster(sub) -> None:
     cluster = _group(sub, "cluster", "render the Kubernetes manifests and node pools")
     render = _command(cluster, "render", "Write every manifest the platform applies to a cluster into --out: the "
@@ -229,7 +267,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = _command(sub, "demo", "Generate demo data, run the whole DAG locally, serve the champion and query it.",
                     _demo)
     demo.add_argument("--keep-serving", action="store_true", help="leave the predictor running at the end")
-    for add in (_add_data, _add_pipeline, _add_serve, _add_model, _add_cluster):
+    for add in (_add_data, _add_pipeline, _add_serve, _add_model, _add_train, _add_cluster):
         add(sub)
     _command(sub, "config", "Print the resolved and validated configuration as YAML.", _config)
     _command(sub, "rollback", "Move the MLflow alias `champion` back to `previous-champion` and serve that version "

@@ -90,10 +90,21 @@ def collate_packed(
     if explicit_mask:
         causal = torch.ones((width, width), dtype=torch.bool).tril()
         batch["attention_mask"] = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
+    else:
+        batch.update(varlen_bounds([len(s.input_ids) for s in bins[0]]))
     # Media: exactly what `collate` stacks for the samples read row by row, sample by sample.
     flat = processor.collate([s for row in bins for s in row])
     batch.update({k: flat[k] for k in MEDIA_KEYS if k in flat})
     return batch
+
+
+def varlen_bounds(lengths: list[int]) -> dict:
+    """Flash-attention's varlen arguments for one unpadded row of samples of these lengths, computed
+    here once per batch: transformers otherwise derives them from position_ids in every layer, a
+    device-to-host sync each time. Lengths stay Python ints (a tensor max would sync as well)."""
+    bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    longest = max(lengths)
+    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
 def packed_tokens(batch: dict[str, torch.Tensor], pad_token_id: int) -> int:

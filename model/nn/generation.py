@@ -10,6 +10,7 @@ from threading import Thread
 import torch
 from transformers import TextIteratorStreamer
 
+from model import runtime
 from model.nn.checkpoint import TOKENIZER_DIR
 from model.nn.omni import OmniModel
 from model.text.processor import ChatInput, OmniProcessor
@@ -23,12 +24,14 @@ class OmniChat:
 
     @classmethod
     def load(cls, path: str | Path) -> OmniChat:
-        model = OmniModel.from_pretrained(path)
+        """The checkpoint on this process's device in its dtype (model.runtime: bf16 on a GPU)."""
+        model = runtime.place(OmniModel.from_pretrained(path))
         return cls(model, OmniProcessor(load_tokenizer(Path(path) / TOKENIZER_DIR), model.cfg))
 
     def _inputs(self, batch: list[ChatInput]) -> dict:
         encoded = [self.processor.encode(item, add_generation_prompt=True) for item in batch]
-        tensors = self.processor.collate(encoded, left_pad=True)
+        device = next(self.model.parameters()).device
+        tensors = {k: v.to(device) for k, v in self.processor.collate(encoded, left_pad=True).items()}
         tensors.pop("labels")
         ids, mask = tensors.pop("input_ids"), tensors.pop("attention_mask")
         with torch.no_grad():

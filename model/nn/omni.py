@@ -15,10 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel, WhisperConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from model import runtime
 from model.config import ModelConfig
 from model.nn import checkpoint
 from model.nn.audio import AudioEncoder
+from model.nn.loss import chunked_causal_lm_loss, per_sample_loss
 from model.nn.projectors import ConvGMLPProjector, VideoProjector, VisionProjector
 from model.runtime import attention_kernel
 
@@ -122,12 +125,57 @@ class OmniModel(nn.Module):
             if video_pixel_values is not None else None,
             "audio": torch.cat(self.encode_audio(audio_mel, audio_frames)) if audio_mel is not None else None,
         }
+        if self.training and runtime.ranks().world_size > 1:
+            embeds = embeds + self._unused_towers(features, input_ids.device)
         return splice_media(embeds, input_ids, features, self.media_token_ids)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, **media):
+    def _unused_towers(self, features: dict[str, torch.Tensor | None], device: torch.device) -> torch.Tensor:
+        """0 x the output of every encoder whose media this batch lacks, run on a dummy input.
+
+        Data-parallel ranks draw different samples, but DeepSpeed needs every rank to run the same
+        parameters every step: ZeRO-3 gathers each parameter with a collective in forward, and
+        ZeRO-1/2 reduce gradients in buckets built from the parameters that got one. A rank whose
+        micro-batch has no image would skip the vision tower's gathers, and its gradients would pair
+        with another rank's wrong tensors. The dummy pass costs one tile, frame or 40 ms window, and
+        adds exactly zero to the loss and to every gradient."""
+        v, a = self.cfg.vision, self.cfg.audio
+        pixels = torch.zeros(1, v.num_channels, v.image_size, v.image_size, device=device)
+        dummy = torch.zeros((), device=device)
+        if features["image"] is None:
+            dummy = dummy + self.encode_images(pixels).sum()
+        if features["video"] is None:
+            dummy = dummy + self.encode_video_frames(pixels).sum()
+        if features["audio"] is None:
+            frames = 2 * a.projector_stride  # the shortest window that yields one audio token
+            mel = torch.zeros(1, a.num_mel_bins, frames, device=device)
+            dummy = dummy + torch.cat(self.encode_audio(mel, torch.tensor([frames], device=device))).sum()
+        return dummy * 0.0
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, pixel_values=None,
+                video_pixel_values=None, audio_mel=None, audio_frames=None, **attention_kwargs):
+        """The LM forward over spliced embeddings. `attention_kwargs` go to the attention layers
+        (flash-attention's cu_seq_lens / max_length from the packing collator). With labels and a
+        chunked loss (`model.loss_chunk_tokens`), the output carries the loss and no logits."""
+        embeds = self.embed(input_ids, pixel_values, video_pixel_values, audio_mel, audio_frames)
+        common = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False,
+                  **attention_kwargs}
+        chunk = self.loss_chunk_tokens
+        if labels is None or not chunk:
+            return self.llm(inputs_embeds=embeds, labels=labels, **common)
+        hidden = self.llm.model(inputs_embeds=embeds, **common).last_hidden_state
+        return CausalLMOutputWithPast(loss=chunked_causal_lm_loss(hidden, labels, self.llm.lm_head, chunk))
+
+    def sample_losses(self, input_ids, labels, attention_mask=None, position_ids=None, **media) -> torch.Tensor:
+        """(B,) mean loss of each sample over its labelled tokens, without the full logits (SFT filter)."""
         embeds = self.embed(input_ids, **media)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        labels=labels, use_cache=False)
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False).last_hidden_state
+        return per_sample_loss(hidden, labels, self.llm.lm_head, self.loss_chunk_tokens)
+
+    @property
+    def loss_chunk_tokens(self) -> int:
+        """Target tokens per chunk of the LM-head loss; 0 = the plain loss (see ModelConfig)."""
+        return self.cfg.loss_chunk(self.vocab_size)
 
     # --- checkpoint format (model.nn.checkpoint): omni_config.json + model.safetensors + tokenizer/ ---
     def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:

@@ -3,10 +3,13 @@
 The model is built on the meta device (no memory), so the paper-size configuration can be planned
 on a laptop. Bytes per parameter follow mixed-precision Adam (ZeRO paper, Rajbhandari et al.):
 bf16 weights (2) + bf16 gradients (2) + fp32 master weights, momentum and variance (12) for
-trainable parameters; frozen ones cost only their bf16 weights. Activation memory follows
-Korthikanti et al. (2022) for a transformer layer with memory-efficient attention: 34·s·b·h bytes
-per layer, or 2·s·b·h with activation checkpointing (plus one layer being recomputed), and the
-fp32 logits s·b·V·4 that the loss upcasts.
+trainable parameters; frozen ones cost only their bf16 weights.
+
+Activations are what the Qwen2 decoder layers of `transformers` save for backward, counted tensor
+by tensor (see `llm_layer_bytes`), and the LM head + loss at their peak (`head_bytes`): the plain
+loss holds ~12 bytes per logit, the chunked loss (model.nn.loss) one chunk's worth. The formulas
+are checked against measured peak memory on CPU (tests/model/nn/test_plan.py). Encoder (SigLIP,
+Whisper) activations are not counted: the plan is the LLM's, which dominates at these shapes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class StagePlan:
     gradients_gib: float
     optimizer_gib: float
     activations_gib: float
+    head_gib: float = 0.0  # the LM head + loss part of activations_gib (at its own peak)
+    loss: str = "plain"  # "plain" or "chunked <tokens>"
 
     @property
     def total_gib(self) -> float:
@@ -45,12 +50,40 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     return {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in MODULES}
 
 
-def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing: bool) -> float:
-    h, layers = cfg.llm.hidden_size, cfg.llm.num_hidden_layers
-    per_layer = (2 if checkpointing else 34) * seq_len * micro_batch * h
-    recompute = 34 * seq_len * micro_batch * h if checkpointing else 0
-    logits = seq_len * micro_batch * (cfg.llm.vocab_size or cfg.tokenizer.vocab_size) * 4
-    return layers * per_layer + recompute + logits
+def llm_layer_bytes(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
+    """Bytes one Qwen2 decoder layer saves for backward, per token. Each RMSNorm keeps its input upcast
+    to fp32, the normalised input and its output (the next linears' input); attention keeps q, k, v
+    (k and v at the KV width: grouped-query attention) and its output; the SwiGLU MLP keeps the gate,
+    the up projection, SiLU(gate) and their product (4 x intermediate)."""
+    m, e = cfg.llm, dtype_bytes
+    kv = m.hidden_size // m.num_attention_heads * m.num_key_value_heads
+    norms = 2 * (4 * m.hidden_size + 2 * e * m.hidden_size)
+    attention = e * (2 * m.hidden_size + 2 * kv)
+    return norms + attention + 4 * e * m.intermediate_size
+
+
+def head_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int = 2) -> int:
+    """Peak bytes of the LM head and loss. Plain: the logits, their fp32 copy and the saved
+    log-softmax in forward, then the log-softmax with its gradient in and out in backward (~12 bytes
+    per logit). Chunked: one chunk's logits recomputed, with the same fp32 tensors (~e + 16 bytes per
+    logit of the chunk), plus the gathered hidden states of the target positions."""
+    vocab = cfg.llm.vocab_size or cfg.tokenizer.vocab_size
+    chunk = cfg.loss_chunk(vocab)
+    if not chunk:
+        return max(dtype_bytes + 8, 12) * tokens * vocab
+    return (dtype_bytes + 16) * min(chunk, tokens) * vocab + dtype_bytes * tokens * cfg.llm.hidden_size
+
+
+def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing: bool,
+                     dtype_bytes: int = 2) -> float:
+    """Peak activation bytes of one micro-batch, at the start of backward: every layer's saved
+    tensors and the head's peak; with activation checkpointing, every layer's input plus the larger of
+    the head's peak and one layer being recomputed (they happen one after the other)."""
+    tokens, layers = seq_len * micro_batch, cfg.llm.num_hidden_layers
+    layer, head = llm_layer_bytes(cfg, dtype_bytes) * tokens, head_bytes(cfg, tokens, dtype_bytes)
+    if checkpointing:
+        return layers * dtype_bytes * cfg.llm.hidden_size * tokens + max(head, layer)
+    return layers * layer + head
 
 
 def plan_stage(cfg: ModelConfig, stage: StageConfig, zero_stage: int, gpus: int, seq_len: int | None = None,
@@ -64,8 +97,12 @@ def plan_stage(cfg: ModelConfig, stage: StageConfig, zero_stage: int, gpus: int,
     grads = 2 * trainable / (gpus if zero_stage >= 2 else 1)
     optimizer = 12 * trainable / (gpus if zero_stage >= 1 else 1)
     checkpointing = stage.activation_checkpointing if checkpointing is None else checkpointing
-    acts = activation_bytes(cfg, seq_len or cfg.max_seq_len, micro_batch or stage.micro_batch_size, checkpointing)
-    return StagePlan(stage.name, zero_stage, gpus, weights / GIB, grads / GIB, optimizer / GIB, acts / GIB)
+    seq_len, micro_batch = seq_len or cfg.max_seq_len, micro_batch or stage.micro_batch_size
+    acts = activation_bytes(cfg, seq_len, micro_batch, checkpointing)
+    head = head_bytes(cfg, seq_len * micro_batch)
+    chunk = cfg.loss_chunk(cfg.llm.vocab_size or cfg.tokenizer.vocab_size)
+    return StagePlan(stage.name, zero_stage, gpus, weights / GIB, grads / GIB, optimizer / GIB, acts / GIB,
+                     head / GIB, f"chunked {chunk}" if chunk else "plain")
 
 
 def format_plan(cfg: ModelConfig, stages: list[StageConfig], gpus: int, gpu_gib: float, micro_batch: int | None = None,
@@ -76,10 +113,13 @@ def format_plan(cfg: ModelConfig, stages: list[StageConfig], gpus: int, gpu_gib:
     lines = [f"model {cfg.name}: {sum(counts.values()) / 1e9:.3f}B parameters"]
     lines += [f"  {name:<17}{n / 1e6:>10.1f}M" for name, n in counts.items()]
     batch = "micro-batch per stage (mb)" if micro_batch is None else f"micro-batch {micro_batch}"
+    chunk = cfg.loss_chunk(cfg.llm.vocab_size or cfg.tokenizer.vocab_size)
+    loss = f"chunked loss ({chunk} tokens per chunk)" if chunk else "plain loss (full logits)"
     lines.append(f"\nper-GPU memory on {gpus} GPUs x {gpu_gib:g} GiB, {batch}, seq "
-                 f"{cfg.max_seq_len}, bf16 + fp32 Adam (ckpt: activation checkpointing)")
+                 f"{cfg.max_seq_len}, bf16 + fp32 Adam, {loss} (ckpt: activation checkpointing; activ "
+                 "includes head, the LM head + loss at its peak; encoder activations not counted)")
     lines.append(f"  {'stage':<11}{'ZeRO':>5}{'mb':>4}{'ckpt':>5}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}"
-                 f"{'total':>8}  fits")
+                 f"{'head':>8}{'total':>8}  fits")
     for stage in stages:
         mb = micro_batch or stage.micro_batch_size
         for zero in (2, 3):
@@ -88,6 +128,7 @@ def format_plan(cfg: ModelConfig, stages: list[StageConfig], gpus: int, gpu_gib:
             ckpt = stage.activation_checkpointing if checkpointing is None else checkpointing
             lines.append(
                 f"  {stage.name:<11}{zero:>5}{mb:>4}{'on' if ckpt else 'off':>5}{p.weights_gib:>9.1f}"
-                f"{p.gradients_gib:>8.1f}{p.optimizer_gib:>8.1f}{p.activations_gib:>8.1f}{p.total_gib:>8.1f}  {fits}"
+                f"{p.gradients_gib:>8.1f}{p.optimizer_gib:>8.1f}{p.activations_gib:>8.1f}{p.head_gib:>8.1f}"
+                f"{p.total_gib:>8.1f}  {fits}"
             )
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from model import runtime
 from model.config import StageConfig
 from model.data.packing import collate_packed, pack, packed_tokens
 from model.data.shards import ShardStream
@@ -64,9 +65,10 @@ class StageData:
         if self.streaming:
             self.dataset.load_state_dict({**reader_state, "items": consumed})  # refuses another data set's position
             loader = DataLoader(self.dataset, batch_size=mb, collate_fn=self.collate,
-                                num_workers=self.dataset.num_workers)
+                                num_workers=self.dataset.num_workers, pin_memory=runtime.device().type == "cuda")
         else:
-            loader = DataLoader(self.dataset, batch_size=mb, collate_fn=self.collate, sampler=self.order[consumed:])
+            loader = DataLoader(self.dataset, batch_size=mb, collate_fn=self.collate, sampler=self.order[consumed:],
+                                pin_memory=runtime.device().type == "cuda")
         return islice(loader, (self.per_rank - consumed) // mb)  # a stream never ends by itself
 
     def reader_state(self, step: int) -> dict:
@@ -131,7 +133,8 @@ def _loop(engine, batches: Iterator[dict], data: StageData, processor: OmniProce
     engine.train()
     with bar, checkpointing.sigterm_flag(enabled=checkpoint_dir is not None) as sigterm:
         for micro, batch in enumerate(batches, start=state.step * stage.grad_accum):
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            batch = {k: v.to(engine.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in batch.items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()

@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 
 import torch
-import torch.nn.functional as F
 
 from model.config import SftFilterConfig
-from model.text.processor import IGNORE_INDEX, Encoded, OmniProcessor
+from model.text.processor import Encoded, OmniProcessor
 
 
 @dataclass
@@ -63,13 +62,9 @@ def sample_losses(model: torch.nn.Module, processor: OmniProcessor, samples: Ite
     it = iter(samples)
     with tqdm(total=total, desc="scoring SFT samples", unit="sample", disable=not progress) as bar:
         while batch_samples := list(islice(it, batch_size)):
-            batch = processor.collate(batch_samples)
-            labels = batch.pop("labels")
-            logits = model(**batch).logits[:, :-1].float()
-            target = labels[:, 1:]
-            token_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
-            counts = (target != IGNORE_INDEX).sum(1).clamp(min=1)
-            losses += (token_loss.sum(1) / counts).tolist()
+            device = next(model.parameters()).device
+            batch = {k: v.to(device) for k, v in processor.collate(batch_samples).items()}
+            losses += model.sample_losses(**batch).tolist()
             bar.update(len(batch_samples))
     model.train(was_training)
     return losses
