@@ -117,6 +117,23 @@ class TrainerConfig(Strict):
     timeout_hours: float = Field(72.0, gt=0)
 
 
+class KfpConfig(Strict):
+    """Which Kubeflow Pipelines runs the tasks, and so which identity the chart's Role is bound to.
+
+    standalone (infra/install.sh): tasks run in `namespace` as `pipeline-runner`; multi-user
+    Kubeflow: in the profile namespace (cluster.namespace) as `default-editor`."""
+
+    mode: Literal["standalone", "multi-user"] = "standalone"
+    namespace: str = Field("kubeflow", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                           description="where standalone KFP is installed")
+
+    def task_identity(self, profile_namespace: str) -> tuple[str, str]:
+        """(namespace, service account) of the pipeline's task pods."""
+        if self.mode == "standalone":
+            return self.namespace, "pipeline-runner"
+        return profile_namespace, "default-editor"
+
+
 class EndpointConfig(Strict):
     """The champion InferenceService: what `promote` applies and the chart renders."""
 
@@ -152,6 +169,7 @@ class ClusterConfig(Strict):
     cpu_pool: PoolConfig
     trainer: TrainerConfig = TrainerConfig()
     endpoint: EndpointConfig = EndpointConfig()
+    kfp: KfpConfig = KfpConfig()
     retries: int = Field(2, ge=0)
     caching: bool = True
 

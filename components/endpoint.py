@@ -28,6 +28,22 @@ class RolloutFailed(RuntimeError):
     """The InferenceService did not become Ready; the message carries KServe's reason."""
 
 
+class OwnedByHelm(RolloutFailed):
+    """The live champion is managed by the chart (endpoint.enabled): a `helm upgrade` would put its
+    storageUri back over anything promote or rollback applied, so they leave it alone."""
+
+
+def _check_owner(live: dict[str, Any]) -> None:
+    labels = (live.get("metadata") or {}).get("labels") or {}
+    if labels.get("app.kubernetes.io/managed-by") == "Helm":
+        meta = live["metadata"]
+        raise OwnedByHelm(
+            f"InferenceService {meta.get('namespace')}/{meta['name']} is managed by Helm (chart value "
+            "endpoint.enabled=true): the next `helm upgrade` would restore its storageUri. Either set "
+            "endpoint.storageUri in your values and `helm upgrade` (GitOps owns the champion), or set "
+            "endpoint.enabled=false, `helm upgrade`, and let promote/rollback own it")
+
+
 def storage_uri(cfg: OmniConfig, uri: str) -> str:
     """A registry download URI as KServe's storage initializer can fetch it: an MLflow server that
     proxies artifacts hands out `mlflow-artifacts:/...`, which lives under its artifacts root."""
@@ -85,6 +101,8 @@ def rollout(
     ep = cfg.cluster.endpoint
     name = f"{isvc['metadata']['namespace']}/{isvc['metadata']['name']}"
     existing = k8s.get(kube, isvc)
+    if existing is not None:
+        _check_owner(existing)
     if canary and existing is not None:
         staged = _with_canary(isvc, ep.canary_percent)
         k8s.apply(kube, staged)

@@ -48,6 +48,7 @@ def _pool_values(pool: PoolConfig) -> dict[str, Any]:
 def conf_values(cfg: OmniConfig) -> dict[str, Any]:
     """The chart values conf/cluster (and serving.model_name) own."""
     c, ep = cfg.cluster, cfg.cluster.endpoint
+    task_ns, task_sa = c.kfp.task_identity(c.namespace)
     return {
         "images": {k: getattr(c.images, k) for k in ("registry", "tag", "cpu", "gpu", "serving")},
         "pools": {"gpu": _pool_values(c.gpu_pool), "cpu": _pool_values(c.cpu_pool)},
@@ -58,6 +59,8 @@ def conf_values(cfg: OmniConfig) -> dict[str, Any]:
                      "memory": ep.memory, "gpu": ep.gpu, "minReplicas": ep.min_replicas,
                      "maxReplicas": ep.max_replicas},
         "trainer": {"runtime": c.trainer.runtime},
+        # The identity KFP runs tasks as (cluster.kfp): promote/rollback and TrainJob launchers use it.
+        "pipelineRunner": {"subjects": [{"kind": "ServiceAccount", "name": task_sa, "namespace": task_ns}]},
     }
 
 
@@ -90,6 +93,18 @@ def check_canary(cfg: OmniConfig, values: Mapping[str, Any]) -> None:
                              "(or null for all traffic), or change cluster.endpoint.canary_percent")
 
 
+def check_tenancy(cfg: OmniConfig, values: Mapping[str, Any]) -> None:
+    """Task pods outside the release namespace must be let through to MLflow by the NetworkPolicies."""
+    task_ns, _ = cfg.cluster.kfp.task_identity(cfg.cluster.namespace)
+    defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["networkPolicies"]
+    policies = {**defaults, **(values.get("networkPolicies") or {})}
+    allowed = policies.get("mlflowClientNamespaces") or []
+    if policies.get("enabled", True) and task_ns != cfg.cluster.namespace and task_ns not in allowed:
+        raise ValuesConflict(f"pipeline tasks run in namespace {task_ns!r} (cluster.kfp) but "
+                             f"networkPolicies.mlflowClientNamespaces={allowed!r} does not let them reach MLflow: "
+                             f"add {task_ns!r}")
+
+
 def load_values(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -108,6 +123,7 @@ def render_chart(cfg: OmniConfig, values: Mapping[str, Any] | None = None,
     merged = merge_values(values or {}, conf_values(cfg))
     rendered = Chart.load(str(chart_dir)).render(merged, name=RELEASE, namespace=cfg.cluster.namespace,
                                                  is_install=True)
+    check_tenancy(cfg, merged)
     check_canary(cfg, merged)  # after Helm, so values.schema.json reports out-of-range values first
     docs, notes = [], ""
     for template in sorted(rendered):
