@@ -159,6 +159,15 @@ class EndpointConfig(Strict):
         return self
 
 
+class IngressConfig(Strict):
+    """How the endpoint is reached from outside: Knative's domain (config-domain) and the URL scheme
+    KServe writes into status.url. With Kourier, status.url is `<name>-predictor.<namespace>.<domain>`."""
+
+    domain: str = Field("omni-platform.internal", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                        description="a DNS suffix you route to the Kourier load balancer (or send as Host)")
+    scheme: Literal["http", "https"] = "http"
+
+
 class ClusterConfig(Strict):
     target: Literal["local", "kubernetes"] = Field(
         "local", description="kubernetes: promote/rollback apply to the API server; local: write manifests only"
@@ -170,6 +179,10 @@ class ClusterConfig(Strict):
     trainer: TrainerConfig = TrainerConfig()
     endpoint: EndpointConfig = EndpointConfig()
     kfp: KfpConfig = KfpConfig()
+    pod_security: Literal["restricted", "baseline"] = Field(
+        "restricted", description="Pod Security level enforced on cluster.namespace (restricted needs the "
+                                  "storage-initializer settings infra/install.sh applies)")
+    ingress: IngressConfig = IngressConfig()
     retries: int = Field(2, ge=0)
     caching: bool = True
 

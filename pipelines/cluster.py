@@ -135,8 +135,10 @@ def render_chart(cfg: OmniConfig, values: Mapping[str, Any] | None = None,
 
 
 def namespace_manifest(cfg: OmniConfig) -> dict[str, Any]:
-    """The platform's namespace. Pod Security "restricted" is enforced, not just warned about."""
+    """The platform's namespace: Pod Security `cluster.pod_security` enforced (restricted by default),
+    and "restricted" always audited and warned about."""
     labels = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "audit", "warn")}
+    labels["pod-security.kubernetes.io/enforce"] = cfg.cluster.pod_security
     labels["pod-security.kubernetes.io/enforce-version"] = "latest"
     labels = {**labels, "app.kubernetes.io/part-of": "omni-platform"}
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.cluster.namespace, "labels": labels}}

@@ -74,3 +74,100 @@ def test_promote_leaves_a_helm_managed_champion_alone(cfg, charts, fake_kube) ->
     with pytest.raises(endpoint.OwnedByHelm, match="endpoint.enabled"):
         endpoint.rollout(cfg, new, fake_kube, sleep=lambda _: None, emit=lambda _: None)
     assert fake_kube.custom.verbs() == []  # nothing was patched
+
+
+# 3. Pod Security: the predictor pod, with the storage initializer KServe injects, is admitted.
+
+def _predictor_pods(charts, cfg):
+    for name, docs in charts.items():
+        runtime = _one(docs, "ServingRuntime")
+        isvcs = [d for d in docs if d["kind"] == "InferenceService"] or [cluster.champion_example(cfg, {})]
+        for isvc in isvcs:
+            yield name, runtime, isvc
+
+
+def test_predictor_pod_with_the_storage_initializer_passes_the_enforced_level(cfg, charts) -> None:
+    from pipelines import cluster_config, pod_security
+
+    level = cluster.namespace_manifest(cfg)["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+    assert level == cfg.cluster.pod_security == "restricted"
+    ours = cluster_config.storage_container()
+    for name, runtime, isvc in _predictor_pods(charts, cfg):
+        assert pod_security.violations(cluster_config.serving_pod(runtime, isvc, ours), level) == [], name
+        # KServe's own default container (no securityContext) is what restricted refused.
+        upstream = {"spec": {"container": {k: v for k, v in ours["spec"]["container"].items()
+                                           if k != "securityContext"}}}
+        refused = pod_security.violations(cluster_config.serving_pod(runtime, isvc, upstream), level)
+        assert "allowPrivilegeEscalation != false (container storage-initializer)" in refused, name
+        assert "runAsNonRoot != true (container storage-initializer)" in refused, name
+
+
+def test_the_storage_container_replaces_kserves_default_and_is_applied_by_install(cfg) -> None:
+    from pipelines import cluster_config
+    from serving.manifests import _validator
+
+    sc = cluster_config.storage_container()
+    assert sc["metadata"]["name"] == "default"  # KServe's: ours must win for s3://, not race with it
+    assert {"prefix": "s3://"} in sc["spec"]["supportedUriFormats"]
+    assert sc["spec"]["container"]["image"] == "kserve/storage-initializer:v0.20.0"
+    # spec.container is a core Container: validate it with the Container schema of the pinned CRDs.
+    runtime_schema = _validator(cluster.REPO / "serving" / "crds", "serving.kserve.io", "v1alpha1",
+                                "ServingRuntime").schema
+    container_schema = runtime_schema["properties"]["spec"]["properties"]["containers"]["items"]
+    import jsonschema
+
+    jsonschema.Draft7Validator(container_schema).validate(sc["spec"]["container"])
+    script = (cluster.INFRA_DIR / "install.sh").read_text()
+    kserve = script[script.index("\nkserve() {"):script.index("\ntrainer() {")]
+    assert "omni_conf storage-container | kubectl apply" in kserve
+
+
+def test_pod_security_rules_catch_what_they_should() -> None:
+    from pipelines import pod_security
+
+    good = {"containers": [{"name": "c", "securityContext": {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"}}}], "volumes": [{"name": "t", "emptyDir": {}}]}
+    assert pod_security.violations(good, "restricted") == []
+    bad = {**good, "hostNetwork": True, "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}
+    assert pod_security.violations(bad, "baseline") == ["host namespaces (hostNetwork=true)", "hostPath volume h"]
+    assert "restricted volume type hostPath (h)" in pod_security.violations(bad, "restricted")
+    root = {"containers": [{"name": "c", "securityContext": {**good["containers"][0]["securityContext"],
+                                                             "runAsUser": 0}}]}
+    assert pod_security.violations(root, "restricted") == ["runAsUser=0 (container c)"]
+    assert pod_security.violations(root, "baseline") == []
+
+
+def test_every_rendered_pod_passes_the_namespace_level(tmp_path, cfg) -> None:
+    from pipelines import cluster_check
+
+    for name, path in VARIANTS.items():
+        cluster.render_all(cfg, tmp_path / name, path)
+        pods, refused = cluster_check.pod_security(tmp_path / name)
+        assert refused == [] and pods >= 3, name
+
+
+# 4. The endpoint: status.url is a host the installed ingress routes.
+
+def test_status_url_is_the_predictor_host_kourier_routes(cfg) -> None:
+    import json
+
+    from pipelines import cluster_config
+
+    # KServe v0.20.0's shipped ingress config (config/configmap/inferenceservice.yaml) routes through Istio.
+    shipped = json.dumps({"ingressGateway": "knative-serving/knative-ingress-gateway",
+                          "localGateway": "knative-serving/knative-local-gateway",
+                          "ingressDomain": "example.com", "ingressClassName": "istio",
+                          "domainTemplate": "{{ .Name }}-{{ .Namespace }}.{{ .IngressDomain }}",
+                          "urlScheme": "http", "disableIstioVirtualHost": False})
+    patched = json.loads(cluster_config.kserve_ingress_patch(shipped, cfg)["data"]["ingress"])
+    assert patched["disableIstioVirtualHost"] is True  # no VirtualService: status.url = predictor's ksvc URL
+    assert patched["ingressDomain"] == cfg.cluster.ingress.domain and patched["localGateway"]  # the rest kept
+    # Knative serves exactly that domain (config-domain), so Kourier has a route for the host.
+    assert cluster_config.knative_domain_patch(cfg) == {"data": {cfg.cluster.ingress.domain: ""}}
+    host = cluster_config.predictor_host(cfg)
+    assert host == f"omni-predictor.{cfg.cluster.namespace}.{cfg.cluster.ingress.domain}"
+    script = (cluster.INFRA_DIR / "install.sh").read_text()
+    assert "config-domain" in script and "omni_conf kserve-ingress" in script
+    doc = (cluster.REPO / "docs" / "deploy.md").read_text()
+    assert "{.status.url}" in doc and "kourier" in doc
