@@ -58,7 +58,7 @@ def conf_values(cfg: OmniConfig) -> dict[str, Any]:
         "endpoint": {"name": cfg.serving.model_name, "serviceAccount": ep.service_account, "cpu": ep.cpu,
                      "memory": ep.memory, "gpu": ep.gpu, "minReplicas": ep.min_replicas,
                      "maxReplicas": ep.max_replicas},
-        "trainer": {"runtime": c.trainer.runtime},
+        "trainer": {"runtime": c.trainer.runtime, "stagingUri": c.trainer.staging_uri},
         # The identity KFP runs tasks as (cluster.kfp): promote/rollback and TrainJob launchers use it.
         "pipelineRunner": {"subjects": [{"kind": "ServiceAccount", "name": task_sa, "namespace": task_ns}]},
     }

@@ -54,7 +54,10 @@ def storage_container(uid: int = 10001) -> dict[str, Any]:
     """KServe's `default` ClusterStorageContainer, as its release ships it, plus a restricted securityContext."""
     container = {"name": STORAGE_INITIALIZER, "image": f"kserve/storage-initializer:{kserve_version()}",
                  "resources": {"requests": {"memory": "100Mi", "cpu": "100m"}, "limits": {"memory": "1Gi", "cpu": "1"}},
-                 "securityContext": restricted_security_context(uid)}
+                 "securityContext": restricted_security_context(uid),
+                 # boto3's default upload/download checksums break on several S3-compatible stores.
+                 "env": [{"name": "AWS_REQUEST_CHECKSUM_CALCULATION", "value": "when_required"},
+                         {"name": "AWS_RESPONSE_CHECKSUM_VALIDATION", "value": "when_required"}]}
     return {"apiVersion": "serving.kserve.io/v1alpha1", "kind": "ClusterStorageContainer",
             "metadata": {"name": "default", "labels": {"app.kubernetes.io/part-of": "omni-platform"}},
             "spec": {"container": container, "supportedUriFormats": KSERVE_DEFAULT_URIS,

@@ -7,10 +7,12 @@ from __future__ import annotations
 import re
 
 import pytest
+from minio import Minio
 
 from components import endpoint
 from pipelines import cluster
 from pipelines.cluster_check import VALUES_FILES
+from tests.s3_server import s3_server_fixture
 
 VARIANTS = {"default": None, **{p.name.removesuffix("-values.yaml"): p for p in VALUES_FILES}}
 
@@ -171,3 +173,61 @@ def test_status_url_is_the_predictor_host_kourier_routes(cfg) -> None:
     assert "config-domain" in script and "omni_conf kserve-ingress" in script
     doc = (cluster.REPO / "docs" / "deploy.md").read_text()
     assert "{.status.url}" in doc and "kourier" in doc
+
+
+# 5. Registering a real model: spool disk, buckets, boto3 checksums.
+
+def _mlflow(docs: list[dict]) -> dict:
+    return _one(docs, "Deployment", "omni-mlflow")["spec"]["template"]["spec"]
+
+
+def _quantity_bytes(q: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(q)).groups()
+    return float(number) * units.get(unit, 1)
+
+
+def test_mlflow_spool_holds_the_uploads_it_proxies(charts) -> None:
+    from mlflow.environment_variables import MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE
+
+    threshold = MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE.default  # larger files bypass the proxy
+    for name, docs in charts.items():
+        pod = _mlflow(docs)
+        server = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in server["env"]}
+        spool_dir = env["TMPDIR"]
+        mount = next(m for m in server["volumeMounts"] if spool_dir.startswith(m["mountPath"]))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        size = _quantity_bytes(volume["emptyDir"]["sizeLimit"])
+        # Room for 16 concurrent proxied uploads, each just under the threshold, requested so the
+        # kubelet does not evict the pod for using it.
+        assert size >= 16 * threshold, name
+        assert _quantity_bytes(server["resources"]["requests"]["ephemeral-storage"]) >= size, name
+        assert env["AWS_REQUEST_CHECKSUM_CALCULATION"] == env["AWS_RESPONSE_CHECKSUM_VALIDATION"] == "when_required"
+
+
+def test_bundled_minio_gets_mlflows_and_the_staging_bucket(cfg, charts) -> None:
+    pod = _mlflow(charts["production"])  # minio.enabled
+    (init,) = pod["initContainers"]
+    script = init["args"][0]
+    assert "python -m components.buckets" in script
+    for uri in (cfg.cluster.endpoint.mlflow_artifacts_root, cfg.cluster.trainer.staging_uri):
+        assert f'"{uri}"' in script
+    assert "initContainers" not in _mlflow(charts["default"])  # external object storage: its buckets are yours
+
+
+s3_server = s3_server_fixture()
+
+
+def test_ensure_buckets_creates_them_on_a_real_s3_server(s3_server, monkeypatch, capsys) -> None:
+    from components import buckets
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    assert buckets.main(["s3://omni-mlflow/artifacts", "s3://omni-platform/trainjobs", "s3://omni-mlflow/x"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["bucket omni-mlflow ready", "bucket omni-platform ready"]
+    client = Minio(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, secure=False)
+    assert client.bucket_exists("omni-mlflow") and client.bucket_exists("omni-platform")
+    assert buckets.main(["s3://omni-mlflow/artifacts"]) == 0  # idempotent
+    with pytest.raises(ValueError, match="expected s3://bucket"):
+        buckets.ensure_buckets(["gs://x"])
