@@ -150,12 +150,23 @@ class EndpointConfig(Strict):
                     "can fetch")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
-    ready_timeout_s: float = Field(900.0, gt=0)
+    container_concurrency: int = Field(
+        8, ge=0, description="requests in flight per replica (Knative's hard limit; the autoscaler targets 70% of "
+                             "it): what one batching predictor replica serves at once; 0 = unlimited")
+    startup_timeout_s: float = Field(600.0, gt=0, description="until the predictor's port answers (startupProbe); "
+                                                              "the model loads after that")
+    progress_deadline_s: float = Field(
+        2700.0, gt=0, description="Knative's limit for a new revision to become ready: node scale-up, image pull, "
+                                  "model download and load together")
+    ready_timeout_s: float = Field(3000.0, gt=0, description="how long promote/rollback wait for Ready")
 
     @model_validator(mode="after")
     def _replicas(self) -> EndpointConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.ready_timeout_s < self.progress_deadline_s:
+            raise ValueError(f"ready_timeout_s ({self.ready_timeout_s:g}) < progress_deadline_s "
+                             f"({self.progress_deadline_s:g}): promote would give up before Knative does")
         return self
 
 

@@ -80,9 +80,16 @@ def champion_isvc(
         },
         min_replicas=ep.min_replicas,
         max_replicas=ep.max_replicas,
+        container_concurrency=ep.container_concurrency,
+        annotations=isvc_annotations(cfg),
         node_selector=pool.node_selector if gpu_placement else cfg.cluster.cpu_pool.node_selector,
         tolerations=[t.model_dump(exclude_none=True) for t in pool.tolerations] if gpu_placement else None,
     )
+
+
+def isvc_annotations(cfg: OmniConfig) -> dict[str, str]:
+    """Knative settings KServe passes on to the predictor's revisions."""
+    return {"serving.knative.dev/progress-deadline": f"{int(cfg.cluster.endpoint.progress_deadline_s)}s"}
 
 
 def rollout(

@@ -54,10 +54,11 @@ def conf_values(cfg: OmniConfig) -> dict[str, Any]:
         "pools": {"gpu": _pool_values(c.gpu_pool), "cpu": _pool_values(c.cpu_pool)},
         "secrets": {"storage": c.trainer.storage_secret},
         "mlflow": {"artifactsDestination": ep.mlflow_artifacts_root},
-        "servingRuntime": {"name": ep.runtime},
+        "servingRuntime": {"name": ep.runtime, "startupTimeoutSeconds": int(ep.startup_timeout_s)},
         "endpoint": {"name": cfg.serving.model_name, "serviceAccount": ep.service_account, "cpu": ep.cpu,
                      "memory": ep.memory, "gpu": ep.gpu, "minReplicas": ep.min_replicas,
-                     "maxReplicas": ep.max_replicas},
+                     "maxReplicas": ep.max_replicas, "containerConcurrency": ep.container_concurrency,
+                     "progressDeadlineSeconds": int(ep.progress_deadline_s)},
         "trainer": {"runtime": c.trainer.runtime, "stagingUri": c.trainer.staging_uri},
         # The identity KFP runs tasks as (cluster.kfp): promote/rollback and TrainJob launchers use it.
         "pipelineRunner": {"subjects": [{"kind": "ServiceAccount", "name": task_sa, "namespace": task_ns}]},

@@ -231,3 +231,37 @@ def test_ensure_buckets_creates_them_on_a_real_s3_server(s3_server, monkeypatch,
     assert buckets.main(["s3://omni-mlflow/artifacts"]) == 0  # idempotent
     with pytest.raises(ValueError, match="expected s3://bucket"):
         buckets.ensure_buckets(["gs://x"])
+
+
+# 6. Startup of a large predictor: probes and deadlines that fit a cold start.
+
+def _probe_budget_s(probe: dict) -> float:
+    return probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+def test_predictor_probes_and_deadlines_fit_a_cold_start(cfg, charts) -> None:
+    ep = cfg.cluster.endpoint
+    for name, docs in charts.items():
+        container = _one(docs, "ServingRuntime")["spec"]["containers"][0]
+        # A startupProbe holds liveness off until the port answers, for the whole startup budget.
+        assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/live", name
+        assert _probe_budget_s(container["startupProbe"]) >= ep.startup_timeout_s, name
+        # Readiness is the model-aware route (serving.protocol.v2.OmniDataPlane.ready).
+        assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready", name
+        for isvc in [d for d in docs if d["kind"] == "InferenceService"] or [cluster.champion_example(cfg, {})]:
+            deadline = isvc["metadata"]["annotations"]["serving.knative.dev/progress-deadline"]
+            assert deadline == f"{int(ep.progress_deadline_s)}s", name
+            assert isvc["spec"]["predictor"]["containerConcurrency"] == ep.container_concurrency, name
+    # Promote waits at least as long as Knative keeps trying, and refuses a config that would not.
+    assert ep.ready_timeout_s >= ep.progress_deadline_s
+    from components.config import ConfigError
+    from pipelines.config import load_config
+
+    with pytest.raises(ConfigError, match="ready_timeout_s .* < progress_deadline_s"):
+        load_config(["cluster.endpoint.ready_timeout_s=600"])
+
+
+def test_the_concurrency_target_matches_what_one_replica_batches(cfg) -> None:
+    # A replica batches at most serving.limits.max_batch_size rows per request; Knative should not
+    # hold more requests in flight per replica than one batch serves, nor starve the batcher.
+    assert 1 <= cfg.cluster.endpoint.container_concurrency <= 4 * cfg.serving.limits.max_batch_size

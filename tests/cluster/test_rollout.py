@@ -33,6 +33,7 @@ def test_champion_isvc_is_valid_and_placed_on_the_gpu_pool(cfg) -> None:
         "name": cfg.serving.model_name,
         "namespace": cfg.cluster.namespace,
         "labels": {"app.kubernetes.io/part-of": "omni-platform", "omni-platform/model-version": "7"},
+        "annotations": {"serving.knative.dev/progress-deadline": "2700s"},
     }
     assert p["model"]["runtime"] == cfg.cluster.endpoint.runtime and p["serviceAccountName"] == "omni-serving"
     assert p["model"]["resources"]["limits"]["nvidia.com/gpu"] == cfg.cluster.endpoint.gpu
