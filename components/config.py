@@ -57,6 +57,8 @@ class NodePoolSpec(Strict):
     min_nodes: int = Field(0, ge=0)
     max_nodes: int = Field(1, ge=1)
     disk_size_gb: int = Field(200, ge=10)
+    nccl_env: dict[str, str] = Field(default_factory=dict,
+                                     description="NCCL settings for this machine type, set on every TrainJob pod")
 
     @model_validator(mode="after")
     def _consistent(self) -> NodePoolSpec:
@@ -115,6 +117,10 @@ class TrainerConfig(Strict):
     storage_secret: str = Field("omni-storage", description="Secret with S3_ENDPOINT / AWS_* keys for those pods")
     poll_seconds: float = Field(10.0, gt=0)
     timeout_hours: float = Field(72.0, gt=0)
+    checkpoint_claim: str = Field("omni-trainer-checkpoints", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                                  description="ReadWriteMany PVC every node pod mounts at /checkpoints: the "
+                                              "DeepSpeed state outlives a pod, so a restart resumes")
+    max_restarts: int = Field(3, ge=0, description="JobSet restarts of a failed TrainJob (each resumes)")
 
 
 class KfpConfig(Strict):

@@ -59,7 +59,8 @@ def conf_values(cfg: OmniConfig) -> dict[str, Any]:
                      "memory": ep.memory, "gpu": ep.gpu, "minReplicas": ep.min_replicas,
                      "maxReplicas": ep.max_replicas, "containerConcurrency": ep.container_concurrency,
                      "progressDeadlineSeconds": int(ep.progress_deadline_s)},
-        "trainer": {"runtime": c.trainer.runtime, "stagingUri": c.trainer.staging_uri},
+        "trainer": {"runtime": c.trainer.runtime, "stagingUri": c.trainer.staging_uri,
+                    "checkpointClaim": c.trainer.checkpoint_claim, "maxRestarts": c.trainer.max_restarts},
         # The identity KFP runs tasks as (cluster.kfp): promote/rollback and TrainJob launchers use it.
         "pipelineRunner": {"subjects": [{"kind": "ServiceAccount", "name": task_sa, "namespace": task_ns}]},
     }

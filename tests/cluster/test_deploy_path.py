@@ -265,3 +265,103 @@ def test_the_concurrency_target_matches_what_one_replica_batches(cfg) -> None:
     # A replica batches at most serving.limits.max_batch_size rows per request; Knative should not
     # hold more requests in flight per replica than one batch serves, nor starve the batcher.
     assert 1 <= cfg.cluster.endpoint.container_concurrency <= 4 * cfg.serving.limits.max_batch_size
+
+
+# 7. Multi-node TrainJobs: peers can reach each other, state survives a pod, NCCL is configured.
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        has, value = e["key"] in labels, labels.get(e["key"])
+        ok = {"In": has and value in e.get("values", []), "NotIn": not has or value not in e.get("values", []),
+              "Exists": has, "DoesNotExist": not has}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def _trainjob_pod_labels(runtime: dict, job: dict) -> dict[str, str]:
+    """The labels a TrainJob's node pod carries: the pod template's (runtime, then the TrainJob's
+    runtime patch), plus the ones JobSet and the Job controller add. The replicated job's own
+    template labels stay on the Job: JobSet does not copy them to pods."""
+    rjob = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]
+    labels = dict(rjob["template"]["spec"]["template"].get("metadata", {}).get("labels") or {})
+    patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    labels.update(patch["template"]["spec"]["template"].get("metadata", {}).get("labels") or {})
+    name = job["metadata"]["name"]
+    labels.update({"jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": rjob["name"],
+                   "jobset.sigs.k8s.io/job-index": "0", "batch.kubernetes.io/job-name": f"{name}-{rjob['name']}-0",
+                   "batch.kubernetes.io/job-completion-index": "0"})
+    return labels
+
+
+def test_the_peer_policy_selects_labels_trainjob_pods_carry(cfg, charts) -> None:
+    job = cluster.example_trainjob(cfg)
+    for name, docs in charts.items():
+        runtime = _one(docs, "TrainingRuntime")
+        pod = _trainjob_pod_labels(runtime, job)
+        policy = _one(docs, "NetworkPolicy", "omni-trainjob-peers")["spec"]
+        assert _selects(policy["podSelector"], pod), name  # the policy applies to the node pods...
+        assert any(_selects(peer["podSelector"], pod) for rule in policy["ingress"] for peer in rule["from"]), name
+        # ...and the Job-level label alone would select nothing (what the old policy used).
+        job_labels = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["metadata"]["labels"]
+        assert not set(job_labels) & set(policy["podSelector"]["matchLabels"]), name
+
+
+def test_trainjob_state_is_shared_durable_and_restarted(cfg, charts) -> None:
+    job = cluster.example_trainjob(cfg)
+    args = job["spec"]["trainer"]["args"]
+    checkpoints = args[args.index("--checkpoints") + 1]
+    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if checkpoints.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    claim = volume["persistentVolumeClaim"]["claimName"]  # not an emptyDir: outlives the pods
+    assert claim == cfg.cluster.trainer.checkpoint_claim
+    for name, docs in charts.items():
+        pvc = _one(docs, "PersistentVolumeClaim", claim)
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], name  # every node pod mounts it
+        runtime = _one(docs, "TrainingRuntime")
+        assert runtime["spec"]["template"]["spec"]["failurePolicy"]["maxRestarts"] == cfg.cluster.trainer.max_restarts
+
+
+def test_trainjob_pods_get_the_nccl_settings_of_the_gpu_machine_type(cfg) -> None:
+    job = cluster.example_trainjob(cfg)
+    env = {e["name"]: e.get("value") for e in job["spec"]["trainer"]["env"]}
+    pool = cfg.cluster.gpu_pool.node_pool
+    assert pool.machine_type == "a3-highgpu-8g" and pool.nccl_env
+    assert {k: env.get(k) for k in pool.nccl_env} == pool.nccl_env
+    assert env["NCCL_SOCKET_IFNAME"] == "eth0"  # the pod network interface on GKE
+
+
+def test_a_restarted_stage_resumes_from_the_shared_checkpoint(cfg, tmp_path, monkeypatch) -> None:
+    """steps.train with the TrainJob's checkpoint folder keeps the DeepSpeed state there (the emptyDir
+    default deletes it), so the next attempt starts from `latest` instead of step 0."""
+    from components import steps
+
+    seen: list = []
+
+    def fake_stage(model, processor, dataset, stage, checkpoint_dir, progress):
+        seen.append(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (checkpoint_dir / "latest").write_text("global_step4")
+        return type("R", (), {"losses": [1.0], "seconds": 1.0, "tokens": 1, "trainable_params": 1})()
+
+    monkeypatch.setattr(steps, "train_stage", fake_stage)
+    monkeypatch.setattr(steps.OmniModel, "from_pretrained", classmethod(lambda cls, d: _Saver()))
+    monkeypatch.setattr(steps, "load_tokenizer", lambda d: None)
+    monkeypatch.setattr(steps, "OmniProcessor", lambda *a: None)
+    monkeypatch.setattr(steps, "_train_stream", lambda *a: type("D", (), {"num_samples": lambda self: 1})())
+    monkeypatch.setattr(steps.runtime, "ranks", lambda: type("W", (), {"primary": False})())
+    shared = tmp_path / "checkpoints" / "job"
+    steps.train(cfg, "sft", tmp_path, tmp_path, tmp_path / "out", "p", checkpoint_dir=shared)
+    assert seen == [shared] and (shared / "latest").read_text() == "global_step4"  # kept for a restart
+
+
+class _Saver:
+    cfg = None
+
+    def save_pretrained(self, *a) -> None:  # pragma: no cover - rank > 0 saves nothing
+        raise AssertionError("only rank 0 saves")
