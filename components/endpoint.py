@@ -103,27 +103,35 @@ def rollout(
     poll_s: float = 10.0,
 ) -> dict[str, Any]:
     """Apply `isvc` (built without a canary percent): canary first when there is a live one to
-    share traffic with and `canary` is set, then full traffic. Returns the final live object."""
+    share traffic with and `canary` is set, then full traffic. Returns the final live object.
+    A canary that fails (not Ready in time, or its pods restart or turn unready while it is held)
+    gets 0% of traffic again, KServe's own return to the last rolled-out revision, before this raises."""
     emit = emit or (lambda line: print(line, file=sys.stderr, flush=True))
     ep = cfg.cluster.endpoint
     name = f"{isvc['metadata']['namespace']}/{isvc['metadata']['name']}"
     existing = k8s.get(kube, isvc)
     if existing is not None:
         _check_owner(existing)
+    before = _revisions(existing).get("latestCreatedRevision")
+    if existing is not None and _template(existing) == _template(isvc):
+        canary, before = False, None  # the live revision already serves this spec: nothing new to canary
     if canary and existing is not None:
         staged = _with_canary(isvc, ep.canary_percent)
-        k8s.apply(kube, staged)
+        before = _new_revision_after(k8s.apply(kube, staged), existing, before)
         emit(f"InferenceService {name}: canary at {ep.canary_percent}% of traffic")
-        wait_ready(kube, staged, ep.ready_timeout_s, poll_s, sleep)
-        if ep.canary_hold_s:
-            emit(f"holding the canary for {ep.canary_hold_s:.0f}s")
-            sleep(ep.canary_hold_s)
-            wait_ready(kube, staged, ep.ready_timeout_s, poll_s, sleep)
+        try:
+            live = wait_ready(kube, staged, ep.ready_timeout_s, poll_s, sleep, before, ep.canary_percent)
+            hold_canary(kube, live, ep.canary_hold_s, poll_s, sleep, emit)
+        except RolloutFailed as err:
+            k8s.apply(kube, _with_canary(isvc, 0))
+            emit(f"InferenceService {name}: canary failed; all traffic back to the last rolled-out revision")
+            raise RolloutFailed(f"{err}; the canary was set to 0% (traffic is on the previous revision)") from err
+        existing = live  # the canary's revision is the one that now takes all traffic
     # On a live object, a null canaryTrafficPercent in the merge patch removes the field.
     full = _with_canary(isvc, None) if existing is not None else isvc
-    k8s.apply(kube, full)
+    before = _new_revision_after(k8s.apply(kube, full), existing, before)
     emit(f"InferenceService {name}: all traffic to {isvc['spec']['predictor']['model']['storageUri']}")
-    return wait_ready(kube, full, ep.ready_timeout_s, poll_s, sleep)
+    return wait_ready(kube, full, ep.ready_timeout_s, poll_s, sleep, before, 100)
 
 
 def _with_canary(isvc: dict[str, Any], percent: int | None) -> dict[str, Any]:
@@ -132,19 +140,50 @@ def _with_canary(isvc: dict[str, Any], percent: int | None) -> dict[str, Any]:
     return {**isvc, "spec": {**isvc["spec"], "predictor": predictor}}
 
 
-def wait_ready(
-    kube: k8s.Kube, isvc: dict[str, Any], timeout_s: float, poll_s: float, sleep: Callable[[float], None] = time.sleep
-) -> dict[str, Any]:
-    """Until the InferenceService has reconciled this generation and is Ready."""
+def _template(isvc: dict[str, Any]) -> dict[str, Any]:
+    """The predictor spec without its traffic split: what makes Knative create a new revision."""
+    return {k: v for k, v in isvc["spec"]["predictor"].items() if k != "canaryTrafficPercent"}
+
+
+def _new_revision_after(answer: dict[str, Any], existing: dict[str, Any] | None, before: str | None) -> str | None:
+    """`before` when the apply changed the spec (a new revision must appear), else None: an
+    unchanged spec makes no new revision, and the current one is the one to wait for."""
+    generation = ((existing or {}).get("metadata") or {}).get("generation")
+    return before if (answer.get("metadata") or {}).get("generation") != generation else None
+
+
+def _revisions(live: dict[str, Any] | None) -> dict[str, Any]:
+    """status.components.predictor: the Knative revisions KServe reports (latestCreatedRevision,
+    latestReadyRevision, latestRolledoutRevision, previousRolledoutRevision, traffic)."""
+    return (((live or {}).get("status") or {}).get("components") or {}).get("predictor") or {}
+
+
+def _latest_share(predictor: dict[str, Any]) -> int:
+    return sum(t.get("percent") or 0 for t in predictor.get("traffic") or [] if t.get("latestRevision"))
+
+
+def is_rolled_out(live: dict[str, Any], before: str | None, percent: int) -> bool:
+    """The applied spec is serving: Ready, a revision created after `before` (the latest created
+    revision when we applied, None for any), that revision ready, and it gets `percent` of traffic.
+    KServe's status.observedGeneration is Knative's, not the InferenceService's, so generations
+    cannot tell a reconciled spec from a stale one; the revisions can."""
+    ready = k8s.condition(live, "Ready")
+    pred = _revisions(live)
+    created = pred.get("latestCreatedRevision")
+    return bool(ready and ready.get("status") == "True" and created and created != before
+                and pred.get("latestReadyRevision") == created and _latest_share(pred) == percent)
+
+
+def wait_ready(kube: k8s.Kube, isvc: dict[str, Any], timeout_s: float, poll_s: float,
+               sleep: Callable[[float], None] = time.sleep, before: str | None = None,
+               percent: int = 100) -> dict[str, Any]:
+    """Until the applied spec is rolled out (`is_rolled_out`); KServe's hopeless states fail at once."""
     waited = 0.0
     while True:
         live = k8s.get(kube, isvc) or {}
-        status = live.get("status") or {}
-        ready = k8s.condition(live, "Ready")
-        current = status.get("observedGeneration", 0) >= (live.get("metadata") or {}).get("generation", 0)
-        if current and ready and ready.get("status") == "True":
+        if is_rolled_out(live, before, percent):
             return live
-        transition = (status.get("modelStatus") or {}).get("transitionStatus")
+        transition = ((live.get("status") or {}).get("modelStatus") or {}).get("transitionStatus")
         if transition in _HOPELESS:
             raise RolloutFailed(f"InferenceService {isvc['metadata']['name']}: {transition}: {_why(live)}")
         if waited >= timeout_s:
@@ -154,6 +193,41 @@ def wait_ready(
             )
         sleep(poll_s)
         waited += poll_s
+
+
+def hold_canary(kube: k8s.Kube, live: dict[str, Any], hold_s: float, poll_s: float,
+                sleep: Callable[[float], None], emit: Callable[[str], None]) -> None:
+    """Watch the canary revision's pods for `hold_s`: every poll they must all be Ready with no
+    container restarted since the hold began (a crash loop or an OOM under real traffic fails it)."""
+    if not hold_s:
+        return
+    revision = _revisions(live)["latestCreatedRevision"]
+    namespace = live["metadata"]["namespace"]
+    emit(f"holding the canary ({revision}) for {hold_s:.0f}s")
+    start = _pod_health(kube, namespace, revision)
+    waited = 0.0
+    while waited < hold_s:
+        step = min(poll_s, hold_s - waited)
+        sleep(step)
+        waited += step
+        now = _pod_health(kube, namespace, revision)
+        unready = sorted(p for p, (ready, _) in now.items() if not ready)
+        restarted = sorted(p for p, (_, n) in now.items() if n > start.get(p, (True, 0))[1])
+        if not now or unready or restarted:
+            raise RolloutFailed(f"canary revision {revision} failed after {waited:.0f}s of {hold_s:.0f}s: "
+                                f"pods unready {unready or '-'}, restarted {restarted or '-'}"
+                                + ("" if now else ", no pods left"))
+
+
+def _pod_health(kube: k8s.Kube, namespace: str, revision: str) -> dict[str, tuple[bool, int]]:
+    """pod name -> (Ready, container restarts) for the pods of one Knative revision."""
+    pods = kube.core.list_namespaced_pod(namespace, label_selector=f"serving.knative.dev/revision={revision}").items
+    health = {}
+    for pod in pods:
+        conds = {c.type: c.status for c in (pod.status.conditions or [])}
+        restarts = sum(cs.restart_count for cs in (pod.status.container_statuses or []))
+        health[pod.metadata.name] = (conds.get("Ready") == "True", restarts)
+    return health
 
 
 def _why(live: dict[str, Any]) -> str:

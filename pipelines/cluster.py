@@ -89,7 +89,8 @@ def check_canary(cfg: OmniConfig, values: Mapping[str, Any]) -> None:
     traffic) or the share promote's rollout uses, `cluster.endpoint.canary_percent`: one canary
     share for the pipeline and for a Helm-managed champion."""
     share = (values.get("endpoint") or {}).get("canaryTrafficPercent")
-    if share is not None and share != cfg.cluster.endpoint.canary_percent:
+    # 0 is KServe's own rollback: all traffic back to the last rolled-out revision.
+    if share not in (None, 0) and share != cfg.cluster.endpoint.canary_percent:
         raise ValuesConflict(f"values file sets endpoint.canaryTrafficPercent={share!r} but conf/cluster says "
                              f"cluster.endpoint.canary_percent={cfg.cluster.endpoint.canary_percent}: use that share "
                              "(or null for all traffic), or change cluster.endpoint.canary_percent")

@@ -365,3 +365,71 @@ class _Saver:
 
     def save_pretrained(self, *a) -> None:  # pragma: no cover - rank > 0 saves nothing
         raise AssertionError("only rank 0 saves")
+
+
+# 8. Canary and rollback.
+
+def _two_rollouts(cfg, fake_kube, tmp_path, controller, **endpoint_update):
+    from tests.cluster.fake_kube import FakeKServe
+
+    ep = cfg.cluster.endpoint.model_copy(update={"canary_hold_s": 30, "ready_timeout_s": 5, **endpoint_update})
+    c = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"target": "kubernetes", "endpoint": ep})})
+    fake_kube.custom.controller = FakeKServe()
+    quiet = {"emit": lambda _: None, "sleep": lambda _: None}
+    endpoint.rollout(c, endpoint.champion_isvc(c, "s3://m/1"), fake_kube, **quiet)
+    fake_kube.custom.controller = controller
+    fake_kube.custom.calls.clear()
+    return c, quiet
+
+
+def _canary_shares(fake_kube) -> list:
+    return [b["spec"]["predictor"].get("canaryTrafficPercent") for v, _, b in fake_kube.custom.calls if v == "patch"]
+
+
+def test_a_failed_canary_returns_its_traffic_to_the_previous_revision(cfg, fake_kube, tmp_path) -> None:
+    from tests.cluster.fake_kube import FakeKServe
+
+    c, quiet = _two_rollouts(cfg, fake_kube, tmp_path, FakeKServe(ready=False))
+    with pytest.raises(endpoint.RolloutFailed, match="canary was set to 0%"):
+        endpoint.rollout(c, endpoint.champion_isvc(c, "s3://m/2"), fake_kube, **quiet)
+    assert _canary_shares(fake_kube) == [10, 0]  # never left at 10%
+
+
+def test_a_canary_whose_pods_restart_while_held_fails(cfg, fake_kube, tmp_path) -> None:
+    from tests.cluster.fake_kube import FakeKServe
+
+    c, quiet = _two_rollouts(cfg, fake_kube, tmp_path, FakeKServe())
+    fake_kube.core.pods["omni-predictor-00002-deployment-a"] = "Running"
+    polls = iter([(True, 0), (True, 0), (True, 1)])  # OOM-killed under canary traffic on the 2nd poll
+
+    def watch(namespace, label_selector=""):
+        fake_kube.core.health["omni-predictor-00002-deployment-a"] = next(polls, (True, 1))
+        return type(fake_kube.core).list_namespaced_pod(fake_kube.core, namespace, label_selector)
+
+    fake_kube.core.list_namespaced_pod = watch
+    with pytest.raises(endpoint.RolloutFailed, match=r"restarted \['omni-predictor-00002-deployment-a'\]"):
+        endpoint.rollout(c, endpoint.champion_isvc(c, "s3://m/2"), fake_kube, **quiet)
+    assert _canary_shares(fake_kube) == [10, 0]
+    assert "serving.knative.dev/revision=omni-predictor-00002" in fake_kube.core.selectors
+
+
+def test_readiness_is_judged_by_revisions_not_by_copied_generations(cfg) -> None:
+    # KServe copies Knative's observedGeneration: right after a patch it can already be >= the
+    # InferenceService's generation while the old revision still serves. That is not rolled out.
+    stale = {"metadata": {"generation": 3}, "status": {
+        "observedGeneration": 7, "conditions": [{"type": "Ready", "status": "True"}],
+        "components": {"predictor": {"latestCreatedRevision": "omni-predictor-00001",
+                                     "latestReadyRevision": "omni-predictor-00001",
+                                     "traffic": [{"latestRevision": True, "percent": 100}]}}}}
+    assert not endpoint.is_rolled_out(stale, "omni-predictor-00001", 100)
+    fresh = {**stale, "status": {**stale["status"], "components": {"predictor": {
+        "latestCreatedRevision": "omni-predictor-00002", "latestReadyRevision": "omni-predictor-00002",
+        "traffic": [{"latestRevision": True, "percent": 10}, {"latestRevision": False, "percent": 90}]}}}}
+    assert endpoint.is_rolled_out(fresh, "omni-predictor-00001", 10)
+    assert not endpoint.is_rolled_out(fresh, "omni-predictor-00001", 100)  # still a canary
+
+
+def test_kserves_rollback_share_zero_is_accepted_by_the_chart(cfg) -> None:
+    values = {"endpoint": {"enabled": True, "storageUri": "s3://b/m", "canaryTrafficPercent": 0}}
+    docs, _ = cluster.render_chart(cfg, values)
+    assert _one(docs, "InferenceService")["spec"]["predictor"]["canaryTrafficPercent"] == 0
