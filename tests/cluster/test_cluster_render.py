@@ -39,7 +39,7 @@ def test_render_writes_every_manifest(rendered) -> None:
                      "node-pools/kind/kind-config.yaml"]
     assert kinds(out) == {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Deployment", "Service",
                           "NetworkPolicy", "ServingRuntime", "TrainingRuntime", "InferenceService", "TrainJob",
-                          "PersistentVolumeClaim"}
+                          "PersistentVolumeClaim", "CronJob"}
     assert kinds(rendered["production"]) == kinds(out) | {"StatefulSet"}
     assert "omni-mlflow" in (out / "NOTES.txt").read_text()
     assert cluster.validate_custom_resources(cluster.manifest_docs(rendered["gitops"])) == 5

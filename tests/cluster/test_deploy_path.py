@@ -433,3 +433,19 @@ def test_kserves_rollback_share_zero_is_accepted_by_the_chart(cfg) -> None:
     values = {"endpoint": {"enabled": True, "storageUri": "s3://b/m", "canaryTrafficPercent": 0}}
     docs, _ = cluster.render_chart(cfg, values)
     assert _one(docs, "InferenceService")["spec"]["predictor"]["canaryTrafficPercent"] == 0
+
+
+# Also missing for a platform team: a backup of MLflow's database.
+
+def test_mlflow_database_is_backed_up_nightly_to_object_storage(charts) -> None:
+    for name, docs in charts.items():
+        cron = _one(docs, "CronJob", "omni-mlflow-db-backup")["spec"]
+        pod = cron["jobTemplate"]["spec"]["template"]["spec"]
+        assert "pg_dump" in pod["initContainers"][0]["args"][0], name
+        assert "s3://" in pod["containers"][0]["args"][0] and cron["concurrencyPolicy"] == "Forbid", name
+        labels = cron["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+        mlflow_service = _one(docs, "Service", "omni-mlflow")["spec"]["selector"]
+        assert not _selects({"matchLabels": mlflow_service}, labels), name  # not an MLflow endpoint
+        if name == "production":  # bundled PostgreSQL: the policy lets the backup in
+            policy = _one(docs, "NetworkPolicy", "omni-postgresql")["spec"]
+            assert any(_selects(p["podSelector"], labels) for r in policy["ingress"] for p in r["from"])
