@@ -150,6 +150,10 @@ class EndpointConfig(Strict):
     gpu: int = Field(1, ge=0)
     canary_percent: int = Field(10, ge=1, le=99, description="traffic share of a new champion before full rollout")
     canary_hold_s: float = Field(300.0, ge=0, description="how long the canary must stay Ready before full traffic")
+    canary_max_error_rate: float = Field(0.02, ge=0, le=1, description="5xx share of the canary's requests in the hold")
+    canary_max_p95_latency_s: float = Field(30.0, gt=0, description="95th percentile latency of the canary in the hold")
+    canary_min_requests: int = Field(20, ge=1, description="fewer requests than this in the hold: too few to judge "
+                                                           "rates (readiness and restarts still decide)")
     mlflow_artifacts_root: str | None = Field(
         "s3://omni-mlflow/artifacts",
         description="the MLflow server's --artifacts-destination: turns mlflow-artifacts:/ URIs into ones KServe "

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from components import canary_metrics
 from components import kube as k8s
-from components.config import OmniConfig
+from components.config import EndpointConfig, OmniConfig
 from serving.manifests import inference_service
 
 MLFLOW_ARTIFACTS = "mlflow-artifacts:/"
@@ -121,7 +122,7 @@ def rollout(
         emit(f"InferenceService {name}: canary at {ep.canary_percent}% of traffic")
         try:
             live = wait_ready(kube, staged, ep.ready_timeout_s, poll_s, sleep, before, ep.canary_percent)
-            hold_canary(kube, live, ep.canary_hold_s, poll_s, sleep, emit)
+            hold_canary(kube, live, ep, poll_s, sleep, emit)
         except RolloutFailed as err:
             k8s.apply(kube, _with_canary(isvc, 0))
             emit(f"InferenceService {name}: canary failed; all traffic back to the last rolled-out revision")
@@ -195,38 +196,64 @@ def wait_ready(kube: k8s.Kube, isvc: dict[str, Any], timeout_s: float, poll_s: f
         waited += poll_s
 
 
-def hold_canary(kube: k8s.Kube, live: dict[str, Any], hold_s: float, poll_s: float,
+def hold_canary(kube: k8s.Kube, live: dict[str, Any], ep: EndpointConfig, poll_s: float,
                 sleep: Callable[[float], None], emit: Callable[[str], None]) -> None:
-    """Watch the canary revision's pods for `hold_s`: every poll they must all be Ready with no
-    container restarted since the hold began (a crash loop or an OOM under real traffic fails it)."""
-    if not hold_s:
+    """Watch the canary revision for `ep.canary_hold_s`: every poll its pods must all be Ready with
+    no container restarted since the hold began (a crash loop or an OOM under real traffic fails
+    it); at the end, the requests it served meanwhile (queue-proxy's metrics) must meet the error
+    rate and latency limits."""
+    if not ep.canary_hold_s:
         return
     revision = _revisions(live)["latestCreatedRevision"]
     namespace = live["metadata"]["namespace"]
-    emit(f"holding the canary ({revision}) for {hold_s:.0f}s")
-    start = _pod_health(kube, namespace, revision)
+    emit(f"holding the canary ({revision}) for {ep.canary_hold_s:.0f}s")
+    pods = _pods(kube, namespace, revision)
+    start, counts = {name: restarts for name, (_, restarts, _) in pods.items()}, _scrape(pods)
     waited = 0.0
-    while waited < hold_s:
-        step = min(poll_s, hold_s - waited)
+    while waited < ep.canary_hold_s:
+        step = min(poll_s, ep.canary_hold_s - waited)
         sleep(step)
         waited += step
-        now = _pod_health(kube, namespace, revision)
-        unready = sorted(p for p, (ready, _) in now.items() if not ready)
-        restarted = sorted(p for p, (_, n) in now.items() if n > start.get(p, (True, 0))[1])
-        if not now or unready or restarted:
-            raise RolloutFailed(f"canary revision {revision} failed after {waited:.0f}s of {hold_s:.0f}s: "
+        pods = _pods(kube, namespace, revision)
+        unready = sorted(p for p, (ready, _, _) in pods.items() if not ready)
+        restarted = sorted(p for p, (_, n, _) in pods.items() if n > start.get(p, 0))
+        if not pods or unready or restarted:
+            raise RolloutFailed(f"canary revision {revision} failed after {waited:.0f}s of {ep.canary_hold_s:.0f}s: "
                                 f"pods unready {unready or '-'}, restarted {restarted or '-'}"
-                                + ("" if now else ", no pods left"))
+                                + ("" if pods else ", no pods left"))
+    _judge_traffic(revision, _scrape(pods) - counts, ep, emit)
 
 
-def _pod_health(kube: k8s.Kube, namespace: str, revision: str) -> dict[str, tuple[bool, int]]:
-    """pod name -> (Ready, container restarts) for the pods of one Knative revision."""
+def _judge_traffic(revision: str, served: canary_metrics.Requests, ep: EndpointConfig,
+                   emit: Callable[[str], None]) -> None:
+    if served.total < ep.canary_min_requests:
+        emit(f"canary {revision} served {served.total:.0f} request(s) in the hold, fewer than "
+             f"cluster.endpoint.canary_min_requests={ep.canary_min_requests}: error rate and latency not judged")
+        return
+    rate, p95 = served.errors / served.total, served.quantile(0.95)
+    emit(f"canary {revision}: {served.total:.0f} requests, {rate:.1%} 5xx, p95 {p95:.2f}s")
+    if rate > ep.canary_max_error_rate or p95 > ep.canary_max_p95_latency_s:
+        raise RolloutFailed(f"canary revision {revision} answered {rate:.1%} of {served.total:.0f} requests with a 5xx "
+                            f"(limit {ep.canary_max_error_rate:.1%}) and p95 {p95:.2f}s (limit "
+                            f"{ep.canary_max_p95_latency_s:g}s): cluster.endpoint.canary_max_*")
+
+
+def _scrape(pods: dict[str, tuple[bool, int, str | None]]) -> canary_metrics.Requests:
+    """The canary pods' request counters, summed (a pod that cannot be scraped counts as none)."""
+    total = canary_metrics.Requests()
+    for ip in (ip for _, _, ip in pods.values() if ip):
+        total = total + canary_metrics.scrape(ip)
+    return total
+
+
+def _pods(kube: k8s.Kube, namespace: str, revision: str) -> dict[str, tuple[bool, int, str | None]]:
+    """pod name -> (Ready, container restarts, pod IP) for the pods of one Knative revision."""
     pods = kube.core.list_namespaced_pod(namespace, label_selector=f"serving.knative.dev/revision={revision}").items
     health = {}
     for pod in pods:
         conds = {c.type: c.status for c in (pod.status.conditions or [])}
         restarts = sum(cs.restart_count for cs in (pod.status.container_statuses or []))
-        health[pod.metadata.name] = (conds.get("Ready") == "True", restarts)
+        health[pod.metadata.name] = (conds.get("Ready") == "True", restarts, getattr(pod.status, "pod_ip", None))
     return health
 
 

@@ -95,12 +95,14 @@ class _LogStream:
 
 class FakeCore:
     """Pods and their logs: `pods[name] = phase`, `logs[name] = [lines]`, and for readiness checks
-    `health[name] = (ready, container restarts)` (a pod with no entry is Ready with no restarts)."""
+    `health[name] = (ready, container restarts)` (a pod with no entry is Ready with no restarts),
+    `ips[name] = pod IP`."""
 
     def __init__(self):
         self.pods: dict[str, str] = {}
         self.logs: dict[str, list[str]] = {}
         self.health: dict[str, tuple[bool, int]] = {}
+        self.ips: dict[str, str] = {}
         self.selectors: list[str] = []
 
     def list_namespaced_pod(self, namespace, label_selector=""):
@@ -108,7 +110,8 @@ class FakeCore:
         items = []
         for name, phase in self.pods.items():
             ready, restarts = self.health.get(name, (True, 0))
-            status = SimpleNamespace(phase=phase, conditions=[SimpleNamespace(type="Ready", status=str(ready))],
+            status = SimpleNamespace(phase=phase, pod_ip=self.ips.get(name),
+                                     conditions=[SimpleNamespace(type="Ready", status=str(ready))],
                                      container_statuses=[SimpleNamespace(restart_count=restarts)])
             items.append(SimpleNamespace(metadata=SimpleNamespace(name=name), status=status))
         return SimpleNamespace(items=items)

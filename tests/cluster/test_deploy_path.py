@@ -449,3 +449,90 @@ def test_mlflow_database_is_backed_up_nightly_to_object_storage(charts) -> None:
         if name == "production":  # bundled PostgreSQL: the policy lets the backup in
             policy = _one(docs, "NetworkPolicy", "omni-postgresql")["spec"]
             assert any(_selects(p["podSelector"], labels) for r in policy["ingress"] for p in r["from"])
+
+
+class _QueueProxy:
+    """A queue-proxy metrics page on 127.0.0.1 (prometheus_client's own exposition format), whose
+    counters the test moves between the scrapes at the start and the end of the hold."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+        self.registry = CollectorRegistry()
+        self.count = Counter("revision_app_request_count", "requests", ["response_code_class"],
+                             registry=self.registry)
+        self.latency = Histogram("revision_app_request_latencies", "ms", buckets=(100, 1000, 10000, 60000),
+                                 registry=self.registry)
+        registry = self.registry
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = generate_latest(registry)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def serve(self, n: int, code_class: str, ms: float) -> None:
+        for _ in range(n):
+            self.count.labels(code_class).inc()
+            self.latency.observe(ms)
+
+
+@pytest.fixture
+def queue_proxy(monkeypatch):
+    from components import canary_metrics
+
+    qp = _QueueProxy()
+    monkeypatch.setattr(canary_metrics, "QUEUE_METRICS_PORT", qp.port)
+    yield qp
+    qp.server.shutdown()
+
+
+@pytest.mark.parametrize("served, fails", [
+    ([(95, "2xx", 400), (5, "5xx", 400)], r"answered 5\.0% of 100 requests with a 5xx"),  # error rate
+    ([(100, "2xx", 45000)], r"p95 60\.00s \(limit 30s\)"),  # latency
+    ([(100, "2xx", 400), (1, "5xx", 400)], None),  # within the limits: all traffic moves
+    ([(3, "5xx", 400)], None),  # too few requests to judge rates
+])
+def test_the_canary_is_judged_on_the_requests_it_served(cfg, fake_kube, tmp_path, queue_proxy, served, fails):
+    from tests.cluster.fake_kube import FakeKServe
+
+    c, quiet = _two_rollouts(cfg, fake_kube, tmp_path, FakeKServe())
+    pod = "omni-predictor-00002-deployment-a"
+    fake_kube.core.pods[pod], fake_kube.core.ips[pod] = "Running", "127.0.0.1"
+    queue_proxy.serve(500, "5xx", 90000)  # before the hold: the old traffic does not count
+    polls = iter(range(100))
+
+    def traffic(namespace, label_selector=""):
+        if next(polls) == 1:  # between the first and the last scrape
+            for n, code, ms in served:
+                queue_proxy.serve(n, code, ms)
+        return type(fake_kube.core).list_namespaced_pod(fake_kube.core, namespace, label_selector)
+
+    fake_kube.core.list_namespaced_pod = traffic
+    if fails:
+        with pytest.raises(endpoint.RolloutFailed, match=fails):
+            endpoint.rollout(c, endpoint.champion_isvc(c, "s3://m/2"), fake_kube, **quiet)
+        assert _canary_shares(fake_kube) == [10, 0]
+    else:
+        endpoint.rollout(c, endpoint.champion_isvc(c, "s3://m/2"), fake_kube, **quiet)
+        assert _canary_shares(fake_kube) == [10, None]
+
+
+def test_promote_may_read_the_canary_metrics_port(charts) -> None:
+    for name, docs in charts.items():
+        rules = _one(docs, "NetworkPolicy", "omni-predictor")["spec"]["ingress"]
+        kfp = [r for r in rules if any((p.get("namespaceSelector") or {}).get("matchLabels", {})
+                                       .get("kubernetes.io/metadata.name") == "kubeflow" for p in r["from"])]
+        assert any({"port": 9091, "protocol": "TCP"} in r["ports"] for r in kfp), name
