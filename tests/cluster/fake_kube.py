@@ -116,6 +116,9 @@ class FakeCore:
             items.append(SimpleNamespace(metadata=SimpleNamespace(name=name), status=status))
         return SimpleNamespace(items=items)
 
+    def read_namespaced_pod_log(self, name, namespace, container=None, follow=False, _preload_content=True):
+        return _LogStream(self.logs.get(name, []))
+
 
 class FakeKServe:
     """Plays KServe's Serverless reconciler on an InferenceService read: a spec change makes a new
@@ -152,6 +155,3 @@ class FakeKServe:
         obj["status"] = {"observedGeneration": len(self.revisions), "components": {"predictor": pred},
                          "conditions": [{"type": "Ready", "status": "True" if self.ready else "False",
                                          **({} if self.ready else {"reason": "RevisionMissing"})}]}
-
-    def read_namespaced_pod_log(self, name, namespace, container=None, follow=False, _preload_content=True):
-        return _LogStream(self.logs.get(name, []))
