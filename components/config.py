@@ -115,6 +115,8 @@ class TrainerConfig(Strict):
     staging_uri: str = Field("s3://omni-platform/trainjobs",
                              description="object storage where a task hands data and checkpoints to TrainJob pods")
     storage_secret: str = Field("omni-storage", description="Secret with S3_ENDPOINT / AWS_* keys for those pods")
+    mlflow_auth_secret: str = Field("omni-mlflow-auth", description="Secret with `username`/`password` for MLflow's "
+                                    "basic auth, given to task and TrainJob pods as MLFLOW_TRACKING_*")
     poll_seconds: float = Field(10.0, gt=0)
     timeout_hours: float = Field(72.0, gt=0)
     checkpoint_claim: str = Field("omni-trainer-checkpoints", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",

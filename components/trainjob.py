@@ -68,6 +68,9 @@ def build_trainjob(cfg: OmniConfig, stage_name: str, name: str, staging_uri: str
     # Every rank reads its inputs from object storage; only rank 0 writes the output there.
     env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
            for key in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    env += [{"name": env_name, "valueFrom": {"secretKeyRef": {"name": cluster.trainer.mlflow_auth_secret, "key": key,
+                                                             "optional": True}}}
+            for key, env_name in (("username", "MLFLOW_TRACKING_USERNAME"), ("password", "MLFLOW_TRACKING_PASSWORD"))]
     env += [{"name": k, "value": v} for k, v in cluster.gpu_pool.node_pool.nccl_env.items()]
     trainer = {
         "image": cluster.images.ref("gpu"),

@@ -52,7 +52,7 @@ def conf_values(cfg: OmniConfig) -> dict[str, Any]:
     return {
         "images": {k: getattr(c.images, k) for k in ("registry", "tag", "cpu", "gpu", "serving")},
         "pools": {"gpu": _pool_values(c.gpu_pool), "cpu": _pool_values(c.cpu_pool)},
-        "secrets": {"storage": c.trainer.storage_secret},
+        "secrets": {"storage": c.trainer.storage_secret, "mlflowAuth": c.trainer.mlflow_auth_secret},
         "mlflow": {"artifactsDestination": ep.mlflow_artifacts_root},
         "servingRuntime": {"name": ep.runtime, "startupTimeoutSeconds": int(ep.startup_timeout_s)},
         "endpoint": {"name": cfg.serving.model_name, "serviceAccount": ep.service_account, "cpu": ep.cpu,

@@ -50,6 +50,7 @@ def test_trainjob_carries_stage_image_resources_and_placement(cfg) -> None:
     assert t["numNodes"] == 2 and t["numProcPerNode"] == 8
     assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
     assert {e["name"] for e in t["env"]} == {"S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                             "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                                              *cfg.cluster.gpu_pool.node_pool.nccl_env}
     pod = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"][
         "template"
