@@ -57,6 +57,8 @@ class NodePoolSpec(Strict):
     min_nodes: int = Field(0, ge=0)
     max_nodes: int = Field(1, ge=1)
     disk_size_gb: int = Field(200, ge=10)
+    nccl_env: dict[str, str] = Field(default_factory=dict,
+                                     description="NCCL settings for this machine type, set on every TrainJob pod")
 
     @model_validator(mode="after")
     def _consistent(self) -> NodePoolSpec:
@@ -113,8 +115,31 @@ class TrainerConfig(Strict):
     staging_uri: str = Field("s3://omni-platform/trainjobs",
                              description="object storage where a task hands data and checkpoints to TrainJob pods")
     storage_secret: str = Field("omni-storage", description="Secret with S3_ENDPOINT / AWS_* keys for those pods")
+    mlflow_auth_secret: str = Field("omni-mlflow-auth", description="Secret with `username`/`password` for MLflow's "
+                                    "basic auth, given to task and TrainJob pods as MLFLOW_TRACKING_*")
     poll_seconds: float = Field(10.0, gt=0)
     timeout_hours: float = Field(72.0, gt=0)
+    checkpoint_claim: str = Field("omni-trainer-checkpoints", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                                  description="ReadWriteMany PVC every node pod mounts at /checkpoints: the "
+                                              "DeepSpeed state outlives a pod, so a restart resumes")
+    max_restarts: int = Field(3, ge=0, description="JobSet restarts of a failed TrainJob (each resumes)")
+
+
+class KfpConfig(Strict):
+    """Which Kubeflow Pipelines runs the tasks, and so which identity the chart's Role is bound to.
+
+    standalone (infra/install.sh): tasks run in `namespace` as `pipeline-runner`; multi-user
+    Kubeflow: in the profile namespace (cluster.namespace) as `default-editor`."""
+
+    mode: Literal["standalone", "multi-user"] = "standalone"
+    namespace: str = Field("kubeflow", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                           description="where standalone KFP is installed")
+
+    def task_identity(self, profile_namespace: str) -> tuple[str, str]:
+        """(namespace, service account) of the pipeline's task pods."""
+        if self.mode == "standalone":
+            return self.namespace, "pipeline-runner"
+        return profile_namespace, "default-editor"
 
 
 class EndpointConfig(Strict):
@@ -127,19 +152,43 @@ class EndpointConfig(Strict):
     gpu: int = Field(1, ge=0)
     canary_percent: int = Field(10, ge=1, le=99, description="traffic share of a new champion before full rollout")
     canary_hold_s: float = Field(300.0, ge=0, description="how long the canary must stay Ready before full traffic")
+    canary_max_error_rate: float = Field(0.02, ge=0, le=1, description="5xx share of the canary's requests in the hold")
+    canary_max_p95_latency_s: float = Field(30.0, gt=0, description="95th percentile latency of the canary in the hold")
+    canary_min_requests: int = Field(20, ge=1, description="fewer requests than this in the hold: too few to judge "
+                                                           "rates (readiness and restarts still decide)")
     mlflow_artifacts_root: str | None = Field(
         "s3://omni-mlflow/artifacts",
         description="the MLflow server's --artifacts-destination: turns mlflow-artifacts:/ URIs into ones KServe "
                     "can fetch")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
-    ready_timeout_s: float = Field(900.0, gt=0)
+    container_concurrency: int = Field(
+        8, ge=0, description="requests in flight per replica (Knative's hard limit; the autoscaler targets 70% of "
+                             "it): what one batching predictor replica serves at once; 0 = unlimited")
+    startup_timeout_s: float = Field(600.0, gt=0, description="until the predictor's port answers (startupProbe); "
+                                                              "the model loads after that")
+    progress_deadline_s: float = Field(
+        2700.0, gt=0, description="Knative's limit for a new revision to become ready: node scale-up, image pull, "
+                                  "model download and load together")
+    ready_timeout_s: float = Field(3000.0, gt=0, description="how long promote/rollback wait for Ready")
 
     @model_validator(mode="after")
     def _replicas(self) -> EndpointConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.ready_timeout_s < self.progress_deadline_s:
+            raise ValueError(f"ready_timeout_s ({self.ready_timeout_s:g}) < progress_deadline_s "
+                             f"({self.progress_deadline_s:g}): promote would give up before Knative does")
         return self
+
+
+class IngressConfig(Strict):
+    """How the endpoint is reached from outside: Knative's domain (config-domain) and the URL scheme
+    KServe writes into status.url. With Kourier, status.url is `<name>-predictor.<namespace>.<domain>`."""
+
+    domain: str = Field("omni-platform.internal", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                        description="a DNS suffix you route to the Kourier load balancer (or send as Host)")
+    scheme: Literal["http", "https"] = "http"
 
 
 class ClusterConfig(Strict):
@@ -152,6 +201,11 @@ class ClusterConfig(Strict):
     cpu_pool: PoolConfig
     trainer: TrainerConfig = TrainerConfig()
     endpoint: EndpointConfig = EndpointConfig()
+    kfp: KfpConfig = KfpConfig()
+    pod_security: Literal["restricted", "baseline"] = Field(
+        "restricted", description="Pod Security level enforced on cluster.namespace (restricted needs the "
+                                  "storage-initializer settings infra/install.sh applies)")
+    ingress: IngressConfig = IngressConfig()
     retries: int = Field(2, ge=0)
     caching: bool = True
 

@@ -75,10 +75,13 @@ def init_model(cfg: OmniConfig, data_dir: Path, out_dir: Path) -> Path:
 
 
 def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path, out_dir: Path,
-          parent_run_id: str | None, progress: bool = True, sft_filter_dir: Path | None = None) -> dict:
+          parent_run_id: str | None, progress: bool = True, sft_filter_dir: Path | None = None,
+          checkpoint_dir: Path | None = None) -> dict:
     """One training stage from `init_dir` to `out_dir`; skipped stages pass the checkpoint on.
     `data_dir`: data prep's output, a folder or a store URI (s3://...) the shards stream from.
     `sft_filter_dir`: the loss filter's output; the samples it dropped are left out.
+    `checkpoint_dir`: where the resumable DeepSpeed state lives (default `out_dir/deepspeed`); a
+    TrainJob passes a volume every rank shares and that outlives its pods, so a restart resumes.
 
     The one entry of a stage, wherever it runs: the DAG's stage task, every rank of a TrainJob
     (components/train_entry.py) that the DAG's launcher task submits for multi-node stages, and
@@ -98,14 +101,16 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path
     stage_run = (tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, f"train-{stage_name}", params=params)
                  if primary else nullcontext())
     with stage_run as run:
-        result = train_stage(model, processor, dataset, stage, checkpoint_dir=out_dir / "deepspeed", progress=progress)
+        state = checkpoint_dir or out_dir / "deepspeed"
+        result = train_stage(model, processor, dataset, stage, checkpoint_dir=state, progress=progress)
         summary = {"final_loss": result.losses[-1], "first_loss": result.losses[0], "seconds": result.seconds,
                    "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
                    "trainable_params": result.trainable_params}
         if run is not None:
             tracking.log_metric_history(uri, run.run_id, "loss", result.losses)
             run.log_metrics(summary)
-    shutil.rmtree(out_dir / "deepspeed", ignore_errors=True)  # resumable state; the checkpoint below is what flows on
+    if checkpoint_dir is None:  # resumable state; the checkpoint below is what flows on
+        shutil.rmtree(out_dir / "deepspeed", ignore_errors=True)
     if primary:
         model.save_pretrained(out_dir, tokenizer)
         write_losses(out_dir, {**read_losses(init_dir), stage_name: result.losses})

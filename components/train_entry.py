@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--staging", required=True, help="the job's staging URI (s3://... or a shared path)")
     parser.add_argument("--stage", required=True, help="stage name, e.g. sft")
     parser.add_argument("--parent-run-id", required=True, help="the pipeline's MLflow parent run id")
+    parser.add_argument("--checkpoints", type=Path, help="shared folder for the resumable DeepSpeed state "
+                        "(the TrainJob's checkpoint volume): a restarted job resumes from it")
     args = parser.parse_args(argv)
     where = runtime.ranks()
     rank, local_rank = where.rank, where.local_rank
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = work / f"out-rank{rank}"
     sft_filter = inputs / "sft_filter"
     result = train(cfg, args.stage, store.uri(f"inputs/{DATA}"), inputs / "init", out_dir, args.parent_run_id,
-                   progress=rank == 0, sft_filter_dir=sft_filter if sft_filter.is_dir() else None)
+                   progress=rank == 0, sft_filter_dir=sft_filter if sft_filter.is_dir() else None,
+                   checkpoint_dir=args.checkpoints)
     if rank == 0:  # the only rank steps.train saved a checkpoint on (tracking.is_primary_process)
         store.upload_dir(out_dir, "output/model")
         store.write_bytes("output/result.json", json.dumps(result, default=float).encode())

@@ -40,6 +40,7 @@ TRAINJOB_API_VERSION = "trainer.kubeflow.org/v1alpha1"
 NODE_JOB = "node"
 PATCH_MANAGER = "omni-platform.io/train-stage"
 ENTRY_MODULE = "components.train_entry"
+CHECKPOINT_MOUNT = "/checkpoints"  # cluster.trainer.checkpoint_claim, shared by every node pod
 
 
 class TrainJobFailed(RuntimeError):
@@ -67,12 +68,17 @@ def build_trainjob(cfg: OmniConfig, stage_name: str, name: str, staging_uri: str
     # Every rank reads its inputs from object storage; only rank 0 writes the output there.
     env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
            for key in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    env += [{"name": env_name, "valueFrom": {"secretKeyRef": {"name": cluster.trainer.mlflow_auth_secret, "key": key,
+                                                             "optional": True}}}
+            for key, env_name in (("username", "MLFLOW_TRACKING_USERNAME"), ("password", "MLFLOW_TRACKING_PASSWORD"))]
+    env += [{"name": k, "value": v} for k, v in cluster.gpu_pool.node_pool.nccl_env.items()]
     trainer = {
         "image": cluster.images.ref("gpu"),
         # torchrun takes nodes, processes per node, rank and rendezvous from the PET_* variables
         # the Trainer's torch plugin sets, so the command names none of them.
         "command": ["torchrun", "-m", ENTRY_MODULE],
-        "args": ["--staging", staging_uri, "--stage", stage_name, "--parent-run-id", parent_run_id],
+        "args": ["--staging", staging_uri, "--stage", stage_name, "--parent-run-id", parent_run_id,
+                 "--checkpoints", f"{CHECKPOINT_MOUNT}/{name}"],
         "numNodes": stage.nodes, "numProcPerNode": max(gpus, 1), "resourcesPerNode": _node_resources(cfg, gpus),
         "env": env,
     }
@@ -124,6 +130,10 @@ def _pod_patch(cfg: OmniConfig) -> dict[str, Any]:
         # NCCL exchanges tensors through /dev/shm; the container default of 64 MiB is too small.
         pod["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pool.shm_size}}]
         container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    # The DeepSpeed state on a volume all ranks share and that outlives the pods: a restarted job resumes.
+    pod.setdefault("volumes", []).append(
+        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": cfg.cluster.trainer.checkpoint_claim}})
+    container.setdefault("volumeMounts", []).append({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT})
     pod["containers"] = [container]
     return pod
 

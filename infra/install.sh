@@ -19,6 +19,11 @@ KSERVE_VERSION=v0.20.0
 TRAINER_VERSION=v2.3.0
 KFP_VERSION=2.17.3
 
+# Settings generated from conf/cluster (pipelines/cluster_config.py); pass Hydra overrides in OMNI_OVERRIDES.
+omni_conf() {  # what
+  "${OMNI_PYTHON:-.venv/bin/python}" -m pipelines.cluster_config "$1" ${OMNI_OVERRIDES:-}
+}
+
 wait_deployments() {  # namespace
   kubectl wait --for=condition=Available --timeout=600s deployment --all -n "$1"
 }
@@ -39,6 +44,8 @@ knative() {
   # unless these features are on. secure-pod-defaults makes queue-proxy pass Pod Security "restricted".
   kubectl patch configmap/config-features -n knative-serving --type merge -p \
     '{"data":{"kubernetes.podspec-nodeselector":"enabled","kubernetes.podspec-tolerations":"enabled","secure-pod-defaults":"enabled"}}'
+  # The domain of every Knative route (cluster.ingress.domain): Kourier routes <ksvc>.<ns>.<domain>.
+  kubectl patch configmap/config-domain -n knative-serving --type merge -p "$(omni_conf knative-domain)"
   wait_deployments knative-serving
   wait_deployments kourier-system
 }
@@ -47,6 +54,14 @@ kserve() {
   kubectl apply --server-side -f "https://github.com/kserve/kserve/releases/download/${KSERVE_VERSION}/kserve.yaml"
   wait_deployments kserve
   kubectl apply --server-side -f "https://github.com/kserve/kserve/releases/download/${KSERVE_VERSION}/kserve-cluster-resources.yaml"
+  # The storage initializer KServe injects must pass Pod Security "restricted": its `default`
+  # ClusterStorageContainer again, with a restricted securityContext.
+  omni_conf storage-container | kubectl apply --server-side --force-conflicts -f -
+  # No Istio: status.url must be the predictor's Knative host (routed by Kourier), not KServe's
+  # top-level VirtualService host.
+  local ingress
+  ingress=$(kubectl -n kserve get configmap inferenceservice-config -o jsonpath='{.data.ingress}')
+  kubectl -n kserve patch configmap inferenceservice-config --type merge -p "$(printf '%s' "$ingress" | omni_conf kserve-ingress)"
 }
 
 trainer() {

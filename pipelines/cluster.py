@@ -48,16 +48,21 @@ def _pool_values(pool: PoolConfig) -> dict[str, Any]:
 def conf_values(cfg: OmniConfig) -> dict[str, Any]:
     """The chart values conf/cluster (and serving.model_name) own."""
     c, ep = cfg.cluster, cfg.cluster.endpoint
+    task_ns, task_sa = c.kfp.task_identity(c.namespace)
     return {
         "images": {k: getattr(c.images, k) for k in ("registry", "tag", "cpu", "gpu", "serving")},
         "pools": {"gpu": _pool_values(c.gpu_pool), "cpu": _pool_values(c.cpu_pool)},
-        "secrets": {"storage": c.trainer.storage_secret},
+        "secrets": {"storage": c.trainer.storage_secret, "mlflowAuth": c.trainer.mlflow_auth_secret},
         "mlflow": {"artifactsDestination": ep.mlflow_artifacts_root},
-        "servingRuntime": {"name": ep.runtime},
+        "servingRuntime": {"name": ep.runtime, "startupTimeoutSeconds": int(ep.startup_timeout_s)},
         "endpoint": {"name": cfg.serving.model_name, "serviceAccount": ep.service_account, "cpu": ep.cpu,
                      "memory": ep.memory, "gpu": ep.gpu, "minReplicas": ep.min_replicas,
-                     "maxReplicas": ep.max_replicas},
-        "trainer": {"runtime": c.trainer.runtime},
+                     "maxReplicas": ep.max_replicas, "containerConcurrency": ep.container_concurrency,
+                     "progressDeadlineSeconds": int(ep.progress_deadline_s)},
+        "trainer": {"runtime": c.trainer.runtime, "stagingUri": c.trainer.staging_uri,
+                    "checkpointClaim": c.trainer.checkpoint_claim, "maxRestarts": c.trainer.max_restarts},
+        # The identity KFP runs tasks as (cluster.kfp): promote/rollback and TrainJob launchers use it.
+        "pipelineRunner": {"subjects": [{"kind": "ServiceAccount", "name": task_sa, "namespace": task_ns}]},
     }
 
 
@@ -84,10 +89,23 @@ def check_canary(cfg: OmniConfig, values: Mapping[str, Any]) -> None:
     traffic) or the share promote's rollout uses, `cluster.endpoint.canary_percent`: one canary
     share for the pipeline and for a Helm-managed champion."""
     share = (values.get("endpoint") or {}).get("canaryTrafficPercent")
-    if share is not None and share != cfg.cluster.endpoint.canary_percent:
+    # 0 is KServe's own rollback: all traffic back to the last rolled-out revision.
+    if share not in (None, 0) and share != cfg.cluster.endpoint.canary_percent:
         raise ValuesConflict(f"values file sets endpoint.canaryTrafficPercent={share!r} but conf/cluster says "
                              f"cluster.endpoint.canary_percent={cfg.cluster.endpoint.canary_percent}: use that share "
                              "(or null for all traffic), or change cluster.endpoint.canary_percent")
+
+
+def check_tenancy(cfg: OmniConfig, values: Mapping[str, Any]) -> None:
+    """Task pods outside the release namespace must be let through to MLflow by the NetworkPolicies."""
+    task_ns, _ = cfg.cluster.kfp.task_identity(cfg.cluster.namespace)
+    defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["networkPolicies"]
+    policies = {**defaults, **(values.get("networkPolicies") or {})}
+    allowed = policies.get("mlflowClientNamespaces") or []
+    if policies.get("enabled", True) and task_ns != cfg.cluster.namespace and task_ns not in allowed:
+        raise ValuesConflict(f"pipeline tasks run in namespace {task_ns!r} (cluster.kfp) but "
+                             f"networkPolicies.mlflowClientNamespaces={allowed!r} does not let them reach MLflow: "
+                             f"add {task_ns!r}")
 
 
 def load_values(path: Path | None) -> dict[str, Any]:
@@ -108,6 +126,7 @@ def render_chart(cfg: OmniConfig, values: Mapping[str, Any] | None = None,
     merged = merge_values(values or {}, conf_values(cfg))
     rendered = Chart.load(str(chart_dir)).render(merged, name=RELEASE, namespace=cfg.cluster.namespace,
                                                  is_install=True)
+    check_tenancy(cfg, merged)
     check_canary(cfg, merged)  # after Helm, so values.schema.json reports out-of-range values first
     docs, notes = [], ""
     for template in sorted(rendered):
@@ -119,8 +138,10 @@ def render_chart(cfg: OmniConfig, values: Mapping[str, Any] | None = None,
 
 
 def namespace_manifest(cfg: OmniConfig) -> dict[str, Any]:
-    """The platform's namespace. Pod Security "restricted" is enforced, not just warned about."""
+    """The platform's namespace: Pod Security `cluster.pod_security` enforced (restricted by default),
+    and "restricted" always audited and warned about."""
     labels = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "audit", "warn")}
+    labels["pod-security.kubernetes.io/enforce"] = cfg.cluster.pod_security
     labels["pod-security.kubernetes.io/enforce-version"] = "latest"
     labels = {**labels, "app.kubernetes.io/part-of": "omni-platform"}
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.cluster.namespace, "labels": labels}}

@@ -6,7 +6,8 @@ same functions):
 1. render the platform with the chart's default values and with charts/omni-platform/ci/*-values.yaml;
 2. `kubernetes-validate --strict` on every core object (unknown fields fail), against the oldest
    and newest Kubernetes the chart supports;
-3. jsonschema against serving/crds for every custom resource (unknown fields fail);
+3. jsonschema against serving/crds for every custom resource (unknown fields fail); every pod
+   (the predictor's as KServe and Knative assemble it) against the namespace's Pod Security level;
 4. yamllint on the rendered YAML; `helm lint --strict` on the chart;
 5. checkov on the rendered manifests and on images/*/Dockerfile (exceptions in .checkov.yaml);
 6. hadolint on images/*/Dockerfile (settings in .hadolint.yaml).
@@ -88,6 +89,24 @@ def kubernetes_validate(out_dir: Path, versions: tuple[str, ...] = KUBE_VERSIONS
 def custom_resources(out_dir: Path) -> int:
     """jsonschema against the CRDs; raises ValueError naming the bad field."""
     return validate_custom_resources(manifest_docs(out_dir))
+
+
+def pod_security(out_dir: Path) -> tuple[int, list[str]]:
+    """Every pod the render would create, checked against the Pod Security level its namespace
+    enforces (00-namespace.yaml), including the predictor pod as KServe and Knative assemble it with
+    the storage initializer infra/install.sh configures. Returns (pods checked, violations)."""
+    from pipelines import cluster_config
+    from pipelines import pod_security as pss
+
+    docs = manifest_docs(out_dir)
+    namespace = next(d for d in docs if d["kind"] == "Namespace")
+    level = namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+    pods = [where_pod for d in docs for where_pod in pss.pod_templates(d)]
+    runtime = next(d for d in docs if d["kind"] == "ServingRuntime")
+    storage = cluster_config.storage_container()
+    pods += [(f"predictor pod of InferenceService/{d['metadata']['name']}",
+              cluster_config.serving_pod(runtime, d, storage)) for d in docs if d["kind"] == "InferenceService"]
+    return len(pods), [f"{where}: {v}" for where, pod in pods for v in pss.violations(pod, level)]
 
 
 def yamllint(out_dir: Path) -> list[str]:
@@ -214,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         report(
             f"kubernetes-validate --strict [{name}]", errors, f"{checked} core objects x {len(KUBE_VERSIONS)} versions"
         )
+        pods, refused = pod_security(out)
+        report(f"Pod Security admission [{name}]", refused, f"{pods} pods admitted")
         try:
             report(f"CRD jsonschema [{name}]", [], f"{custom_resources(out)} custom resources")
         except ValueError as err:

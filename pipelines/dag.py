@@ -45,6 +45,13 @@ def _storage_env(task: dsl.PipelineTask, secret: str) -> dsl.PipelineTask:
     return kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in keys}, optional=True)
 
 
+def _mlflow_auth_env(task: dsl.PipelineTask, secret: str) -> dsl.PipelineTask:
+    """MLflow's basic-auth credentials (the chart's mlflow.auth), read by the MLflow client from
+    MLFLOW_TRACKING_USERNAME/PASSWORD. Optional: a server without auth needs none."""
+    keys = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
+    return kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys, optional=True)
+
+
 def build_pipeline(cfg: OmniConfig):
     """The pipeline function for this config; the resolved config is its default parameter, so a
     compiled YAML is self-contained and `key=value` at submit time can still replace it."""
@@ -56,6 +63,7 @@ def build_pipeline(cfg: OmniConfig):
         task = component(**inputs).set_display_name(name)
         task.set_caching_options(cluster.caching and name not in UNCACHED)
         _storage_env(task, cluster.trainer.storage_secret)
+        _mlflow_auth_env(task, cluster.trainer.mlflow_auth_secret)
         return _place(task, pools[component.pool], 0 if name in UNCACHED else cluster.retries)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Omni-modal LLM: data prep, staged training, evaluation, "

@@ -50,7 +50,8 @@ def inference_service(name: str, namespace: str, storage_uri: str, runtime: str 
                       service_account: str | None = None, annotations: Mapping[str, str] | None = None,
                       labels: Mapping[str, str] | None = None, min_replicas: int | None = None,
                       max_replicas: int | None = None, node_selector: Mapping[str, str] | None = None,
-                      tolerations: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+                      tolerations: Sequence[Mapping[str, Any]] | None = None,
+                      container_concurrency: int | None = None) -> dict[str, Any]:
     """A `serving.kserve.io/v1beta1` InferenceService serving `storage_uri` with our runtime.
 
     `canary_traffic_percent` routes that share of traffic to this revision and the rest to the
@@ -68,7 +69,8 @@ def inference_service(name: str, namespace: str, storage_uri: str, runtime: str 
     optional = {"canaryTrafficPercent": canary_traffic_percent, "serviceAccountName": service_account or None,
                 "minReplicas": min_replicas, "maxReplicas": max_replicas,
                 "nodeSelector": dict(node_selector) if node_selector else None,
-                "tolerations": [dict(t) for t in tolerations] if tolerations else None}
+                "tolerations": [dict(t) for t in tolerations] if tolerations else None,
+                "containerConcurrency": container_concurrency}
     predictor = {"model": model, **{k: v for k, v in optional.items() if v is not None}}
     metadata: dict[str, Any] = {"name": name, "namespace": namespace}
     if labels:

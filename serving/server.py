@@ -27,6 +27,9 @@ but health and /metrics requires `Authorization: Bearer <token>` (serving/auth.p
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import threading
 from pathlib import Path
 
 import kserve
@@ -41,11 +44,13 @@ from serving.protocol.openai.routes import build_router
 from serving.protocol.v2 import OmniDataPlane
 
 
-def build_server(model_dir: str | Path, cfg: ServingConfig, **server_args) -> tuple[kserve.ModelServer, OmniPredictor]:
-    """Load the checkpoint and assemble the server (not started). `server_args` go to
-    kserve.ModelServer (workers, max_threads, ...)."""
+def build_server(model_dir: str | Path, cfg: ServingConfig, load: bool = True,
+                 **server_args) -> tuple[kserve.ModelServer, OmniPredictor]:
+    """Assemble the server (not started), loading the checkpoint first unless `load` is False.
+    `server_args` go to kserve.ModelServer (workers, max_threads, ...)."""
     predictor = OmniPredictor(cfg.model_name, model_dir, cfg)
-    predictor.load()
+    if load:
+        predictor.load()
     server = kserve.ModelServer(**{"workers": 1, **server_args, "http_port": cfg.http_port, "enable_grpc": False,
                                    "grace_period": cfg.shutdown_grace_s})
     # The REST server is built in start() from these: swap in our data plane, add our routes.
@@ -76,9 +81,30 @@ def _retry_later(status: int):
 
 def serve(model_dir: str | Path, cfg: ServingConfig | None = None, **server_args) -> None:
     """Serve the checkpoint in `model_dir` (a local directory or file:// URI) until SIGINT/SIGTERM.
-    Listens on 0.0.0.0:`cfg.http_port`."""
-    server, predictor = build_server(model_dir, cfg or ServingConfig(), **server_args)
-    server.start([predictor])
+    Listens on 0.0.0.0:`cfg.http_port` at once and loads the model meanwhile: liveness passes while
+    a large checkpoint loads, /v2/health/ready (and the model's ready route) only once it has."""
+    server, predictor = build_server(model_dir, cfg or ServingConfig(), load=False, **server_args)
+    server.register_model(predictor)  # unloaded: ready is False until load() returns
+    predictor.enable_latency_logging = server.enable_latency_logging
+    _load_in_background(predictor)
+    server.start([])
+
+
+def _load_in_background(predictor: OmniPredictor) -> threading.Thread:
+    """Load the checkpoint off the event loop; a failed load ends the process (non-zero) so the pod
+    restarts with the error in its log instead of staying live and never ready."""
+
+    def run() -> None:
+        try:
+            predictor.load()
+            logging.getLogger(__name__).info("model %s loaded: ready", predictor.name)
+        except BaseException:
+            logging.getLogger(__name__).exception("loading model %s failed", predictor.name)
+            os._exit(3)
+
+    thread = threading.Thread(target=run, name="omni-model-load", daemon=True)
+    thread.start()
+    return thread
 
 
 def parser() -> argparse.ArgumentParser:

@@ -224,6 +224,13 @@ class OmniDataPlane(kserve.protocol.dataplane.DataPlane):
         super().__init__(model_registry=model_registry)
         self.max_request_bytes = max_request_bytes
 
+    async def ready(self) -> bool:
+        """Ready only once every registered model has loaded: KServe's own answer is always True,
+        which would send traffic to a replica still loading its weights (serving/server.py loads
+        after the port binds)."""
+        models = list(self.model_registry.get_models().values())
+        return bool(models) and all([await m.healthy() for m in models])
+
     def decode_inference_request(self, body, headers, model_name):
         if not isinstance(body, bytes):
             return super().decode_inference_request(body, headers, model_name)

@@ -94,18 +94,64 @@ class _LogStream:
 
 
 class FakeCore:
-    """Pods and their logs: `pods[name] = phase`, `logs[name] = [lines]`."""
+    """Pods and their logs: `pods[name] = phase`, `logs[name] = [lines]`, and for readiness checks
+    `health[name] = (ready, container restarts)` (a pod with no entry is Ready with no restarts),
+    `ips[name] = pod IP`."""
 
     def __init__(self):
         self.pods: dict[str, str] = {}
         self.logs: dict[str, list[str]] = {}
+        self.health: dict[str, tuple[bool, int]] = {}
+        self.ips: dict[str, str] = {}
         self.selectors: list[str] = []
 
     def list_namespaced_pod(self, namespace, label_selector=""):
         self.selectors.append(label_selector)
-        items = [SimpleNamespace(metadata=SimpleNamespace(name=n), status=SimpleNamespace(phase=p))
-                 for n, p in self.pods.items()]
+        items = []
+        for name, phase in self.pods.items():
+            ready, restarts = self.health.get(name, (True, 0))
+            status = SimpleNamespace(phase=phase, pod_ip=self.ips.get(name),
+                                     conditions=[SimpleNamespace(type="Ready", status=str(ready))],
+                                     container_statuses=[SimpleNamespace(restart_count=restarts)])
+            items.append(SimpleNamespace(metadata=SimpleNamespace(name=name), status=status))
         return SimpleNamespace(items=items)
 
     def read_namespaced_pod_log(self, name, namespace, container=None, follow=False, _preload_content=True):
         return _LogStream(self.logs.get(name, []))
+
+
+class FakeKServe:
+    """Plays KServe's Serverless reconciler on an InferenceService read: a spec change makes a new
+    Knative revision (ready at once unless `ready` is False); traffic follows canaryTrafficPercent
+    between the latest revision and the last rolled-out one, as KServe routes it. Its
+    observedGeneration is Knative's own counter, never the InferenceService's generation."""
+
+    def __init__(self, ready: bool = True):
+        self.ready = ready
+        self.revisions: list[str] = []
+        self._seen: dict[str, str] = {}
+
+    def __call__(self, obj: dict[str, Any]) -> None:
+        # The revision template is the predictor without its traffic split: only that makes a revision.
+        name = obj["metadata"]["name"]
+        predictor = obj["spec"]["predictor"]
+        template = repr(sorted((k, repr(v)) for k, v in predictor.items() if k != "canaryTrafficPercent"))
+        pred = (obj.get("status") or {}).get("components", {}).get("predictor", {})
+        if self._seen.get(name) != template:
+            self._seen[name] = template
+            self.revisions.append(f"{name}-predictor-{len(self.revisions) + 1:05d}")
+        latest = self.revisions[-1]
+        rolled = pred.get("latestRolledoutRevision")
+        canary = obj["spec"]["predictor"].get("canaryTrafficPercent")
+        if canary is not None and rolled and rolled != latest:
+            traffic = [{"revisionName": latest, "latestRevision": True, "percent": canary},
+                       {"revisionName": rolled, "latestRevision": False, "percent": 100 - canary}]
+        else:
+            traffic = [{"revisionName": latest, "latestRevision": True, "percent": 100}]
+            if self.ready:
+                pred = {**pred, "previousRolledoutRevision": rolled, "latestRolledoutRevision": latest}
+        pred = {**pred, "latestCreatedRevision": latest, "traffic": traffic,
+                "latestReadyRevision": latest if self.ready else (rolled or None)}
+        obj["status"] = {"observedGeneration": len(self.revisions), "components": {"predictor": pred},
+                         "conditions": [{"type": "Ready", "status": "True" if self.ready else "False",
+                                         **({} if self.ready else {"reason": "RevisionMissing"})}]}

@@ -18,8 +18,8 @@ def renders(tmp_path_factory) -> dict[str, Path]:
     return checks.render_variants(tmp_path_factory.mktemp("cluster"))
 
 
-def test_default_and_production_like_values_are_both_rendered(renders) -> None:
-    assert set(renders) == {"default", "production"}
+def test_default_and_every_ci_values_file_are_rendered(renders) -> None:
+    assert set(renders) == {"default", "production", "gitops"}
 
 
 def test_core_kinds_pass_strict_kubernetes_validation(renders) -> None:
@@ -39,7 +39,8 @@ def test_strict_validation_catches_an_unknown_field(renders, tmp_path) -> None:
 
 def test_custom_resources_validate_against_the_crds(renders) -> None:
     assert checks.custom_resources(renders["default"]) == 4  # ServingRuntime, TrainingRuntime, ISVC, TrainJob
-    assert checks.custom_resources(renders["production"]) == 5  # + the chart's champion ISVC
+    assert checks.custom_resources(renders["production"]) == 4  # the pipeline owns the champion
+    assert checks.custom_resources(renders["gitops"]) == 5  # + the chart's champion ISVC
 
 
 def test_yamllint_and_helm_lint_are_clean(renders) -> None:
@@ -84,7 +85,7 @@ def test_missing_checkov_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcom
 @pytest.mark.usefixtures("needs_checkov")
 def test_checkov_passes_on_the_rendered_manifests(renders) -> None:
     # One scan per render: checkov merges same-named resources across folders of one scan.
-    for name, minimum in (("default", 100), ("production", 280)):
+    for name, minimum in (("default", 100), ("production", 280), ("gitops", 100)):
         result = checks.checkov([renders[name]], "kubernetes")
         assert result.failures == [] and result.passed > minimum, name
     # The only exceptions are the ones .checkov.yaml lists and justifies.

@@ -12,6 +12,7 @@ from pipelines import cluster
 from pipelines.cli import main as omni
 
 PRODUCTION = cluster.CHART_DIR / "ci" / "production-values.yaml"
+GITOPS = cluster.CHART_DIR / "ci" / "gitops-values.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,8 @@ def rendered(tmp_path_factory) -> dict[str, Path]:
     cfg = load_config()
     cluster.render_all(cfg, out / "default")
     cluster.render_all(cfg, out / "production", PRODUCTION)
-    return {"default": out / "default", "production": out / "production"}
+    cluster.render_all(cfg, out / "gitops", GITOPS)
+    return {"default": out / "default", "production": out / "production", "gitops": out / "gitops"}
 
 
 def kinds(out: Path) -> set[str]:
@@ -36,21 +38,26 @@ def test_render_writes_every_manifest(rendered) -> None:
                      "30-trainjob-example.yaml", "NOTES.txt", "node-pools/gke/node-pools.sh",
                      "node-pools/kind/kind-config.yaml"]
     assert kinds(out) == {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Deployment", "Service",
-                          "NetworkPolicy", "ServingRuntime", "TrainingRuntime", "InferenceService", "TrainJob"}
+                          "NetworkPolicy", "ServingRuntime", "TrainingRuntime", "InferenceService", "TrainJob",
+                          "PersistentVolumeClaim", "CronJob"}
     assert kinds(rendered["production"]) == kinds(out) | {"StatefulSet"}
     assert "omni-mlflow" in (out / "NOTES.txt").read_text()
-    assert cluster.validate_custom_resources(cluster.manifest_docs(rendered["production"])) == 5
+    assert cluster.validate_custom_resources(cluster.manifest_docs(rendered["gitops"])) == 5
 
 
-def test_production_values_enable_bundled_services_and_a_canary(rendered) -> None:
+def _chart_docs(out: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all((out / "10-chart.yaml").read_text()) if d]
+
+
+def test_production_values_enable_bundled_services_and_leave_the_champion_to_the_pipeline(rendered) -> None:
     docs = cluster.manifest_docs(rendered["production"])
     sets = {d["metadata"]["name"] for d in docs if d["kind"] == "StatefulSet"}
     assert sets == {"omni-postgresql", "omni-minio"}
-    chart_isvc = next(d for d in yaml.safe_load_all((rendered["production"] / "10-chart.yaml").read_text())
-                      if d["kind"] == "InferenceService")
+    # Helm owning a champion with a fixed storageUri would undo every promote on the next upgrade.
+    assert not [d for d in _chart_docs(rendered["production"]) if d["kind"] == "InferenceService"]
+    chart_isvc = next(d for d in _chart_docs(rendered["gitops"]) if d["kind"] == "InferenceService")
     assert chart_isvc["spec"]["predictor"]["canaryTrafficPercent"] == 10
-    binding = next(d for d in docs if d["kind"] == "RoleBinding")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor", "namespace": "kubeflow-user"}]
+    assert chart_isvc["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
 
 
 def test_nothing_cluster_wide_and_least_privilege_rbac(rendered) -> None:
@@ -120,7 +127,7 @@ def test_endpoint_requires_a_token_by_default(rendered) -> None:
         ({"mlflow": {"artifactsDestnation": "s3://x"}}, "artifactsDestnation"),
         ({"postgresql": {"image": "postgres:latest"}}, "postgresql/image"),
         ({"securityContext": {"runAsUser": 0, "runAsGroup": 0}}, "runAsUser"),
-        ({"pipelineRunner": {"subjects": [{"kind": "User", "name": "alice", "namespace": "x"}]}}, "kind"),
+        ({"images": {"pullSecrets": [{"name": "Not_A_Label"}]}}, "pullSecrets"),
         ({"endpoint": {"enabled": True}}, "storageUri"),
     ],
 )

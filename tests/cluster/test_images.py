@@ -3,7 +3,14 @@ and `--dry-run` must show the exact refs conf/cluster gives the images."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +64,45 @@ def test_unknown_image_is_refused(no_docker) -> None:
     with pytest.raises(SystemExit) as exit_info:
         images.main(["--dry-run", "--only", "cpu,tpu"])
     assert exit_info.value.code == 2
+
+
+def _dockerfile_pins(path) -> tuple[str, set[str], set[str]]:
+    """(uv image tag, Pythons `uv python install`/`--python` ask for, Pythons of the python:* base images)."""
+    text = path.read_text()
+    uv_pin = re.search(r"^FROM ghcr\.io/astral-sh/uv:(\S+)", text, re.M)
+    asked = set(re.findall(r"uv (?:python install|venv [^\n]*--python) (\d+\.\d+\.\d+)", text))
+    asked |= set(re.findall(r"--python (\d+\.\d+\.\d+)", text))
+    bases = set(re.findall(r"^FROM python:(\d+\.\d+\.\d+)-", text, re.M))
+    return (uv_pin.group(1) if uv_pin else ""), asked, bases
+
+
+def _uv_downloads() -> tuple[str, set[str]]:
+    """The installed uv's version and the CPython builds it can download, from its own embedded list
+    (`uv python list --only-downloads`: no network)."""
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    assert uv, "uv is a test dependency (pyproject [test]): reinstall with `pip install -e '.[test]'`"
+    version = subprocess.run([uv, "--version"], capture_output=True, text=True, check=True).stdout.split()[1]
+    listing = subprocess.run(
+        [uv, "python", "list", "--all-versions", "--only-downloads", "--all-platforms", "--output-format", "json"],
+        capture_output=True, text=True, check=True, env={**os.environ, "UV_OFFLINE": "1", "UV_NO_CONFIG": "1"},
+    )
+    return version, {d["key"] for d in json.loads(listing.stdout)}
+
+
+def test_gpu_image_uv_release_can_install_the_python_it_asks_for() -> None:
+    """The flash-attention stage asks the pinned uv for a standalone CPython: that uv release must
+    ship it (uv 0.8.17 stops at 3.11.13, so `uv python install 3.11.14` failed the build)."""
+    uv_tag, asked, bases = _dockerfile_pins(REPO / "images" / "gpu" / "Dockerfile")
+    version, downloads = _uv_downloads()
+    assert version == uv_tag, (f"images/gpu/Dockerfile pins uv {uv_tag} but the test has uv {version}: "
+                               "pin the same release in pyproject [test] and constraints.txt")
+    assert asked, "the GPU Dockerfile no longer asks uv for a Python: update this test"
+    for python in asked:
+        assert f"cpython-{python}-linux-x86_64-gnu" in downloads, f"uv {uv_tag} cannot download CPython {python}"
+    # The wheel built with uv's Python is installed into the python:* runtime: same interpreter.
+    assert asked == bases, f"build Python {sorted(asked)} differs from the runtime base image's {sorted(bases)}"
+
+
+def test_all_images_share_one_python() -> None:
+    bases = {p.parent.name: _dockerfile_pins(p)[2] for p in sorted((REPO / "images").glob("*/Dockerfile"))}
+    assert len(set().union(*bases.values())) == 1, bases

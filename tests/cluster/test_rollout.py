@@ -10,12 +10,7 @@ from kubernetes.client.exceptions import ApiException
 from components import endpoint, lifecycle, tracking
 from components.kube import KubeError
 from serving.manifests import validate_custom_resource
-
-
-def _ready(obj) -> None:
-    """The KServe controller, instantly: the current generation is reconciled and Ready."""
-    obj["status"] = {"observedGeneration": obj["metadata"]["generation"],
-                     "conditions": [{"type": "Ready", "status": "True"}]}
+from tests.cluster.fake_kube import FakeKServe
 
 
 def _cluster_cfg(cfg, tmp_path, **endpoint_update):
@@ -33,6 +28,7 @@ def test_champion_isvc_is_valid_and_placed_on_the_gpu_pool(cfg) -> None:
         "name": cfg.serving.model_name,
         "namespace": cfg.cluster.namespace,
         "labels": {"app.kubernetes.io/part-of": "omni-platform", "omni-platform/model-version": "7"},
+        "annotations": {"serving.knative.dev/progress-deadline": "2700s"},
     }
     assert p["model"]["runtime"] == cfg.cluster.endpoint.runtime and p["serviceAccountName"] == "omni-serving"
     assert p["model"]["resources"]["limits"]["nvidia.com/gpu"] == cfg.cluster.endpoint.gpu
@@ -59,7 +55,7 @@ def test_mlflow_artifact_uris_become_object_storage_uris(cfg) -> None:
 
 def test_first_rollout_goes_straight_to_full_traffic(cfg, fake_kube, tmp_path) -> None:
     c = _cluster_cfg(cfg, tmp_path)
-    fake_kube.custom.controller = _ready
+    fake_kube.custom.controller = FakeKServe()
     slept: list[float] = []
     live = endpoint.rollout(
         c, endpoint.champion_isvc(c, "s3://m/1"), fake_kube, sleep=slept.append, emit=lambda _: None
@@ -70,17 +66,18 @@ def test_first_rollout_goes_straight_to_full_traffic(cfg, fake_kube, tmp_path) -
 
 def test_update_is_canary_first_then_full(cfg, fake_kube, tmp_path) -> None:
     c = _cluster_cfg(cfg, tmp_path)
-    fake_kube.custom.controller = _ready
+    fake_kube.custom.controller = FakeKServe()
     quiet = {"emit": lambda _: None}
     endpoint.rollout(c, endpoint.champion_isvc(c, "s3://m/1"), fake_kube, sleep=lambda _: None, **quiet)
     fake_kube.custom.calls.clear()
+    fake_kube.core.pods["omni-predictor-00002-deployment-a"] = "Running"
     slept: list[float] = []
     live = endpoint.rollout(c, endpoint.champion_isvc(c, "s3://m/2"), fake_kube, sleep=slept.append, **quiet)
 
     patches = [body for verb, _, body in fake_kube.custom.calls if verb == "patch"]
     assert [p["spec"]["predictor"]["canaryTrafficPercent"] for p in patches] == [10, None]
     assert patches[0]["spec"]["predictor"]["model"]["storageUri"] == "s3://m/2"
-    assert slept == [30]  # the canary was held before all traffic moved
+    assert sum(slept) == 30  # the canary was held (and watched) before all traffic moved
     assert live["spec"]["predictor"]["model"]["storageUri"] == "s3://m/2"
     assert "canaryTrafficPercent" not in live["spec"]["predictor"]  # the null removed it
 
@@ -124,7 +121,7 @@ def test_promote_and_rollback_apply_before_moving_champion(cfg, fake_kube, tmp_p
         lifecycle.promote(c, v1, tmp_path / "m0", kube=fake_kube)
     assert tracking.get_alias_version(uri, model, tracking.CHAMPION) is None
 
-    fake_kube.custom.controller = _ready
+    fake_kube.custom.controller = FakeKServe()
     fake_kube.custom.objects.clear()
     lifecycle.promote(c, v1, tmp_path / "m1", kube=fake_kube)
     lifecycle.promote(c, v2, tmp_path / "m2", kube=fake_kube)
@@ -154,7 +151,7 @@ def test_promote_and_rollback_apply_before_moving_champion(cfg, fake_kube, tmp_p
         lifecycle.rollback(c, tmp_path / "rb1", kube=fake_kube)
     assert aliases() == (v2, v1)
 
-    fake_kube.custom.controller = _ready
+    fake_kube.custom.controller = FakeKServe()
     fake_kube.custom.calls.clear()
     version, isvc = lifecycle.rollback(c, tmp_path / "rb", kube=fake_kube)
     assert version == v1 and str(tracking.get_alias_version(uri, model, tracking.CHAMPION).version) == v1

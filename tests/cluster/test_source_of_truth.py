@@ -47,7 +47,7 @@ def test_chart_defaults_agree_with_conf(cfg) -> None:
 
 
 def test_rendered_chart_runtime_and_endpoint_agree_with_conf_and_promote(cfg) -> None:
-    values = yaml.safe_load((cluster.CHART_DIR / "ci" / "production-values.yaml").read_text())
+    values = yaml.safe_load((cluster.CHART_DIR / "ci" / "gitops-values.yaml").read_text())
     docs, _ = cluster.render_chart(cfg, values)
     runtime = next(d for d in docs if d["kind"] == "TrainingRuntime")
     pod = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
@@ -76,7 +76,7 @@ def test_chart_canary_share_is_confs(cfg) -> None:
     assert defaults["endpoint"]["canaryTrafficPercent"] is None
     shares = {p.name: (yaml.safe_load(p.read_text()).get("endpoint") or {}).get("canaryTrafficPercent")
               for p in sorted((cluster.CHART_DIR / "ci").glob("*-values.yaml"))}
-    assert shares["production-values.yaml"] == cfg.cluster.endpoint.canary_percent
+    assert shares["gitops-values.yaml"] == cfg.cluster.endpoint.canary_percent
     assert {name: s for name, s in shares.items() if s not in (None, cfg.cluster.endpoint.canary_percent)} == {}
     other = cfg.cluster.endpoint.canary_percent + 15
     conf_share = rf"endpoint\.canaryTrafficPercent={other} .*canary_percent={cfg.cluster.endpoint.canary_percent}"

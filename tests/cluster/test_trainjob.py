@@ -45,16 +45,20 @@ def test_trainjob_carries_stage_image_resources_and_placement(cfg) -> None:
     t = spec["trainer"]
     assert t["image"] == cfg.cluster.images.ref("gpu")
     assert t["command"] == ["torchrun", "-m", "components.train_entry"]
-    assert t["args"] == ["--staging", "s3://b/trainjobs/omni-sft-abc", "--stage", "sft", "--parent-run-id", "run-1"]
+    assert t["args"] == ["--staging", "s3://b/trainjobs/omni-sft-abc", "--stage", "sft", "--parent-run-id", "run-1",
+                         "--checkpoints", "/checkpoints/omni-sft-abc"]
     assert t["numNodes"] == 2 and t["numProcPerNode"] == 8
     assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
-    assert {e["name"] for e in t["env"]} == {"S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert {e["name"] for e in t["env"]} == {"S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                             "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                             *cfg.cluster.gpu_pool.node_pool.nccl_env}
     pod = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"][
         "template"
     ]["spec"]
     assert pod["nodeSelector"] == cfg.cluster.gpu_pool.node_selector
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+    assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"},
+                                                    {"name": "checkpoints", "mountPath": "/checkpoints"}]
 
     typo = copy.deepcopy(job)
     typo["spec"]["trainer"]["numNode"] = 2
@@ -222,9 +226,13 @@ def test_train_entry_runs_the_stage_and_uploads_rank0_output(multi, monkeypatch,
     monkeypatch.setenv("OMNI_TRAINJOB_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert train_entry.main(["--staging", str(staging), "--stage", "sft", "--parent-run-id", "p"]) == 0
+    ckpt = tmp_path / "checkpoints" / "job"
+    assert train_entry.main(["--staging", str(staging), "--stage", "sft", "--parent-run-id", "p",
+                             "--checkpoints", str(ckpt)]) == 0
     # The data set streams from the staging store (what ShardStream opens); only the checkpoint is fetched.
-    assert calls == [("sft", store.uri("inputs/data"), "init", "p", True, {"sft_filter_dir": None})]
+    # The resumable state goes to the shared checkpoint volume.
+    assert calls == [("sft", store.uri("inputs/data"), "init", "p", True,
+                      {"sft_filter_dir": None, "checkpoint_dir": ckpt})]
     assert (tmp_path / "work" / "inputs" / "init").is_dir() and not (tmp_path / "work" / "inputs" / "data").exists()
     assert store.read_bytes("output/model/model.safetensors") == b"w"
     assert json.loads(store.read_bytes("output/result.json"))["steps"] == 3

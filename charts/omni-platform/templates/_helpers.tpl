@@ -54,3 +54,9 @@ tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+
+{{/* The label every TrainJob node pod carries (set on the runtime's pod template). */}}
+{{- define "omni.trainjobPeer" -}}
+omni-platform/trainjob-node: "true"
+{{- end -}}
