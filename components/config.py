@@ -252,6 +252,16 @@ class OmniConfig(Strict):
     serving: ServingConfig = ServingConfig()
     cluster: ClusterConfig
 
+    @model_validator(mode="after")
+    def _endpoint_fills_a_batch(self) -> OmniConfig:
+        """Knative's hard limit per replica must let the predictor fill its batch: under it, batch
+        slots stay idle while requests wait in the queue-proxy."""
+        limit, slots = self.cluster.endpoint.container_concurrency, self.serving.batching.max_batch_size
+        if limit and limit < slots:
+            raise ValueError(f"cluster.endpoint.container_concurrency={limit} is under serving.batching.max_batch_size="
+                             f"{slots}: raise it (or 0 for no limit) so one replica can fill its batch")
+        return self
+
     def ordered_stages(self) -> list[StageConfig]:
         unknown = set(self.stages) - set(STAGE_ORDER)
         if unknown:

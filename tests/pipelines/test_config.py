@@ -24,6 +24,7 @@ def test_paper_size_model_is_selectable():
         ("model.audio.projector_stride=3", "model.audio.projector_stride"),
         ("promotion.max_regression=-0.1", "promotion.max_regression"),
         ("+run.bogus=1", "run.bogus"),
+        ("cluster.endpoint.container_concurrency=4", "under serving.batching.max_batch_size=8"),
     ],
 )
 def test_bad_values_fail_naming_the_field(override, message):
