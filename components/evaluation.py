@@ -87,13 +87,14 @@ def evaluate_checkpoint(cfg: OmniConfig, model_dir: Path, out_dir: Path, names: 
     """Run and score the benchmarks on `model_dir`; writes metrics.json and predictions.jsonl into
     `out_dir` and returns the summary (None on ranks other than the primary)."""
     specs = selected(cfg, names)
+    paths = {name: resolve_data(cfg, name, spec, data_root) for name, spec in specs.items()}  # fail before loading
     chat = OmniChat.load(model_dir)
     store = open_store(cfg.evaluation.cache_uri or str(cfg.workdir() / "eval-cache"))
     fingerprint = checkpoint_fingerprint(model_dir)
     rank = runtime.ranks().rank
     results, examples, failures, lines = {}, [], {}, []
     for name, spec in specs.items():
-        data = read_benchmark(spec, resolve_data(cfg, name, spec, data_root))
+        data = read_benchmark(spec, paths[name])
         key = cache_key(fingerprint, spec.model_dump_json(), data.sha256, str(cfg.evaluation.max_samples))
         run = run_benchmark(chat, name, spec, data, cfg.evaluation, PredictionCache(store, key, rank), progress)
         if not run.rows:

@@ -153,7 +153,7 @@ def _eval_run(cfg, args) -> int:
     write_report(args.out / "report.html", evaluation_report(f"Evaluation — {model_dir}", summary))
     print(text_table(summary))
     print(f"results: {args.out / 'metrics.json'}, {args.out / 'predictions.jsonl'}, {args.out / 'report.html'}")
-    keys = ("metric", "value", "stderr", "n", "items", "failed", "read_failures", "data_sha256")
+    keys = ("metric", "value", "stderr", "n", "items", "failed", "read_failures", "answered", "cached", "data_sha256")
     print(json.dumps({n: {k: r[k] for k in keys} for n, r in summary["benchmarks"].items()}))
     return 0
 

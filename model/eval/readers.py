@@ -151,7 +151,8 @@ def read_mmlu_csv(path: Path, spec: BenchmarkConfig, files: list[Path]) -> Itera
         header = [h.strip().lower() for h in rows[0]] if rows else []
         has_header = "question" in header and "answer" in header
         cols = (header.index("question"), header.index("answer")) if has_header else (0, 5)
-        id_col = header.index("id") if "id" in header else None
+        # C-Eval has an id column; CMMLU's first column is pandas' unnamed index.
+        id_col = header.index("id") if "id" in header else (0 if has_header and header[0] == "" else None)
         for n, row in enumerate(rows[1:] if has_header else rows, start=2 if has_header else 1):
             rid = f"{subject}-{row[id_col] if id_col is not None else n}"
             if len(row) <= max(cols[0] + 4, cols[1]):

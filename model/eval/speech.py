@@ -64,8 +64,9 @@ def normalize_chinese(text: str) -> str:
     return re.sub(rf"\s+(?=[{_CJK}])|(?<=[{_CJK}])\s+", "", s).strip()
 
 
-def normalize_transcript(text: str, lang: str | None = "en") -> str:
-    """The normalised transcript both sides are compared on (see the module docstring)."""
+def normalize_transcript(text: str, lang: str | None = None) -> str:
+    """The normalised transcript both sides are compared on (see the module docstring). Without a
+    language: Chinese when the text has CJK characters, else English."""
     if is_cjk(lang) or (lang is None and _CJK_RE.search(text)):
         return normalize_chinese(text)
     if lang is None or lang.lower().startswith("en"):
@@ -90,12 +91,12 @@ class Edits:
         return self.errors / self.length if self.length else float(self.errors > 0)
 
 
-def word_edits(reference: str, hypothesis: str, lang: str | None = "en") -> Edits:
+def word_edits(reference: str, hypothesis: str, lang: str | None = None) -> Edits:
     ref, hyp = _tokens(normalize_transcript(reference, lang)), _tokens(normalize_transcript(hypothesis, lang))
     return _edits([" ".join(ref)], [" ".join(hyp)], words=True) if ref else Edits(len(hyp), 0)
 
 
-def char_edits(reference: str, hypothesis: str, lang: str | None = "en") -> Edits:
+def char_edits(reference: str, hypothesis: str, lang: str | None = None) -> Edits:
     ref, hyp = normalize_transcript(reference, lang), normalize_transcript(hypothesis, lang)
     return _edits([ref], [hyp], words=False) if ref else Edits(len(hyp), 0)
 
@@ -113,13 +114,13 @@ def corpus_rate(edits: Sequence[Edits]) -> float:
     return errors / length if length else float(errors > 0)
 
 
-def wer(references: Sequence[str], hypotheses: Sequence[str], lang: str | None = "en") -> float:
+def wer(references: Sequence[str], hypotheses: Sequence[str], lang: str | None = None) -> float:
     """Corpus word error rate after the language's normaliser (CJK characters count as words)."""
     check_pairs(hypotheses, references, None)
     return corpus_rate([word_edits(r, h, lang) for r, h in zip(references, hypotheses, strict=True)])
 
 
-def cer(references: Sequence[str], hypotheses: Sequence[str], lang: str | None = "en") -> float:
+def cer(references: Sequence[str], hypotheses: Sequence[str], lang: str | None = None) -> float:
     """Corpus character error rate after the language's normaliser; spaces next to CJK characters
     are not characters to score, spaces between Latin words are."""
     check_pairs(hypotheses, references, None)
