@@ -248,13 +248,18 @@ def _add_pipeline(sub) -> None:
     run.add_argument("--data", required=True, help="folder (or comma-separated JSONL files) of records")
 
 
-def _add_serve(sub) -> None:
-    serve = _command(sub, "serve", "Start the KServe predictor (OpenAI-style chat + v2 inference) on a checkpoint.",
-                     _serve)
-    src = serve.add_mutually_exclusive_group(required=True)
+def _model_source(cmd: argparse.ArgumentParser) -> None:
+    """--model-dir DIR or --model-version V (a registered version or alias, downloaded from MLflow)."""
+    src = cmd.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-dir", type=Path,
                      help="a checkpoint folder (omni_config.json, model.safetensors, tokenizer/)")
     src.add_argument("--model-version", help="a registered version number or alias (e.g. champion) from MLflow")
+
+
+def _add_serve(sub) -> None:
+    serve = _command(sub, "serve", "Start the KServe predictor (OpenAI-style chat + v2 inference) on a checkpoint.",
+                     _serve)
+    _model_source(serve)
     serve.add_argument("--http-port", type=int, default=None, help="default: serving.http_port")
 
 
@@ -282,9 +287,7 @@ def _add_eval(sub) -> None:
                    "--model-dir ckpt/", _eval_run)
     run.add_argument("--benchmark", action="append", required=True, help="a name in conf/benchmark (repeatable)")
     run.add_argument("--data", help="the benchmark's file or folder (overrides benchmark.NAME.data)")
-    src = run.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model-dir", type=Path, help="a checkpoint folder")
-    src.add_argument("--model-version", help="a registered version number or alias (e.g. champion)")
+    _model_source(run)
     run.add_argument("--out", type=Path, default=Path("eval-results"), help="output folder (default eval-results)")
     score = _command(ev, "score", "Score predictions made by anything with the code the pipeline uses. FILE: one "
                      'JSON object a line, {"id": ..., "prediction": "...", "answers": ["..."], "choices": {"A": '
@@ -293,7 +296,9 @@ def _add_eval(sub) -> None:
                      _eval_score, overrides=False)
     score.add_argument("file", type=Path, help="predictions, JSON lines")
     score.add_argument("--metric", required=True, choices=BENCHMARK_METRICS)
-    score.add_argument("--lang", metavar="en|zh", help="text normalisation for rows without a lang (default en)")
+    score.add_argument("--lang", metavar="en|zh",
+                       help="text normalisation for rows without a lang (default: zh for text with CJK characters, "
+                            "else en)")
     score.add_argument("--details", type=Path, help="write one line per item: id, score (and letter for MCQ)")
 
 

@@ -1,6 +1,6 @@
 """Small benchmark sets in each on-disk format the readers take, with real media (PNG, H.264 mp4,
 WAV/FLAC/MP3), written from scratch by the tests. `write_all(root)` makes one of each and returns
-{benchmark name: (registry config overrides, path, the items' keys)}."""
+{benchmark name: data path}."""
 
 from __future__ import annotations
 
@@ -130,24 +130,24 @@ def textvqa_json(root: Path) -> Path:
     return path
 
 
-def docvqa_json(root: Path) -> Path:
-    folder = root / "docvqa"
-    (folder / "documents").mkdir(parents=True, exist_ok=True)
-    (folder / "documents" / "doc1.png").write_bytes(png("black"))
-    data = {"data": [{"questionId": 11, "question": "What is the title?", "image": "documents/doc1.png",
-                      "answers": ["Annual Report", "annual report 2019"]}]}
-    path = folder / "val_v1.0.json"
-    path.write_text(json.dumps(data))
+def _image_set(root: Path, folder: str, image: str, index: str, rows: object) -> Path:
+    """A JSON index file next to one image (at `image`, relative to the folder)."""
+    (root / folder / image).parent.mkdir(parents=True, exist_ok=True)
+    (root / folder / image).write_bytes(png("black"))
+    path = root / folder / index
+    path.write_text(json.dumps(rows))
     return path
+
+
+def docvqa_json(root: Path) -> Path:
+    rows = {"data": [{"questionId": 11, "question": "What is the title?", "image": "documents/doc1.png",
+                      "answers": ["Annual Report", "annual report 2019"]}]}
+    return _image_set(root, "docvqa", "documents/doc1.png", "val_v1.0.json", rows)
 
 
 def chartqa_json(root: Path) -> Path:
-    folder = root / "chartqa"
-    (folder / "png").mkdir(parents=True, exist_ok=True)
-    (folder / "png" / "c1.png").write_bytes(png("blue"))
-    path = folder / "test_human.json"
-    path.write_text(json.dumps([{"imgname": "c1.png", "query": "What is the peak value?", "label": "42"}]))
-    return path
+    rows = [{"imgname": "c1.png", "query": "What is the peak value?", "label": "42"}]
+    return _image_set(root, "chartqa", "png/c1.png", "test_human.json", rows)
 
 
 def ocrbench_json(root: Path) -> Path:
@@ -215,21 +215,11 @@ def covost2_tsv(root: Path) -> Path:
     return path
 
 
-def write_all(root: Path) -> dict[str, tuple[Path, list[str]]]:
-    """One fixture per registry benchmark: name -> (data path, overrides for the benchmark's options)."""
+def write_all(root: Path) -> dict[str, Path]:
+    """One fixture per registry benchmark: name -> its data path."""
     root.mkdir(parents=True, exist_ok=True)
-    return {
-        "mmbench_en": (vlmeval_tsv(root), []),
-        "mmlu": (mmlu_folder(root), []),
-        "mvbench": (mvbench_folder(root), []),
-        "videomme": (videomme_json(root), []),
-        "textvqa": (textvqa_json(root), []),
-        "docvqa": (docvqa_json(root), []),
-        "chartqa": (chartqa_json(root), []),
-        "ocrbench": (ocrbench_json(root), []),
-        "fleurs_en": (asr_jsonl(root), []),
-        "fleurs_zh": (fleurs_tsv(root), []),
-        "wenetspeech_net": (kaldi_folder(root), []),
-        "librispeech_clean": (librispeech_folder(root), []),
-        "covost2_en_zh": (covost2_tsv(root), []),
-    }
+    writers = {"mmbench_en": vlmeval_tsv, "mmlu": mmlu_folder, "mvbench": mvbench_folder, "videomme": videomme_json,
+               "textvqa": textvqa_json, "docvqa": docvqa_json, "chartqa": chartqa_json, "ocrbench": ocrbench_json,
+               "fleurs_en": asr_jsonl, "fleurs_zh": fleurs_tsv, "wenetspeech_net": kaldi_folder,
+               "librispeech_clean": librispeech_folder, "covost2_en_zh": covost2_tsv}
+    return {name: write(root) for name, write in writers.items()}

@@ -2,11 +2,25 @@ import math
 
 import pytest
 
-from model.eval.answers import exact_match, normalize_answer
-from model.eval.mcq import extract_option_letter, mcq_accuracy, option_letter_from_text, parse_choices
-from model.eval.answers import anls, ocrbench_match, relaxed_correct, vqa_accuracy, vqa_normalize
+from model.eval.answers import (
+    anls,
+    exact_match,
+    normalize_answer,
+    ocrbench_match,
+    relaxed_correct,
+    vqa_accuracy,
+    vqa_normalize,
+)
 from model.eval.items import ScoreRow
-from model.eval.mcq import gold_letter, pick_option, rotations
+from model.eval.mcq import (
+    extract_option_letter,
+    gold_letter,
+    mcq_accuracy,
+    option_letter_from_text,
+    parse_choices,
+    pick_option,
+    rotations,
+)
 from model.eval.metrics import aggregate, higher_is_better, item_score, score_rows
 from model.eval.speech import bleu, cer, corpus_bleu, normalize_transcript, wer
 

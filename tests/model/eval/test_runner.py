@@ -43,7 +43,7 @@ def _cfg(tmp_path: Path, data: dict[str, Path], *extra: str):
 
 
 def test_every_fixture_through_the_runner(tmp_path: Path, checkpoint: Path) -> None:
-    data = {name: path for name, (path, _) in fixtures.write_all(tmp_path / "data").items()}
+    data = fixtures.write_all(tmp_path / "data")
     cfg = _cfg(tmp_path, data)
     summary = evaluate_checkpoint(cfg, checkpoint, tmp_path / "out", progress=False)
     print("\n" + text_table(summary))  # the benchmark x metric table (pytest -s shows it)
