@@ -176,7 +176,7 @@ def html_report(
 
     metrics_before/after: overall metrics (before None for a first model); per_task: task ->
     metric -> value (per_task_before adds a Δ column per metric); examples: dicts {task, prompt,
-    prediction, reference, score} shown in the given order (see `model.eval.metrics.worst_examples`);
+    prediction, reference, score} shown in the given order (worst first, as `components.evaluation` picks them);
     loss_curves: stage -> loss per step; meta: key/value facts shown under the title (model
     version, run id, ...). Every piece of text from data is HTML-escaped.
     """

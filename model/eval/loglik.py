@@ -22,7 +22,8 @@ def answer_logprobs(chat: OmniChat, prompts: list[ChatInput], answers: list[list
             conv = replace(prompt, messages=[*prompt.messages, {"role": "assistant", "content": text}])
             samples.append(chat.processor.encode(conv))
             owners.append(i)
-    batch = chat.processor.collate(samples)
+    device = next(chat.model.parameters()).device
+    batch = {k: v.to(device) for k, v in chat.processor.collate(samples).items()}
     labels = batch.pop("labels")
     logits = chat.model(**batch).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
