@@ -16,6 +16,7 @@ import torch
 
 from components.evaluation import evaluate_checkpoint
 from components.report import text_table
+from model import runtime
 from model.eval.loglik import answer_logprobs
 from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
@@ -142,14 +143,18 @@ def test_ranks_answer_their_shard_and_the_primary_scores_all(tmp_path: Path, che
                                                              monkeypatch) -> None:
     data = _text_qa(tmp_path / "data", 6)
     cfg = _cfg(tmp_path, {"omni_tiny_text_qa": data})
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
+
+    def as_rank(rank: int, world: int) -> None:
+        # patched, not set through RANK/WORLD_SIZE: a process group another test left up would win
+        monkeypatch.setattr(runtime, "ranks", lambda env=None: runtime.Ranks(rank, rank, world))
+
+    as_rank(1, 2)
     assert evaluate_checkpoint(cfg, checkpoint, tmp_path / "rank1", progress=False) is None
-    monkeypatch.setenv("RANK", "0")
+    as_rank(0, 2)
     sharded = evaluate_checkpoint(cfg, checkpoint, tmp_path / "rank0", progress=False)["benchmarks"]
     r = sharded["omni_tiny_text_qa"]
     assert r["items"] == 6 and r["answered"] == 3  # rank 0 answered items 0, 2, 4; rank 1's came from its parts
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    as_rank(0, 1)
     whole = evaluate_checkpoint(_cfg(tmp_path / "single", {"omni_tiny_text_qa": data}), checkpoint,
                                 tmp_path / "single", progress=False)["benchmarks"]["omni_tiny_text_qa"]
     assert whole["answered"] == 6 and whole["value"] == r["value"]
