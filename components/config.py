@@ -14,7 +14,15 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from model.config import DataConfig, EvalConfig, ModelConfig, SftFilterConfig, StageConfig, Strict
+from model.config import (
+    BenchmarkConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    SftFilterConfig,
+    StageConfig,
+    Strict,
+)
 from serving.config import ServingConfig
 
 STAGE_ORDER = ("image_1", "image_2", "image_3", "video", "audio", "omni_align", "sft")
@@ -218,15 +226,34 @@ class ClusterConfig(Strict):
         return self
 
 
+class BenchmarkRule(Strict):
+    """The gate's rule for one benchmark (its metric's direction comes from the metric)."""
+
+    floor: float | None = Field(None, description="a minimum (a maximum for wer/cer) the candidate must meet")
+    max_regression: float | None = Field(None, ge=0.0, description="absolute worsening allowed beyond the noise "
+                                                                   "margin; null = promotion.max_regression")
+    compare: bool = Field(True, description="compare with the champion (on the same data)")
+
+
 class PromotionRules(Strict):
     """The `promotion` section of the config.
 
-    floors: metric -> the bound the candidate must meet. For a metric listed in
-        `lower_is_better` (e.g. wer) the bound is a maximum, otherwise a minimum.
-    higher_is_better / lower_is_better: the metrics compared against the champion.
-    max_regression: how much worse (absolute) than the champion each compared metric may be.
+    benchmarks: per benchmark, a floor and the allowed regression (see BenchmarkRule); a benchmark
+        with a rule must be on the candidate.
+    compare_benchmarks: compare every benchmark both versions report, also those without a rule.
+    noise_z: a regression is allowed up to max_regression + noise_z * sqrt(se_candidate^2 +
+        se_champion^2), the standard errors being each version's (binomial for accuracies, bootstrap
+        for WER/BLEU): a one-question drop on 36 questions is noise, not a regression. 0 = exact.
+    Comparisons are like with like: a benchmark scored on different data (another data hash) is not
+    compared.
+
+    floors / higher_is_better / lower_is_better: the same on the cross-benchmark means
+    (mcq_accuracy, wer, ...), without a noise margin; `max_regression` applies to them too.
     """
 
+    benchmarks: dict[str, BenchmarkRule] = Field(default_factory=dict)
+    compare_benchmarks: bool = True
+    noise_z: float = Field(1.96, ge=0.0)
     floors: dict[str, float] = Field(default_factory=dict)
     higher_is_better: list[str] = Field(default_factory=list)
     lower_is_better: list[str] = Field(default_factory=list)
@@ -247,6 +274,9 @@ class OmniConfig(Strict):
     stages: dict[str, StageConfig]
     tracking: TrackingConfig = TrackingConfig()
     evaluation: EvalConfig = EvalConfig()
+    benchmark: dict[str, BenchmarkConfig] = Field(
+        default_factory=dict, description="the benchmarks evaluation runs (conf/benchmark/<name>.yaml, selected with "
+                                          "benchmark=[name,...])")
     sft_filter: SftFilterConfig = SftFilterConfig()
     promotion: PromotionRules = PromotionRules()
     serving: ServingConfig = ServingConfig()

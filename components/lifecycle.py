@@ -23,18 +23,21 @@ def start_tracking(cfg: OmniConfig, pipeline_run: str) -> str:
     )
 
 
-def register(cfg: OmniConfig, model_dir: Path, metrics: dict[str, float], manifest_sha256: str,
+def register(cfg: OmniConfig, model_dir: Path, metrics: dict, manifest_sha256: str,
              parent_run_id: str, pipeline_run: str) -> str:
-    """A new registered version (alias `challenger`) with lineage tags and its eval metrics; a re-run
-    of the step (after a registry outage) completes the version its earlier attempt created."""
+    """A new registered version (alias `challenger`) with lineage tags and its eval results: the
+    evaluate step's summary (per-benchmark scores, their standard errors and data hashes, which the
+    gate reads) or a plain {metric: value} mapping. A re-run of the step (after a registry outage)
+    completes the version its earlier attempt created."""
     uri = mlflow_uri(cfg)
+    values, data_tags = gate.eval_record(metrics)
     with tracking.registry_outage(uri, f"registering {cfg.tracking.registered_model}"), \
             tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "register") as run:
         version = tracking.register_model_version(
             uri, cfg.tracking.registered_model, model_dir, run.run_id,
             tags={"pipeline_run_id": pipeline_run, "data_manifest_sha256": manifest_sha256,
-                  "config_sha256": cfg.sha256(), "git_sha": tracking.git_sha()},
-            metrics=metrics, registration_key=pipeline_run,  # one registration per pipeline run: a re-run resumes it
+                  "config_sha256": cfg.sha256(), "git_sha": tracking.git_sha(), **data_tags},
+            metrics=values, registration_key=pipeline_run,  # one registration per pipeline run: a re-run resumes it
         )
     return version
 

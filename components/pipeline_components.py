@@ -106,24 +106,27 @@ def sft_filter(config_json: str, parent_run_id: str, dataset: Input[Dataset], mo
     shutil.copy(Path(filtered.path) / "report.html", report.path)
 
 
-def evaluate(config_json: str, parent_run_id: str, dataset: Input[Dataset], model: Input[Model],
-             baseline: Input[Model], metrics: Output[Metrics], report: Output[HTML],
-             results: Output[Dataset]) -> str:
-    """Held-out metrics for the trained model and the untrained baseline; returns the trained
-    model's overall metrics as JSON for the registry and the gate."""
+def evaluate(config_json: str, parent_run_id: str, data_uri: str, model: Input[Model], baseline: Input[Model],
+             metrics: Output[Metrics], report: Output[HTML], results: Output[Dataset]) -> str:
+    """The configured benchmarks (conf/benchmark; relative data paths under the pipeline's data
+    input) on the trained model, next to the champion's registry scores (the initial checkpoint on a
+    first run); returns the summary as JSON for the registry and the gate."""
     import json
     import shutil
     from pathlib import Path
 
     from components.config import parse_config
+    from components.gate import eval_record
     from components.steps import run_evaluation
 
-    summary = run_evaluation(parse_config(config_json), Path(dataset.path), Path(model.path), Path(baseline.path),
+    root = data_uri.split(",")[0].strip()
+    root = root if root.startswith("s3://") or Path(root).is_dir() else str(Path(root).parent)
+    summary = run_evaluation(parse_config(config_json), root, Path(model.path), Path(baseline.path),
                              Path(results.path), parent_run_id)
-    for key, value in summary["overall"].items():
+    for key, value in eval_record(summary)[0].items():
         metrics.log_metric(key, value)
     shutil.copy(Path(results.path) / "report.html", report.path)
-    return json.dumps(summary["overall"])
+    return json.dumps({k: summary[k] for k in ("benchmarks", "overall")})
 
 
 def export_triton(model: Input[Model], triton_repo: Output[Model], metrics: Output[Metrics]) -> None:

@@ -176,7 +176,7 @@ def html_report(
 
     metrics_before/after: overall metrics (before None for a first model); per_task: task ->
     metric -> value (per_task_before adds a Δ column per metric); examples: dicts {task, prompt,
-    prediction, reference, score} shown in the given order (see `model.eval.metrics.worst_examples`);
+    prediction, reference, score} shown in the given order (worst first, as `components.evaluation` picks them);
     loss_curves: stage -> loss per step; meta: key/value facts shown under the title (model
     version, run id, ...). Every piece of text from data is HTML-escaped.
     """
@@ -223,3 +223,145 @@ def write_report(path: str | Path, html: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding="utf-8")
     return out
+
+
+# ------------------------------------------------------------------------ benchmark evaluation
+
+
+def display(metric: str, value: float | None) -> float | None:
+    """A score in the paper's units: percent for fractions (accuracy, ANLS, WER, CER), BLEU as is."""
+    if value is None:
+        return None
+    return value if metric == "bleu" else 100.0 * value
+
+
+def _benchmark_rows(summary: Mapping) -> list[tuple]:
+    """(family, name, result, before) in the paper's order of families, then by name."""
+    before = (summary.get("before") or {}).get("benchmarks", {})
+    rows = []
+    for name, r in summary["benchmarks"].items():
+        b = before.get(name)
+        same = b is not None and b.get("metric") == r["metric"] and b.get("data_sha256") in (None, r["data_sha256"])
+        rows.append((r["family"], name, r, b if same else None))
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    return sorted(rows, key=lambda x: (order.get(x[0], len(order)), x[0], x[1]))
+
+
+FAMILIES = ("language", "image MCQ", "image VQA", "video MCQ", "video open", "ASR", "S2TT", "demo")
+
+
+def benchmark_table(summary: Mapping) -> str:
+    """The paper's layout: a row per benchmark, grouped by family, scores in its units."""
+    head = ("<tr><th>family</th><th>benchmark</th><th>metric</th><th>items</th><th>score</th><th>± s.e.</th>"
+            "<th>before</th><th>Δ</th><th>paper</th><th>failed</th></tr>")
+    rows = []
+    for family, name, r, b in _benchmark_rows(summary):
+        m = r["metric"]
+        after, prev = display(m, r["value"]), display(m, b["value"]) if b else None
+        arrow = "↑" if r.get("higher_is_better", higher_is_better(m)) else "↓"
+        failed = r["failed"] + r.get("read_failures", 0)
+        rows.append(
+            f"<tr><td>{escape(family)}</td><td>{escape(r['title'])} <span class='note'>{escape(name)}</span></td>"
+            f"<td>{escape(m)} <span class='note'>{arrow}</span></td><td class='num'>{r['items']}</td>"
+            f"<td class='num'>{_fmt(after)}</td><td class='num'>{_fmt(display(m, r.get('stderr')))}</td>"
+            f"<td class='num'>{_fmt(prev)}</td>{_delta_cell(m, prev, after)}"
+            f"<td class='num'>{_fmt(r.get('paper'))}</td><td class='num {'bad' if failed else ''}'>{failed}</td></tr>")
+    return f'<table class="benchmarks">{head}{"".join(rows)}</table>'
+
+
+def _benchmark_chart(summary: Mapping) -> str:
+    from matplotlib.figure import Figure
+
+    rows = _benchmark_rows(summary)
+    fig = Figure(figsize=(max(4.0, 0.9 * len(rows) + 1.5), 3.2))
+    ax = fig.add_subplot(1, 1, 1)
+    width, xs = 0.27, range(len(rows))
+    series = [("before", "#8c959f", lambda r, b: display(r["metric"], b["value"]) if b else None),
+              ("ours", "#0969da", lambda r, b: display(r["metric"], r["value"])),
+              ("paper", "#bf8700", lambda r, b: r.get("paper"))]
+    for k, (label, color, get) in enumerate(series):
+        values = [get(r, b) for _, _, r, b in rows]
+        if any(v is not None for v in values):
+            ax.bar([x + (k - 1) * width for x in xs], [v or 0 for v in values], width, label=label, color=color)
+    ax.set_xticks(list(xs), [f"{name}\n({r['metric']})" for _, name, r, _ in rows], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("score (paper units: %, WER %, BLEU)", fontsize=8)
+    ax.legend(fontsize=8)
+    ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _category_tables(summary: Mapping) -> str:
+    parts = []
+    for r in summary["benchmarks"].values():
+        for field, values in r.get("by_category", {}).items():
+            cells = "".join(f"<tr><td>{escape(str(v))}</td><td class='num'>{_fmt(display(r['metric'], s))}</td></tr>"
+                            for v, s in values.items())
+            parts.append(f"<h3>{escape(r['title'])}: by {escape(field)}</h3><table><tr><th>{escape(field)}</th>"
+                         f"<th>{escape(r['metric'])}</th></tr>{cells}</table>")
+    return "".join(parts)
+
+
+def _failure_list(summary: Mapping, limit: int = 20) -> str:
+    parts = []
+    for name, items in summary.get("failures", {}).items():
+        if items:
+            rows = "".join(f"<tr><td>{escape(str(f['id']))}</td><td class='text'>{escape(str(f['reason']))}</td></tr>"
+                           for f in items[:limit])
+            more = f"<p class='note'>… and {len(items) - limit} more</p>" if len(items) > limit else ""
+            parts.append(f"<h3>{escape(name)}: {len(items)} failed</h3><table><tr><th>id</th><th>reason</th></tr>"
+                         f"{rows}</table>{more}")
+    return "".join(parts) or '<p class="note">Every item was answered.</p>'
+
+
+def evaluation_report(title: str, summary: Mapping, loss_curves: Mapping[str, Sequence[float]] | None = None,
+                      meta: Mapping[str, str] | None = None) -> str:
+    """The evaluate step's report: the benchmark table in the paper's layout (with the 'before' column:
+    the champion's registry scores, or the initial checkpoint on a first run), a chart, per-category
+    breakdowns, the training loss, the worst examples and every failed item with its reason."""
+    before = summary.get("before") or {}
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{escape(title)}</h1>",
+    ]
+    if meta:
+        rows = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(str(v))}</td></tr>" for k, v in meta.items())
+        parts.append(f'<table class="meta">{rows}</table>')
+    parts.append("<h2>Benchmarks</h2>")
+    if summary["benchmarks"]:
+        parts += [benchmark_table(summary),
+                  f'<img alt="scores per benchmark" src="data:image/png;base64,{_benchmark_chart(summary)}">',
+                  f'<p class="note">Scores in the paper\'s units (accuracy %, WER/CER %, BLEU). before = '
+                  f'{escape(before.get("source", "none"))}, shown only for the same benchmark data. '
+                  '± s.e.: standard error (binomial / bootstrap).</p>']
+        parts += ["<h2>Overall (cross-benchmark means)</h2>", _summary_table(before.get("overall"), summary["overall"])]
+    else:
+        parts.append('<p class="note">No benchmarks.</p>')
+    if any(r.get("by_category") for r in summary["benchmarks"].values()):
+        parts += ["<h2>Categories</h2>", _category_tables(summary)]
+    if loss_curves and any(len(v) for v in loss_curves.values()):
+        chart = _loss_chart(loss_curves)
+        parts += ["<h2>Training loss</h2>", f'<img alt="loss curves" src="data:image/png;base64,{chart}">']
+    parts += ["<h2>Worst examples</h2>",
+              _examples_table(summary["examples"]) if summary.get("examples") else '<p class="note">No examples.</p>',
+              "<h2>Failed items</h2>", _failure_list(summary), "</body></html>"]
+    return "\n".join(parts)
+
+
+def text_table(summary: Mapping) -> str:
+    """The benchmark table as plain text (the CLI and the demo print it)."""
+    before = summary.get("before") or {}
+    head = (f"{'benchmark':<26}{'metric':<19}{'items':>6}{'score':>9}{'± s.e.':>8}{'before':>9}{'paper':>8}"
+            f"{'failed':>8}")
+    lines = [head, "-" * len(head)]
+    for _, name, r, b in _benchmark_rows(summary):
+        m = r["metric"]
+
+        def cell(v: float | None, width: int) -> str:
+            return f"{v:>{width}.1f}" if v is not None else f"{'—':>{width}}"
+
+        lines.append(f"{name:<26}{m:<19}{r['items']:>6}{cell(display(m, r['value']), 9)}"
+                     f"{cell(display(m, r.get('stderr')), 8)}{cell(display(m, b['value']) if b else None, 9)}"
+                     f"{cell(r.get('paper'), 8)}{r['failed'] + r.get('read_failures', 0):>8}")
+    lines.append(f"(scores in the paper's units: accuracy %, WER/CER %, BLEU; before = {before.get('source', 'none')})")
+    return "\n".join(lines)

@@ -14,17 +14,17 @@ import torch
 from components import tracking
 from components.config import OmniConfig
 from components.data_report import data_report
+from components.evaluation import baseline, evaluate_checkpoint
 from components.filter_report import filter_report
+from components.gate import eval_record
 from components.lifecycle import mlflow_uri
-from components.report import html_report, write_report
+from components.report import evaluation_report, write_report
 from model import runtime
 from model.data.loading import to_chat_input
 from model.data.prep import prepare
 from model.data.shards import ShardStream
-from model.eval.runner import EvalResult, evaluate
 from model.export.triton import write_triton_repository
 from model.nn.checkpoint import TOKENIZER_DIR
-from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
 from model.text.tokenizer import load_tokenizer
@@ -186,55 +186,35 @@ def write_losses(model_dir: Path, curves: dict[str, list[float]]) -> None:
     (model_dir / "losses.json").write_text(json.dumps(curves))
 
 
-def _eval(model_dir: Path, data_dir: Path, cfg: OmniConfig, progress: bool) -> EvalResult:
-    held_out = ShardStream(data_dir, "val")
-    return evaluate(
-        OmniChat.load(model_dir), list(held_out.records()), held_out.store.read_bytes, cfg.evaluation, progress
-    )
-
-
 def run_evaluation(
     cfg: OmniConfig,
-    data_dir: Path,
+    data_root: str | None,
     model_dir: Path,
     baseline_dir: Path | None,
     out_dir: Path,
     parent_run_id: str,
     progress: bool = True,
-) -> dict:
-    """Evaluate the trained model (and the untrained baseline, for the before/after table) on the
-    held-out split; write metrics.json and report.html into `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    after = _eval(model_dir, data_dir, cfg, progress)
-    before = _eval(baseline_dir, data_dir, cfg, progress) if baseline_dir else None
-    html = html_report(
-        f"Evaluation — {cfg.run.name}",
-        before.overall if before else None,
-        after.overall,
-        after.per_task,
-        after.examples,
-        read_losses(model_dir),
-        per_task_before=before.per_task if before else None,
-        meta={"model": cfg.model.name, "val examples": str(sum(after.counts.values()))},
-    )
-    write_report(out_dir / "report.html", html)
-    summary = {
-        "overall": after.overall,
-        "per_task": after.per_task,
-        "counts": after.counts,
-        "before": before.overall if before else None,
-        "per_task_before": before.per_task if before else None,
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in after.predictions))
+) -> dict | None:
+    """Score the trained model on the configured benchmarks (`benchmark:`; relative data paths
+    resolve against evaluation.data_root or `data_root`, the pipeline's data input), next to the
+    champion's registry scores (or `baseline_dir`, the initial checkpoint, when there is no
+    champion yet); write metrics.json, predictions.jsonl and report.html into `out_dir`."""
+    summary = evaluate_checkpoint(cfg, model_dir, out_dir, data_root=data_root, progress=progress)
+    if summary is None:  # not the primary rank
+        return None
+    summary["before"] = baseline(cfg, baseline_dir, out_dir / "baseline", data_root, progress)
+    meta = {"model": cfg.model.name, "benchmarks": ", ".join(summary["benchmarks"]),
+            "before": (summary["before"] or {}).get("source", "none")}
+    write_report(out_dir / "report.html", evaluation_report(f"Evaluation — {cfg.run.name}", summary,
+                                                            read_losses(model_dir), meta))
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     uri = mlflow_uri(cfg)
-    with tracking.stage_run(
-        uri, cfg.tracking.experiment, parent_run_id, "evaluate", params=cfg.evaluation.model_dump()
-    ) as run:
-        run.log_metrics(after.overall)
-        run.log_metrics({f"{task}.{k}": v for task, ms in after.per_task.items() for k, v in ms.items()})
-        if before:
-            run.log_metrics({f"baseline.{k}": v for k, v in before.overall.items()})
+    params = {"evaluation": cfg.evaluation.model_dump(),
+              "benchmark": {n: b.model_dump() for n, b in cfg.benchmark.items()}}
+    with tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "evaluate", params=params) as run:
+        run.log_metrics(eval_record(summary)[0])
+        run.set_tags({f"{n}.bleu_signature": r["signature"] for n, r in summary["benchmarks"].items()
+                      if r.get("signature")} | eval_record(summary)[1])
         tracking.log_artifacts(uri, run.run_id, out_dir, "evaluation")
     return summary
 

@@ -223,6 +223,77 @@ class SftFilterConfig(Strict):
 
 
 class EvalConfig(Strict):
+    """How the evaluate step and `omni eval run` run the selected benchmarks (`benchmark:` in the tree)."""
+
+    batch_size: int = Field(8, gt=0, description="conversations per generate call")
+    max_samples: int | None = Field(None, gt=0, description="first N items of each benchmark (smoke runs); null = all")
+    data_root: str | None = Field(
+        None, description="folder (or s3:// prefix) that relative benchmark `data` paths resolve against; "
+                          "null = the pipeline's data input")
+    cache_uri: str | None = Field(
+        None, description="where per-item predictions are kept so a killed evaluation resumes (folder or s3://); "
+                          "null = <run.workdir>/eval-cache")
+    baseline: Literal["champion", "champion_or_init", "none"] = Field(
+        "champion_or_init", description="the 'before' column: the champion's scores from the registry; "
+                                        "champion_or_init also evaluates the initial checkpoint when there is no "
+                                        "champion yet (a first run); none = no comparison")
+    bootstrap: int = Field(1000, ge=0, description="resamples for the standard error of corpus metrics (WER, BLEU)")
+    seed: int = 0
+
+
+BENCHMARK_READERS = ("vlmeval_tsv", "mmlu_csv", "video_mcq_json", "vqa_json", "ocrbench_json", "asr_manifest",
+                     "covost2_tsv")
+BENCHMARK_METRICS = ("mcq_accuracy", "vqa_accuracy", "anls", "relaxed_accuracy", "ocrbench_accuracy", "exact_match",
+                     "wer", "cer", "bleu")
+LOWER_IS_BETTER_METRICS = frozenset({"wer", "cer"})
+
+
+class PromptTemplate(Strict):
+    """lmms-eval's pre/post prompt around the item's question (and its lettered options)."""
+
+    system: str | None = None
+    pre_prompt: str = ""
+    post_prompt: str = ""
+    hint: bool = Field(True, description="put the item's hint (MMBench) before the question when it has one")
+
+
+class GenerationSettings(Strict):
     max_new_tokens: int = Field(16, gt=0)
-    batch_size: int = Field(8, gt=0)
-    max_samples: int | None = None
+    stop: list[str] = Field(default_factory=list, description="the answer is cut at the first of these strings")
+
+
+class BenchmarkLimits(Strict):
+    """Media limits for benchmark items: benchmarks are read as they are, so these only guard the
+    machine (a 10-hour clip), not the training distribution. null = no limit."""
+
+    max_image_pixels: int = Field(8192 * 8192, gt=0)
+    max_video_seconds: float | None = Field(None, gt=0)
+    max_audio_seconds: float | None = Field(None, gt=0)
+
+
+class BenchmarkConfig(Strict):
+    """One entry of the benchmark registry (conf/benchmark/<name>.yaml): how to read the set, prompt
+    the model and score the answers."""
+
+    title: str = Field(description="the name the paper's tables use, e.g. MMBench-EN")
+    family: str = Field(description="the paper's table this benchmark belongs to, e.g. 'image MCQ'")
+    reader: Literal[BENCHMARK_READERS]  # type: ignore[valid-type]
+    data: str | None = Field(None, description="file or folder (local or s3://); relative paths resolve against "
+                                               "evaluation.data_root")
+    options: dict[str, str] = Field(default_factory=dict, description="reader options (image_dir, audio_dir, ...)")
+    metric: Literal[BENCHMARK_METRICS]  # type: ignore[valid-type]
+    lang: str | None = Field(None, description="text normalisation language of the answers (en, zh, ...)")
+    scoring: Literal["generate", "loglikelihood"] = Field(
+        "generate", description="loglikelihood: pick the option letter the model finds most likely (MMLU-style)")
+    circular: bool = Field(False, description="CircularEval: every rotation of the options must be answered right")
+    categories: list[str] = Field(default_factory=list, description="item fields to break the score down by")
+    prompt: PromptTemplate = PromptTemplate()
+    generation: GenerationSettings = GenerationSettings()
+    limits: BenchmarkLimits = BenchmarkLimits()
+    paper: float | None = Field(None, description="what the paper reports (in its units: %, WER %, BLEU)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BenchmarkConfig:
+        if (self.circular or self.scoring == "loglikelihood") and self.metric != "mcq_accuracy":
+            raise ValueError("circular and scoring=loglikelihood need metric: mcq_accuracy")
+        return self

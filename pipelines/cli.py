@@ -9,6 +9,8 @@
     omni serve --model-dir DIR | --model-version champion
     omni model plan [--gpus 8 --gpu-gib 80]       parameter counts + per-GPU memory for ZeRO-2/3
     omni train STAGE --data D --init C --out O    one training stage outside the DAG (torchrun for N GPUs)
+    omni eval run --benchmark NAME --data PATH --model-dir DIR   a registry benchmark on a checkpoint
+    omni eval score FILE --metric NAME [--lang en|zh] [--details OUT]   score predictions made by anything
     omni config [overrides]                       print the resolved, validated config
     omni cluster render --out DIR [--values FILE] every manifest for a cluster (chart, ISVC, TrainJob, node pools)
     omni cluster node-pools                       regenerate infra/ node pools from conf/cluster
@@ -119,13 +121,7 @@ def _plan(cfg, args) -> int:
 def _serve(cfg, args) -> int:
     from serving.server import serve
 
-    model_dir = args.model_dir
-    if model_dir is None:
-        from components import tracking
-        from components.lifecycle import mlflow_uri
-
-        dst = cfg.workdir() / "serving" / str(args.model_version)
-        model_dir = tracking.download_version(mlflow_uri(cfg), cfg.tracking.registered_model, args.model_version, dst)
+    model_dir = args.model_dir or _download(cfg, args.model_version)
     serving_cfg = cfg.serving.model_copy(update={"http_port": args.http_port} if args.http_port else {})
     serve(model_dir, serving_cfg)
     return 0
@@ -158,6 +154,75 @@ def _rollback(cfg, args) -> int:
     version, _ = rollback(cfg, args.out)
     where = "applied to the cluster" if cfg.cluster.target == "kubernetes" else "written"
     print(f"champion is version {version} again; InferenceService {where} ({args.out / 'inferenceservice.yaml'})")
+    return 0
+
+
+def _eval_run(cfg, args) -> int:
+    import json
+
+    from components.evaluation import evaluate_checkpoint
+    from components.report import evaluation_report, text_table, write_report
+
+    if args.data is not None:
+        if len(args.benchmark) != 1:
+            return fail("--data names one benchmark's data: give one --benchmark with it")
+        name = args.benchmark[0]
+        cfg.benchmark[name] = cfg.benchmark[name].model_copy(update={"data": str(Path(args.data).resolve())})
+    model_dir = args.model_dir or _download(cfg, args.model_version)
+    try:
+        summary = evaluate_checkpoint(cfg, model_dir, args.out, names=args.benchmark)
+    except (FileNotFoundError, KeyError) as err:
+        return fail(str(err).strip('"'))
+    if summary is None:  # not the primary rank of a sharded run
+        return 0
+    write_report(args.out / "report.html", evaluation_report(f"Evaluation — {model_dir}", summary))
+    print(text_table(summary))
+    print(f"results: {args.out / 'metrics.json'}, {args.out / 'predictions.jsonl'}, {args.out / 'report.html'}")
+    keys = ("metric", "value", "stderr", "n", "items", "failed", "read_failures", "answered", "cached", "data_sha256")
+    print(json.dumps({n: {k: r[k] for k in keys} for n, r in summary["benchmarks"].items()}))
+    return 0
+
+
+def _download(cfg, version: str) -> Path:
+    from components import tracking
+    from components.lifecycle import mlflow_uri
+
+    dst = cfg.workdir() / "serving" / str(version)
+    return tracking.download_version(mlflow_uri(cfg), cfg.tracking.registered_model, version, dst)
+
+
+def _eval_score(cfg, args) -> int:
+    import json
+
+    from pydantic import ValidationError
+
+    from model.eval.items import ScoreRow
+    from model.eval.metrics import score_rows
+
+    rows = []
+    try:
+        lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        return fail(f"cannot read {args.file}: {err.strerror}")
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(ScoreRow.model_validate_json(line))
+        except ValidationError as err:
+            where = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in err.errors())
+            return fail(f"{args.file} line {n}: {where} (expected {{\"id\", \"prediction\", \"answers\": [...], "
+                        f"\"choices\" (MCQ), \"lang\"}})")
+    if not rows:
+        return fail(f"{args.file} has no predictions")
+    score = score_rows(args.metric, rows, args.lang)
+    if args.details:
+        mcq = args.metric == "mcq_accuracy"
+        Path(args.details).write_text("".join(json.dumps(i.to_json(mcq), ensure_ascii=False) + "\n"
+                                              for i in score.items))
+    print(f"{args.metric} over {score.n} {'groups' if score.n != len(rows) else 'items'}: {score.value:.6g}"
+          + (f" ± {score.stderr:.3g}" if score.stderr is not None else ""))
+    print(json.dumps(score.summary(), ensure_ascii=False))
     return 0
 
 
@@ -208,13 +273,18 @@ def _add_pipeline(sub) -> None:
     run.add_argument("--data", required=True, help="folder (or comma-separated JSONL files) of records")
 
 
-def _add_serve(sub) -> None:
-    serve = _command(sub, "serve", "Start the KServe predictor (OpenAI-style chat + v2 inference) on a checkpoint.",
-                     _serve)
-    src = serve.add_mutually_exclusive_group(required=True)
+def _model_source(cmd: argparse.ArgumentParser) -> None:
+    """--model-dir DIR or --model-version V (a registered version or alias, downloaded from MLflow)."""
+    src = cmd.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-dir", type=Path,
                      help="a checkpoint folder (omni_config.json, model.safetensors, tokenizer/)")
     src.add_argument("--model-version", help="a registered version number or alias (e.g. champion) from MLflow")
+
+
+def _add_serve(sub) -> None:
+    serve = _command(sub, "serve", "Start the KServe predictor (OpenAI-style chat + v2 inference) on a checkpoint.",
+                     _serve)
+    _model_source(serve)
     serve.add_argument("--http-port", type=int, default=None, help="default: serving.http_port")
 
 
@@ -244,6 +314,32 @@ def _add_train(sub) -> None:
     train.add_argument("--out", type=Path, required=True, help="folder for the trained checkpoint")
 
 
+def _add_eval(sub) -> None:
+    from model.config import BENCHMARK_METRICS
+
+    ev = _group(sub, "eval", "run benchmarks and score predictions")
+    run = _command(ev, "run", "Run registry benchmarks (conf/benchmark/<name>.yaml) on a checkpoint: read the set "
+                   "as it is (no dedup or split), answer every item (cached: a rerun resumes; RANK/WORLD_SIZE "
+                   "shard it), score it as lmms-eval/VLMEvalKit do. Writes metrics.json, predictions.jsonl, "
+                   "report.html. Example: omni eval run --benchmark mmbench_en --data MMBench_DEV_EN.tsv "
+                   "--model-dir ckpt/", _eval_run)
+    run.add_argument("--benchmark", action="append", required=True, help="a name in conf/benchmark (repeatable)")
+    run.add_argument("--data", help="the benchmark's file or folder (overrides benchmark.NAME.data)")
+    _model_source(run)
+    run.add_argument("--out", type=Path, default=Path("eval-results"), help="output folder (default eval-results)")
+    score = _command(ev, "score", "Score predictions made by anything with the code the pipeline uses. FILE: one "
+                     'JSON object a line, {"id": ..., "prediction": "...", "answers": ["..."], "choices": {"A": '
+                     '"..."} (MCQ only), "lang": "en"}; optional "category": {field: value} for breakdowns and '
+                     '"group" for CircularEval. The last line printed is a JSON object whose "value" is the metric.',
+                     _eval_score, overrides=False)
+    score.add_argument("file", type=Path, help="predictions, JSON lines")
+    score.add_argument("--metric", required=True, choices=BENCHMARK_METRICS)
+    score.add_argument("--lang", metavar="en|zh",
+                       help="text normalisation for rows without a lang (default: zh for text with CJK characters, "
+                            "else en)")
+    score.add_argument("--details", type=Path, help="write one line per item: id, score (and letter for MCQ)")
+
+
 def _add_cluster(sub) -> None:
     cluster = _group(sub, "cluster", "render the Kubernetes manifests and node pools")
     render = _command(cluster, "render", "Write every manifest the platform applies to a cluster into --out: the "
@@ -267,7 +363,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = _command(sub, "demo", "Generate demo data, run the whole DAG locally, serve the champion and query it.",
                     _demo)
     demo.add_argument("--keep-serving", action="store_true", help="leave the predictor running at the end")
-    for add in (_add_data, _add_pipeline, _add_serve, _add_model, _add_train, _add_cluster):
+    for add in (_add_data, _add_pipeline, _add_serve, _add_model, _add_train, _add_eval, _add_cluster):
         add(sub)
     _command(sub, "config", "Print the resolved and validated configuration as YAML.", _config)
     _command(sub, "rollback", "Move the MLflow alias `champion` back to `previous-champion` and serve that version "
@@ -293,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [a for a in args.overrides if "=" in a]
         if not args.inputs:
             parser.error("data prep needs at least one INPUT (a JSONL file or a folder of them)")
+    if args.handler is _eval_run:  # compose only the benchmarks asked for
+        args.overrides = [f"benchmark=[{','.join(args.benchmark)}]", *args.overrides]
     from components.config import ConfigError
     from pipelines.config import load_config
 

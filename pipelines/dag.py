@@ -75,8 +75,8 @@ def build_pipeline(cfg: OmniConfig):
         prep = step(ops.data_prep, "data-prep", data_uri=data_uri, **common)
         init = step(ops.init_model, "init-model", config_json=config_json, dataset=prep.outputs["dataset"])
         trained = _train_stages(cfg, ops, step, common, prep.outputs["dataset"], init.outputs["model"])
-        ev = step(ops.evaluate, "evaluate", dataset=prep.outputs["dataset"], model=trained,
-                  baseline=init.outputs["model"], **common)
+        ev = step(ops.evaluate, "evaluate", data_uri=data_uri, model=trained, baseline=init.outputs["model"],
+                  **common)
         export = step(ops.export_triton, "export-triton", model=trained)
         reg = step(ops.register, "register", pipeline_run=run_id, model=trained, eval_metrics=ev.outputs["Output"],
                    manifest_sha256=prep.outputs["Output"], **common)

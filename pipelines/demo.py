@@ -116,12 +116,9 @@ def ask_examples(port: int, data_dir: Path, model_name: str) -> list[dict]:
 
 
 def eval_table(metrics_path: Path) -> str:
-    summary = json.loads(metrics_path.read_text())
-    before, after = summary.get("before") or {}, summary["overall"]
-    lines = [f"{'metric':<16}{'before':>10}{'after':>10}", "-" * 36]
-    for name, value in after.items():
-        lines.append(f"{name:<16}{before.get(name, float('nan')):>10.3f}{value:>10.3f}")
-    return "\n".join(lines)
+    from components.report import text_table
+
+    return text_table(json.loads(metrics_path.read_text()))
 
 
 TASK_LINE = re.compile(r"(Executing task|finished with status|Pipeline .* finished)")
@@ -201,7 +198,7 @@ def run_demo(cfg: OmniConfig, keep_serving: bool = False) -> dict:
     for a in answers:
         print(f"  {a['task']:<10} expected {a['expected']!r:<16} answered {a['answer']!r}")
     metrics_file = _latest(work / "pipeline_root", "results", "metrics.json")
-    print("\nHeld-out evaluation (untrained baseline vs trained):\n" + eval_table(metrics_file))
+    print("\nBenchmarks (the held-out set, read as benchmark files):\n" + eval_table(metrics_file))
     print(f"\nWall time: {time.time() - start:.0f} s")
     print("Where to look:")
     print(

@@ -68,6 +68,23 @@ def test_registry_has_champion_with_lineage(demo):
     for tag in tracking.LINEAGE_TAGS:
         assert champion.tags.get(tag), f"missing lineage tag {tag}"
     assert "metric.mcq_accuracy" in champion.tags and "metric.wer" in champion.tags
+    # per benchmark: the score, its standard error and the data it was scored on (what the gate compares)
+    assert "metric.omni_tiny_image_mcq.mcq_accuracy" in champion.tags
+    assert "metric.omni_tiny_asr.wer.stderr" in champion.tags
+    assert len(champion.tags["bench.omni_tiny_asr.data_sha256"]) == 64
+
+
+def test_demo_evaluates_the_held_out_benchmarks(demo):
+    """The evaluate step reads the demo's benchmark files through the registry's readers and metrics;
+    with no champion yet, the 'before' column is the initial checkpoint."""
+    _, work, _ = demo
+    summary = json.loads(next((work / "pipeline_root").rglob("results/metrics.json")).read_text())
+    assert set(summary["benchmarks"]) == {"omni_tiny_image_mcq", "omni_tiny_video_mcq", "omni_tiny_ocr",
+                                          "omni_tiny_count", "omni_tiny_caption", "omni_tiny_spoken_vqa",
+                                          "omni_tiny_text_qa", "omni_tiny_asr"}
+    assert all(r["items"] > 0 and r["failed"] == 0 for r in summary["benchmarks"].values())
+    assert summary["before"]["source"] == "initial checkpoint"
+    assert summary["benchmarks"]["omni_tiny_asr"]["metric"] == "wer"
 
 
 def test_served_champion_answers_chat_and_v2(demo):
@@ -106,9 +123,11 @@ def test_malformed_request_gets_4xx(demo):
 
 
 def test_worse_candidate_does_not_replace_champion(demo):
-    """Every stage skipped -> an untrained candidate: the gate must reject it (the Else branch)."""
+    """Every stage skipped -> an untrained candidate: the gate must reject it (the Else branch). The
+    demo's benchmarks have a handful of items each, so its default noise margin would forgive almost
+    anything; an exact gate (noise_z=0) rejects any drop."""
     cfg, work, result = demo
-    worse = load_config([*SMALL, f"run.workdir={work}",
+    worse = load_config([*SMALL, f"run.workdir={work}", "promotion.noise_z=0",
                          "run.skip_stages=[image_1,image_2,image_3,video,audio,omni_align,sft]"])
     run_local(worse, work / "demo-data")
     uri = mlflow_uri(cfg)

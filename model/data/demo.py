@@ -1,8 +1,8 @@
 """Generate "omni-tiny": a small multimodal data set, in real media formats, that a ~2M-parameter
 model can learn in minutes on a CPU, so evaluation visibly improves after each training stage.
 
-Tasks (the record `task` values the stage configs select on; the metric family follows the name,
-see `model.eval.metrics.task_kind`: `*_mcq` -> option accuracy, `asr` -> WER, others -> exact match):
+Tasks (the record `task` values the stage configs select on; the held-out records are also written as
+benchmark files, see `model.data.demo_bench`, scored by conf/benchmark/omni_tiny_*.yaml):
   caption          64x64 PNG/JPEG of one coloured shape                -> "a red circle"
   image_mcq        same kind of image, colour or shape question         -> option letter
   ocr              a 2-3 digit number rendered on the image (OCR-like)  -> "407"
@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from model.config import DataConfig
+from model.data.demo_bench import write_demo_benchmarks
 from model.data.records import Record
 from model.media.decode import load_audio
 
@@ -65,8 +66,8 @@ SPOKEN_QUESTIONS = {"color": "what color is the shape", "shape": "what shape is 
 
 
 def make_demo(out_dir: Path, cfg: DataConfig, progress: bool = True) -> dict[str, int]:
-    """Write out_dir/train.jsonl, out_dir/val.jsonl and out_dir/media/*; return record counts
-    per task, per split and in total."""
+    """Write out_dir/train.jsonl, out_dir/val.jsonl, out_dir/media/* and the held-out set as benchmark
+    files in out_dir/benchmarks/; return record counts per task, per split and in total."""
     if cfg.demo_audios and shutil.which("espeak-ng") is None:
         raise RuntimeError("espeak-ng is needed for the speech data: apt-get install -y espeak-ng")
     out_dir = Path(out_dir)
@@ -113,6 +114,8 @@ def make_demo(out_dir: Path, cfg: DataConfig, progress: bool = True) -> dict[str
             counts[rec.task] += 1
             counts[split] += 1
     counts["total"] = len(records)
+    # The held-out records again, as benchmark files (the evaluate step reads these, not the val split).
+    write_demo_benchmarks(out_dir, [r for r in records if r.id in val_ids])
     return counts
 
 

@@ -257,3 +257,32 @@ def mcq_accuracy(
     check_pairs(predictions, references, prompts)
     ps = prompts if prompts is not None else [None] * len(references)
     return sum(map(mcq_correct, predictions, references, ps)) / len(references)
+
+
+def pick_option(prediction: str, choices: Mapping[str, str]) -> str | None:
+    """The option a free-form answer picks: its letter (`extract_option_letter`, bounded by the
+    options' letters), else the option whose text it gives. None when it picks none or several."""
+    letters = "".join(choices) or "ABCD"
+    return extract_option_letter(prediction, letters) or (option_letter_from_text(prediction, choices)
+                                                         if choices else None)
+
+
+def gold_letter(answer: str, choices: Mapping[str, str]) -> str:
+    """The key as a letter: "B", "(B)", or the text of an option (MVBench keys by the option's text)."""
+    key = answer.strip()
+    if len(key) == 1 and key.upper() in (choices or {key.upper(): ""}):
+        return key.upper()
+    for letter, text in choices.items():
+        if normalize_answer(text) == normalize_answer(key):
+            return letter
+    return extract_option_letter(key, "".join(choices) or "ABCDEFGHIJ") or key.upper()
+
+
+def rotations(choices: Mapping[str, str], gold: str) -> list[tuple[dict[str, str], str]]:
+    """CircularEval (MMBench): the N rotations of the options' texts over the same letters, each with
+    where the key moved. Rotation 0 is the original."""
+    letters = list(choices)
+    texts = [choices[k] for k in letters]
+    at = letters.index(gold)
+    n = len(letters)
+    return [({letters[i]: texts[(i + k) % n] for i in range(n)}, letters[(at - k) % n]) for k in range(n)]

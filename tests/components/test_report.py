@@ -101,3 +101,40 @@ def test_report_truncates_long_text():
     long = "x" * 5000
     html = _report(examples=[{"task": "t", "prompt": long, "prediction": "", "reference": "", "score": 1.0}])
     assert long not in html and "more chars" in html
+
+
+def _eval_summary() -> dict:
+    def bench(title, family, metric, value, paper, sha="s", **extra):
+        return {"title": title, "family": family, "metric": metric, "value": value, "stderr": 0.01, "n": 10,
+                "items": 10, "failed": 0, "read_failures": 0, "data_sha256": sha, "paper": paper, **extra}
+
+    return {
+        "benchmarks": {
+            "fleurs_zh": bench("Fleurs-zh", "ASR", "cer", 0.08, 7.0),
+            "mmbench_en": bench("MMBench-EN", "image MCQ", "mcq_accuracy", 0.7, 76.2,
+                                by_category={"category": {"ocr": 0.5, "<b>x</b>": 0.9}}),
+            "covost2_en_zh": bench("CoVoST-2 en→zh", "S2TT", "bleu", 35.0, 40.2, sha="new", failed=2),
+        },
+        "overall": {"mcq_accuracy": 0.7, "cer": 0.08, "bleu": 35.0},
+        "examples": [{"task": "mmbench_en", "prompt": "q", "prediction": "B", "reference": "A", "score": 0.0}],
+        "failures": {"covost2_en_zh": [{"id": "c1", "reason": "bad audio: no audio stream"}]},
+        "before": {"source": "champion v3", "overall": {"mcq_accuracy": 0.6},
+                   "benchmarks": {"mmbench_en": {"metric": "mcq_accuracy", "value": 0.6, "data_sha256": "s"},
+                                  "covost2_en_zh": {"metric": "bleu", "value": 30.0, "data_sha256": "old"}}},
+    }
+
+
+def test_evaluation_report_in_the_papers_layout():
+    from components.report import evaluation_report, text_table
+
+    html = evaluation_report("Evaluation", _eval_summary(), {"sft": [2.0, 1.0]}, {"model": "tiny"})
+    table = html[html.index('<table class="benchmarks">'):]
+    table = table[: table.index("</table>")]
+    # families in the paper's order, scores in its units (percent, BLEU as is), the paper's number beside
+    assert table.index("MMBench-EN") < table.index("Fleurs-zh") < table.index("CoVoST-2")
+    assert ">70</td>" in table and ">8</td>" in table and ">76.2</td>" in table and ">+10</td>" in table
+    assert "champion v3" in html and html.count("<img") == 2  # scores chart + loss curves
+    assert "&lt;b&gt;x&lt;/b&gt;" in html and "no audio stream" in html  # categories escaped, failures listed
+    text = text_table(_eval_summary())
+    row = next(line for line in text.splitlines() if line.startswith("covost2_en_zh"))
+    assert "35.0" in row and "30.0" not in row  # the champion scored other data: no 'before'

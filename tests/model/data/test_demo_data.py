@@ -198,3 +198,24 @@ def test_stage_task_lists_match_the_demo_tasks():
     assert all(tasks <= TASKS for tasks in stages.values()), stages
     assert stages["sft"] == stages["omni_align"] == TASKS  # the mixed stages see every task
     assert {"ocr", "count"} <= stages["image_2"] and "video_color_mcq" in stages["video"]
+
+
+def test_held_out_records_are_written_as_benchmark_files(demo):
+    """The demo's evaluation goes through the benchmark readers: every held-out record is an item of
+    its omni_tiny_* benchmark, with the prompt it was trained on."""
+    from model.eval.readers import read_benchmark
+    from model.eval.runner import prompt_text
+    from pipelines.config import load_config
+
+    out, counts = demo
+    val = _records(out)["val"]
+    cfg = load_config([f"evaluation.data_root={out}"])
+    seen = {}
+    for name, spec in cfg.benchmark.items():
+        data = read_benchmark(spec, out / spec.data)
+        assert not data.failures, data.failures
+        for item in data.items:
+            seen[item.id] = (name, item, spec)
+    assert len(seen) == len(val) == counts["val"]
+    trained_prompts = sorted(r.prompt_messages[-1].content for r in val)
+    assert sorted(prompt_text(item, spec) for _, item, spec in seen.values()) == trained_prompts

@@ -1,0 +1,151 @@
+"""Evaluating a checkpoint on the selected benchmarks: the library code behind the DAG's evaluate step
+and `omni eval run` (no KFP here).
+
+For each benchmark in the config's `benchmark:` section: resolve its data (a relative path against
+`evaluation.data_root` or the pipeline's data input; s3:// is downloaded once into the work folder),
+read it with its reader, answer it with the runner (cached, resumable, sharded by rank), score it
+with its metric. The result is one summary (`metrics.json`), the per-item predictions with their
+scores, and the HTML report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from components.config import OmniConfig
+from model import runtime
+from model.config import BenchmarkConfig
+from model.eval.cache import PredictionCache, cache_key, checkpoint_fingerprint
+from model.eval.metrics import Score, aggregate, higher_is_better, score_rows
+from model.eval.readers import BenchData, read_benchmark
+from model.eval.runner import BenchmarkRun, run_benchmark
+from model.nn.generation import OmniChat
+from model.storage import open_store
+
+WORST = 5  # examples per benchmark in the report
+
+
+def selected(cfg: OmniConfig, names: list[str] | None = None) -> dict[str, BenchmarkConfig]:
+    """The benchmarks to run: `names`, or every entry of the config's `benchmark:` section."""
+    names = names or list(cfg.benchmark)
+    unknown = [n for n in names if n not in cfg.benchmark]
+    if unknown:
+        raise KeyError(f"unknown benchmark(s) {unknown}; the config has {sorted(cfg.benchmark)} "
+                       f"(select with benchmark=[{','.join(unknown)}])")
+    return {n: cfg.benchmark[n] for n in names}
+
+
+def resolve_data(cfg: OmniConfig, name: str, spec: BenchmarkConfig, data_root: str | None) -> Path:
+    """The benchmark's data as a local path (s3:// data is downloaded once into run.workdir)."""
+    if not spec.data:
+        raise FileNotFoundError(f"benchmark {name} has no data: set benchmark.{name}.data=PATH "
+                                f"(or `omni eval run --benchmark {name} --data PATH`)")
+    root = cfg.evaluation.data_root or data_root
+    uri = spec.data
+    if not (uri.startswith("s3://") or Path(uri).is_absolute()) and root:
+        uri = f"{root.rstrip('/')}/{uri}"
+    if not uri.startswith("s3://"):
+        path = Path(uri).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"benchmark {name}: data {path} does not exist (set benchmark.{name}.data)")
+        return path
+    local = cfg.workdir() / "benchmark-data" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (local / ".complete").exists():
+        bucket_uri, _, key = uri.rpartition("/")
+        store = open_store(bucket_uri)
+        if store.exists(key):  # a single file
+            store.download_file(key, local / key)
+        else:
+            store.download_dir(key, local / key)
+        (local / ".complete").touch()
+    return local / uri.rpartition("/")[2]
+
+
+def _result(name: str, spec: BenchmarkConfig, data: BenchData, score: Score) -> dict:
+    return {"title": spec.title, "family": spec.family, "paper": spec.paper, "lang": spec.lang,
+            **score.summary(), "data_sha256": data.sha256, "read_failures": len(data.failures),
+            "higher_is_better": higher_is_better(spec.metric)}
+
+
+def _worst(name: str, run: BenchmarkRun, score: Score, metric: str, k: int = WORST) -> list[dict]:
+    """The k worst-scored items, worst first, in the report's example shape."""
+    sign = -1 if not higher_is_better(metric) else 1
+    order = sorted(range(len(score.items)), key=lambda i: sign * score.items[i].score)
+    out = []
+    for i in order[:k]:
+        row = run.rows[i]
+        out.append({"task": name, "prompt": run.prompts.get(row.id, ""), "reference": " | ".join(row.answers),
+                    "prediction": f"(failed: {row.failed})" if row.failed else row.prediction,
+                    "score": score.items[i].score})
+    return out
+
+
+def evaluate_checkpoint(cfg: OmniConfig, model_dir: Path, out_dir: Path, names: list[str] | None = None,
+                        data_root: str | None = None, progress: bool = True) -> dict | None:
+    """Run and score the benchmarks on `model_dir`; writes metrics.json and predictions.jsonl into
+    `out_dir` and returns the summary (None on ranks other than the primary)."""
+    specs = selected(cfg, names)
+    paths = {name: resolve_data(cfg, name, spec, data_root) for name, spec in specs.items()}  # fail before loading
+    chat = OmniChat.load(model_dir)
+    store = open_store(cfg.evaluation.cache_uri or str(cfg.workdir() / "eval-cache"))
+    fingerprint = checkpoint_fingerprint(model_dir)
+    rank = runtime.ranks().rank
+    results, examples, failures, lines = {}, [], {}, []
+    for name, spec in specs.items():
+        data = read_benchmark(spec, paths[name])
+        key = cache_key(fingerprint, spec.model_dump_json(), data.sha256, str(cfg.evaluation.max_samples))
+        run = run_benchmark(chat, name, spec, data, cfg.evaluation, PredictionCache(store, key, rank), progress)
+        if not run.rows:
+            continue
+        score = score_rows(spec.metric, run.rows, spec.lang, categories=spec.categories or None,
+                           bootstrap=cfg.evaluation.bootstrap, seed=cfg.evaluation.seed)
+        results[name] = _result(name, spec, data, score) | {"answered": run.answered, "cached": run.cached}
+        examples += _worst(name, run, score, spec.metric)
+        failures[name] = [{"id": f.id, "reason": f.reason} for f in data.failures] + [
+            {"id": r.id, "reason": r.failed} for r in run.rows if r.failed]
+        lines += [{"benchmark": name, **r.model_dump(exclude_none=True), **s.to_json(spec.metric == "mcq_accuracy")}
+                  for r, s in zip(run.rows, score.items, strict=True)]
+    if not runtime.ranks().primary:
+        return None
+    summary = {"benchmarks": results, "overall": overall(results), "examples": examples, "failures": failures}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    (out_dir / "predictions.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    return summary
+
+
+def overall(results: dict[str, dict]) -> dict[str, float]:
+    """Cross-benchmark means of each metric, weighted by items (the figures the old gate compared)."""
+    return aggregate({n: {r["metric"]: r["value"]} for n, r in results.items()},
+                     {n: r["items"] for n, r in results.items()})
+
+
+def champion_scores(cfg: OmniConfig) -> dict | None:
+    """The champion's benchmark scores as the registry keeps them (no re-evaluation), or None."""
+    from components import gate, tracking
+    from components.lifecycle import mlflow_uri
+
+    champion = tracking.get_alias_version(mlflow_uri(cfg), cfg.tracking.registered_model, tracking.CHAMPION)
+    if champion is None:
+        return None
+    metrics, data = tracking.version_metrics(champion), gate.version_data(champion)
+    benchmarks = {name: {**s.model_dump(), "data_sha256": data.get(name)}
+                  for name, s in gate.benchmark_scores(metrics).items()}
+    return {"source": f"champion v{champion.version}", "benchmarks": benchmarks,
+            "overall": {k: v for k, v in metrics.items() if "." not in k}}
+
+
+def baseline(cfg: OmniConfig, init_dir: Path | None, out_dir: Path, data_root: str | None,
+             progress: bool = True) -> dict | None:
+    """The 'before' column (evaluation.baseline): the champion's registry scores; with
+    champion_or_init and no champion yet, the initial checkpoint evaluated once."""
+    if cfg.evaluation.baseline == "none":
+        return None
+    found = champion_scores(cfg)
+    if found is not None or cfg.evaluation.baseline == "champion" or init_dir is None:
+        return found
+    summary = evaluate_checkpoint(cfg, init_dir, out_dir, data_root=data_root, progress=progress)
+    return None if summary is None else {"source": "initial checkpoint", "benchmarks": summary["benchmarks"],
+                                         "overall": summary["overall"]}
