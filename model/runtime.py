@@ -33,13 +33,13 @@ class Ranks:
 
 
 def ranks(env: Mapping[str, str] | None = None) -> Ranks:
-    """This process's place in a distributed launch. An initialised process group has the last
-    word; otherwise the launcher's environment; a lone process is rank 0 of 1."""
-    dist = sys.modules.get("torch.distributed")  # only asked when torch is already loaded
-    if env is None and dist is not None and dist.is_available() and dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK") or 0)
-        return Ranks(dist.get_rank(), local, dist.get_world_size())
+    """This process's place in a distributed launch: the launcher's environment (torchrun, the
+    DeepSpeed launcher and Trainer pods set RANK/LOCAL_RANK/WORLD_SIZE, and `init_distributed` sets
+    them for a lone process); without it, an initialised process group; else rank 0 of 1."""
     env = os.environ if env is None else env
+    dist = sys.modules.get("torch.distributed")  # only asked when torch is already loaded
+    if "RANK" not in env and dist is not None and dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), int(env.get("LOCAL_RANK") or 0), dist.get_world_size())
     return Ranks(int(env.get("RANK") or 0), int(env.get("LOCAL_RANK") or 0), int(env.get("WORLD_SIZE") or 1))
 
 

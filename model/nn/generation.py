@@ -30,7 +30,7 @@ class OmniChat:
 
     def _inputs(self, batch: list[ChatInput]) -> dict:
         encoded = [self.processor.encode(item, add_generation_prompt=True) for item in batch]
-        device = next(self.model.parameters()).device
+        device = next(self.model.llm.parameters()).device  # the LLM's: encoders may live outside (Triton)
         tensors = {k: v.to(device) for k, v in self.processor.collate(encoded, left_pad=True).items()}
         tensors.pop("labels")
         ids, mask = tensors.pop("input_ids"), tensors.pop("attention_mask")

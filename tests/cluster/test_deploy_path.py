@@ -350,7 +350,7 @@ def test_a_restarted_stage_resumes_from_the_shared_checkpoint(cfg, tmp_path, mon
         return type("R", (), {"losses": [1.0], "seconds": 1.0, "tokens": 1, "trainable_params": 1})()
 
     monkeypatch.setattr(steps, "train_stage", fake_stage)
-    monkeypatch.setattr(steps.OmniModel, "from_pretrained", classmethod(lambda cls, d: _Saver()))
+    monkeypatch.setattr(steps, "build_for_stage", lambda d, stage: _Saver())
     monkeypatch.setattr(steps, "load_tokenizer", lambda d: None)
     monkeypatch.setattr(steps, "OmniProcessor", lambda *a: None)
     monkeypatch.setattr(steps, "_train_stream", lambda *a: type("D", (), {"num_samples": lambda self: 1})())
