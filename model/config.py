@@ -191,6 +191,18 @@ class ModelConfig(Strict):
 MODULES = ("vision_tower", "vision_projector", "video_projector", "audio_encoder", "audio_projector", "llm")
 
 
+class LoraConfig(Strict):
+    """LoRA adapters on the LLM's linear layers (peft): the LLM's own weights stay frozen, the
+    adapters learn at the stage's llm rate, and they are merged into the weights when the stage ends."""
+
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="names of the LLM's nn.Linear layers that get adapters")
+
+
 class StageConfig(Strict):
     """One training stage: which modules learn (the rest are frozen), at what learning rate."""
 
@@ -215,12 +227,15 @@ class StageConfig(Strict):
                                              "attention isolated per sample; micro_batch_size counts rows")
     activation_checkpointing: bool = Field(
         False, description="recompute LLM and encoder layer activations in backward: less memory, ~30% more compute")
+    lora: LoraConfig | None = Field(None, description="train the LLM through LoRA adapters (needs llm in trainable)")
 
     @model_validator(mode="after")
     def _known_modules(self) -> StageConfig:
         for name in [*self.trainable, *self.lr_overrides]:
             if name not in MODULES:
                 raise ValueError(f"stage {self.name!r}: unknown module {name!r}; choose from {', '.join(MODULES)}")
+        if self.lora and "llm" not in self.trainable:
+            raise ValueError(f"stage {self.name!r}: lora adapts the LLM, but llm is not in trainable; add it")
         return self
 
 

@@ -61,7 +61,8 @@ def compose(cfg: ModelConfig, out: str | Path, tokenizer=None, seed: int = 0, ma
     with tempfile.TemporaryDirectory(prefix="omni-compose-") as tmp:
         folders = {p: fetch(uri, Path(tmp) / p, want=lambda k: "/" not in k) for p, uri in sources.items()}
         files = {p: TensorFiles(folder) for p, folder in folders.items()}
-        tok = tokenizer or start_tokenizer(cfg) or train_tokenizer(BASE_CORPUS, cfg.tokenizer.vocab_size)
+        tok = tokenizer if tokenizer is not None else start_tokenizer(cfg)
+        tok = tok if tok is not None else train_tokenizer(BASE_CORPUS, cfg.tokenizer.vocab_size)
         dtype = _dtype(cfg, files)
         log(f"composing {', '.join(f'{p} <- {u}' for p, u in sources.items()) or 'fresh weights'} in {dtype}")
         torch.manual_seed(seed)

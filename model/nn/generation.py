@@ -13,13 +13,15 @@ from transformers import TextIteratorStreamer
 from model.nn.checkpoint import TOKENIZER_DIR
 from model.nn.omni import OmniModel
 from model.text.processor import ChatInput, OmniProcessor
-from model.text.tokenizer import load_tokenizer
+from model.text.tokenizer import load_tokenizer, stop_ids
 
 
 class OmniChat:
     def __init__(self, model: OmniModel, processor: OmniProcessor):
         self.model, self.processor = model.eval(), processor
         self.tok = processor.tok
+        # The checkpoint's stop set (<|im_end|>, the tokenizer's and the LLM's own eos); older checkpoints: ours.
+        self.stop_ids = model.stop_token_ids or stop_ids(self.tok)
 
     @classmethod
     def load(cls, path: str | Path) -> OmniChat:
@@ -39,7 +41,7 @@ class OmniChat:
         return {
             "max_new_tokens": max_new_tokens,
             "do_sample": False,
-            "eos_token_id": self.tok.eos_token_id,
+            "eos_token_id": self.stop_ids,
             "pad_token_id": self.tok.pad_token_id,
         }
 

@@ -86,7 +86,8 @@ def architecture(part: str, config: PretrainedConfig) -> dict:
     theta = rope.pop("rope_theta", None)
     scaling = rope if rope.get("rope_type", "default") != "default" else None
     window = c.sliding_window if getattr(c, "use_sliding_window", False) else None
-    return {f: getattr(c, f) for f in ARCH_FIELDS["llm"]} | {
+    derived = ("rope_theta", "rope_scaling", "sliding_window", "max_window_layers")
+    return {f: getattr(c, f) for f in ARCH_FIELDS["llm"] if f not in derived} | {
         "rope_theta": float(theta) if theta is not None else None, "rope_scaling": scaling, "sliding_window": window,
         "max_window_layers": c.max_window_layers if window is not None else None}
 
@@ -95,10 +96,13 @@ def our_key(part: str, key: str) -> str | None:
     """Where checkpoint tensor `key` of `part` goes in OmniModel: a name, DROP, or None (unexpected)."""
     if part == "llm":
         return f"llm.{key}" if key.startswith("model.") or key == "lm_head.weight" else None
-    if part == "vision":
-        if key.startswith(("text_model.", "vision_model.head.")) or key in ("logit_scale", "logit_bias"):
-            return DROP  # the text tower, the pooled head and the contrastive scale: unused by the omni model
-        return f"vision_tower.{key}" if key.startswith("vision_model.") else None
+    if part == "vision":  # two-tower and older vision-only repos say vision_model.*, transformers 5 saves it bare
+        if key.startswith("text_model.") or key in ("logit_scale", "logit_bias"):
+            return DROP  # the text tower and the contrastive scale: unused by the omni model
+        key = key.removeprefix("vision_model.")
+        if key.startswith("head."):
+            return DROP  # the pooled head: we take every patch
+        return f"vision_tower.{key}" if key.startswith(("embeddings.", "encoder.", "post_layernorm.")) else None
     for prefix in ("model.encoder.", "encoder."):  # WhisperForConditionalGeneration, WhisperModel
         if key.startswith(prefix):
             return "audio_encoder.encoder." + key[len(prefix):]
