@@ -45,7 +45,8 @@ def qwen2_tokenizer(template: str = QWEN_TEMPLATE) -> Qwen2Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<|endoftext|>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator([WORDS] * 20 + ["0123456789 abcdefghijklmnopqrstuvwxyz"], trainer=trainer)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
     tok = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                          unk_token=None)
     tok.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>"]})
