@@ -46,10 +46,11 @@ compile: install
 	$(BIN)/omni pipeline compile
 
 # Training throughput (packed vs padded, FLOP/s vs GEMM peak), data-prep records/s and video
-# sampling by seek vs decode-every-frame: see benchmarks/README.md.
+# sampling by seek vs decode-every-frame, peak RSS of composing pretrained parts: see benchmarks/README.md.
 bench: install
 	$(BIN)/python -m benchmarks.bench_training
 	$(BIN)/python -m benchmarks.bench_data
+	$(BIN)/python -m benchmarks.bench_compose
 
 # Cluster artifacts (docs/deploy.md). checkov gets its own venv: its pins (packaging<24, networkx<2.7,
 # tabulate<0.10, ...) clash with torch, mlflow and kfp in $(VENV).

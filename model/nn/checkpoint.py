@@ -45,9 +45,21 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, max_shard_siz
     path = Path(path)
     for old in [*path.glob("model*.safetensors"), path / "model.safetensors.index.json"]:
         old.unlink(missing_ok=True)  # a re-save with another shard count must not leave stale shards
-    cpu = {k: v.detach().contiguous().cpu() for k, v in _drop_aliases(state).items()}
+    cpu = _own_storage({k: v.detach().contiguous().cpu() for k, v in _drop_aliases(state).items()})
     save_torch_state_dict(cpu, str(path), max_shard_size=max_shard_size)
     return sorted(p.name for p in path.glob("model*.safetensors*"))
+
+
+def _own_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses views into a shared buffer (DeepSpeed leaves parameters in flat ones):
+    those are copied; tensors that own their memory (a composed or loaded model) are written as they are."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        storage = v.untyped_storage()
+        shared = storage.data_ptr() in seen or storage.nbytes() != v.numel() * v.element_size()
+        out[k] = v.clone() if shared else v
+        seen.add(storage.data_ptr())
+    return out
 
 
 def _drop_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
