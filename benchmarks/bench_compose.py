@@ -64,7 +64,8 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
 
 def make_parts(root: Path, hidden: int, layers: int, dtype: torch.dtype) -> dict:
     llm = Qwen2Config(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                      num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096, eos_token_id=2)
+                      num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
+                      max_position_embeddings=4096, eos_token_id=2)
     vision = SiglipConfig(vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                                          "num_attention_heads": 12, "image_size": 224, "patch_size": 16},
                           text_config={"vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
