@@ -179,9 +179,13 @@ class ModelConfig(Strict):
         if self.pretrained:
             return self
         for part in (p for p in PARTS if p not in self.init.sources()):
-            if missing := [f for f in REQUIRED[part] if getattr(getattr(self, part), f) is None]:
+            values = getattr(self, part)
+            if missing := [f for f in REQUIRED[part] if getattr(values, f) is None]:
                 raise ValueError(f"model.{part}: {', '.join(missing)} not set: declare the {part} architecture in "
                                  f"conf/model, or give model.init.{part} to take it from a checkpoint's config.json")
+            for key, value in FRESH_DEFAULTS[part].items():  # a part built from the config is complete in it
+                if getattr(values, key) is None:
+                    setattr(values, key, value)
         return self
 
     def part(self, name: str) -> LLMConfig | VisionConfig | AudioConfig:
