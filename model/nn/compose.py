@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.nn.hf import our_key
+from model.nn.hf import embedding_rows, our_key
 from model.nn.loading import LoadReport, TensorFiles, initialise_missing, load_tensors
 from model.nn.omni import OmniModel
 from model.nn.sources import fetch, is_remote, read_json, resolve, start_tokenizer
@@ -66,7 +66,7 @@ def compose(cfg: ModelConfig, out: str | Path, tokenizer=None, seed: int = 0, ma
         dtype = _dtype(cfg, files)
         log(f"composing {', '.join(f'{p} <- {u}' for p, u in sources.items()) or 'fresh weights'} in {dtype}")
         torch.manual_seed(seed)
-        model = OmniModel(resolved, max(resolved.llm.vocab_size or 0, len(tok)), _placeholders(tok),
+        model = OmniModel(resolved, embedding_rows(resolved, len(tok)), _placeholders(tok),
                           on_meta=[MODULE_OF[p] for p in sources], stop_token_ids=_stop_ids(tok, sources))
         for p in (p for p in MODULE_OF if p not in sources):
             _cast(getattr(model, MODULE_OF[p]), dtype)

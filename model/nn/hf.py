@@ -59,6 +59,11 @@ def hf_configs(cfg: ModelConfig, rows: int) -> tuple[SiglipVisionConfig, Whisper
     return vision, audio, llm
 
 
+def embedding_rows(cfg: ModelConfig, tokens: int) -> int:
+    """The LLM's embedding (and LM head) rows: max(the checkpoint's rows, the tokenizer's length)."""
+    return max(cfg.llm.vocab_size or 0, tokens)
+
+
 def _filled(cfg: ModelConfig, part: str) -> dict:
     """A part's values with a fresh model's defaults where the config leaves them null."""
     values = cfg.part(part).model_dump()

@@ -37,13 +37,14 @@ class StagePlan:
 
 def meta_model(cfg: ModelConfig):
     """The configured model on the meta device; architecture from `model.init`'s checkpoints where given."""
+    from model.nn.hf import embedding_rows
     from model.nn.omni import OmniModel
-    from model.nn.sources import resolve
+    from model.nn.sources import resolve, start_tokenizer, tokenizer_source
 
+    tokens = len(start_tokenizer(cfg)) if tokenizer_source(cfg) else cfg.tokenizer.vocab_size
     cfg = resolve(cfg)
-    vocab = cfg.llm.vocab_size or cfg.tokenizer.vocab_size
     with torch.device("meta"):
-        return OmniModel(cfg, vocab, {"image": 0, "video": 1, "audio": 2})
+        return OmniModel(cfg, embedding_rows(cfg, tokens), {"image": 0, "video": 1, "audio": 2})
 
 
 def parameter_counts(cfg: ModelConfig, model=None) -> dict[str, int]:

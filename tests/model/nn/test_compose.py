@@ -185,3 +185,31 @@ def test_sharded_omni_checkpoint_round_trips(composed, tmp_path):
     again = OmniModel.from_pretrained(tmp_path / "sharded")
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_rope_scaling_sliding_window_and_ties_come_from_config_json():
+    from transformers import Qwen2Config
+
+    from model.nn.hf import architecture, hf_configs
+
+    theirs = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True, use_sliding_window=True,
+                         sliding_window=256, max_window_layers=2, rope_theta=5e5,
+                         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048})
+    values = architecture("llm", theirs)
+    assert values["rope_theta"] == 5e5 and values["rope_scaling"]["rope_type"] == "yarn"
+    assert values["sliding_window"] == 256 and values["tie_word_embeddings"] is True
+    raw = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"))
+    cfg = ModelConfig(**{**raw, "llm": values})
+    ours = hf_configs(cfg, 100)[2]
+    assert ours.rope_parameters == theirs.rope_parameters and ours.layer_types == theirs.layer_types
+    assert ours.sliding_window == 256 and ours.tie_word_embeddings
+
+
+def test_plan_counts_the_composed_parts(parts, composed):
+    from model.nn.plan import parameter_counts
+
+    _, _, model = composed
+    counts = parameter_counts(model_cfg(**parts))
+    assert counts["llm"] == sum(p.numel() for p in model.llm.parameters())
+    assert counts["vision_tower"] == sum(p.numel() for p in model.vision_tower.parameters())
