@@ -89,7 +89,7 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path
         shutil.copytree(init_dir, out_dir, dirs_exist_ok=True)
         return {"skipped": True, "steps": 0}
     stage = cfg.stages[stage_name]
-    model = OmniModel.from_pretrained(init_dir)
+    model = OmniModel.from_pretrained(init_dir, dtype=runtime.dtype())  # bf16 on a GPU, fp32 on a CPU
     tokenizer = load_tokenizer(init_dir / TOKENIZER_DIR)
     processor = OmniProcessor(tokenizer, model.cfg)
     dataset = _train_stream(cfg, stage.data_tasks, data_dir, sft_filter_dir)

@@ -252,7 +252,7 @@ def test_only_global_rank_0_logs_the_stage_and_saves(multi, monkeypatch, tmp_pat
 
     model = SimpleNamespace(cfg=cfg.model, save_pretrained=save_pretrained)
     trained = []
-    monkeypatch.setattr(steps.OmniModel, "from_pretrained", lambda _d: model)
+    monkeypatch.setattr(steps.OmniModel, "from_pretrained", lambda _d, **_k: model)
     monkeypatch.setattr(steps, "load_tokenizer", lambda _d: object())
     monkeypatch.setattr(steps, "OmniProcessor", lambda *_a: object())
     monkeypatch.setattr(steps, "ShardStream", lambda *_a, **_k: SimpleNamespace(num_samples=lambda: 8))
