@@ -53,11 +53,12 @@ compile: install
 	$(BIN)/omni pipeline compile
 
 # Training throughput (packed vs padded, FLOP/s vs GEMM peak), data-prep records/s, video
-# sampling by seek vs decode-every-frame, and serving (8 clients / 1, endpoint / in-process latency,
-# a 10,000-request mixed load): see benchmarks/README.md.
+# sampling by seek vs decode-every-frame, peak RSS of composing pretrained parts, and serving
+# (8 clients / 1, endpoint / in-process latency, a 10,000-request mixed load): see benchmarks/README.md.
 bench: install
 	$(BIN)/python -m benchmarks.bench_training
 	$(BIN)/python -m benchmarks.bench_data
+	$(BIN)/python -m benchmarks.bench_compose
 	$(BIN)/python -m benchmarks.bench_serving
 
 # The real tritonserver the tests start (serving/triton.py): the models get their own venv with

@@ -9,8 +9,6 @@ import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-
 from components import tracking
 from components.config import OmniConfig
 from components.data_report import data_report
@@ -25,7 +23,10 @@ from model.data.prep import prepare
 from model.data.shards import ShardStream
 from model.export.triton import write_triton_repository
 from model.nn.checkpoint import TOKENIZER_DIR
+from model.nn.compose import compose
 from model.nn.omni import OmniModel
+from model.nn.sources import is_remote, resolve
+from model.storage import open_store
 from model.text.processor import OmniProcessor
 from model.text.tokenizer import load_tokenizer
 from model.training.loading import build_for_stage
@@ -62,15 +63,18 @@ def data_prep_metrics(manifest: dict) -> dict[str, float]:
 
 
 def init_model(cfg: OmniConfig, data_dir: Path, out_dir: Path) -> Path:
-    """The starting checkpoint: the configured pretrained one, or fresh weights from the model
-    config with the tokenizer data prep trained."""
+    """The starting checkpoint: the omni checkpoint `model.pretrained` (folder or s3://), or one
+    composed from `model.init`'s Hugging Face parts (fresh weights where a part is not given) with the
+    tokenizer data prep used; `compose_report.json` says what came from where."""
     if cfg.model.pretrained:
-        shutil.copytree(cfg.model.pretrained, out_dir, dirs_exist_ok=True)
+        resolve(cfg.model)  # the config must describe the checkpoint it continues from
+        if is_remote(cfg.model.pretrained):
+            open_store(cfg.model.pretrained).download_dir("", out_dir)
+        else:
+            shutil.copytree(cfg.model.pretrained, out_dir, dirs_exist_ok=True)
         return out_dir
-    tokenizer = load_tokenizer(data_dir / TOKENIZER_DIR)
-    torch.manual_seed(cfg.data.seed)
-    processor = OmniProcessor(tokenizer, cfg.model)
-    OmniModel(cfg.model, len(tokenizer), processor.placeholder_ids).save_pretrained(out_dir, tokenizer)
+    report = compose(cfg.model, out_dir, tokenizer=load_tokenizer(data_dir / TOKENIZER_DIR), seed=cfg.data.seed)
+    (out_dir / "compose_report.json").write_text(json.dumps(report, indent=2))
     return out_dir
 
 

@@ -19,24 +19,31 @@ class Strict(BaseModel):
 
 
 class LLMConfig(Strict):
-    """Qwen2-architecture causal LM. `vocab_size=None` means: take it from the tokenizer."""
+    """Qwen2-architecture causal LM. A null value is taken from `model.init.llm`'s config.json (or a
+    fresh model's default); a value set here that the checkpoint contradicts is an error
+    (`model.nn.sources.resolve`). `vocab_size` = the checkpoint's embedding rows (null for a fresh
+    model: the tokenizer's length)."""
 
-    hidden_size: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0)
-    num_hidden_layers: int = Field(gt=0)
-    num_attention_heads: int = Field(gt=0)
-    num_key_value_heads: int = Field(gt=0)
-    max_position_embeddings: int = 4096
-    rope_theta: float = 1_000_000.0
-    vocab_size: int | None = None
-    tie_word_embeddings: bool = False
-    rms_norm_eps: float = 1e-6
+    hidden_size: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    num_hidden_layers: int | None = Field(None, gt=0)
+    num_attention_heads: int | None = Field(None, gt=0)
+    num_key_value_heads: int | None = Field(None, gt=0)
+    max_position_embeddings: int | None = Field(None, gt=0)
+    rope_theta: float | None = Field(None, gt=0)
+    rope_scaling: dict | None = Field(None, description="RoPE scaling as in config.json (rope_type, factor, ...)")
+    sliding_window: int | None = Field(None, gt=0, description="window of the sliding-attention layers; null = full")
+    max_window_layers: int | None = Field(None, ge=0, description="layers below this index keep full attention")
+    vocab_size: int | None = Field(None, gt=0)
+    tie_word_embeddings: bool | None = None
+    rms_norm_eps: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> LLMConfig:
-        if self.hidden_size % self.num_attention_heads:
+        h, q, kv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        if h and q and h % q:
             raise ValueError("llm.hidden_size must be divisible by llm.num_attention_heads")
-        if self.num_attention_heads % self.num_key_value_heads:
+        if q and kv and q % kv:
             raise ValueError("llm.num_attention_heads must be divisible by llm.num_key_value_heads")
         return self
 
@@ -50,20 +57,21 @@ class VisionConfig(Strict):
     is merged 2x2 by the projector: an odd grid (27x27 at 384/14) gives floor(g^2/4) tokens
     (729 -> 182), see `model.nn.projectors.merge_2x2`."""
 
-    hidden_size: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0)
-    num_hidden_layers: int = Field(gt=0)
-    num_attention_heads: int = Field(gt=0)
-    image_size: int = Field(gt=0)
-    patch_size: int = Field(gt=0)
-    num_channels: int = 3
+    hidden_size: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    num_hidden_layers: int | None = Field(None, gt=0)
+    num_attention_heads: int | None = Field(None, gt=0)
+    image_size: int | None = Field(None, gt=0)
+    patch_size: int | None = Field(None, gt=0)
+    num_channels: int | None = Field(None, gt=0)
     anyres_grids: list[tuple[int, int]] = Field(
         default_factory=lambda: [(1, 1), (2, 1), (1, 2), (2, 2), (3, 1), (1, 3)],
         min_length=1, description="candidate tile grids as (columns, rows); (1, 1) = no tiling")
 
     @model_validator(mode="after")
     def _grids(self) -> VisionConfig:
-        if self.image_size < 2 * self.patch_size:  # SigLIP floors: 384 / 14 -> a 27x27 grid
+        # SigLIP floors: 384 / 14 -> a 27x27 grid
+        if self.image_size and self.patch_size and self.image_size < 2 * self.patch_size:
             raise ValueError("vision.image_size must be at least 2 patches (2 * vision.patch_size)")
         bad = [g for g in self.anyres_grids if min(g) < 1]
         if bad:
@@ -94,14 +102,15 @@ class VideoConfig(Strict):
 
 
 class AudioConfig(Strict):
-    """Whisper encoder + Conv-GMLP projector. Any input length: the positional table is sliced."""
+    """Whisper encoder + Conv-GMLP projector. Any input length: the positional table is sliced.
+    Null architecture values come from `model.init.audio`'s config.json (or a fresh default)."""
 
-    num_mel_bins: int = 128
-    d_model: int = Field(gt=0)
-    encoder_layers: int = Field(gt=0)
-    encoder_attention_heads: int = Field(gt=0)
-    encoder_ffn_dim: int = Field(gt=0)
-    max_source_positions: int = 1500
+    num_mel_bins: int | None = Field(None, gt=0)
+    d_model: int | None = Field(None, gt=0)
+    encoder_layers: int | None = Field(None, gt=0)
+    encoder_attention_heads: int | None = Field(None, gt=0)
+    encoder_ffn_dim: int | None = Field(None, gt=0)
+    max_source_positions: int | None = Field(None, gt=0)
     projector_stride: Literal[2, 4, 8] = 4
     sampling_rate: int = 16000
     max_seconds: float = Field(30.0, gt=0)
@@ -114,14 +123,48 @@ class TokenizerConfig(Strict):
     vocab_size: int = 1024
 
 
+PARTS = ("llm", "vision", "audio")
+# A part without a checkpoint is built from the config: these must be set...
+REQUIRED = {
+    "llm": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"),
+    "vision": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+               "patch_size"),
+    "audio": ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim"),
+}
+# ...and these null values mean (sliding_window, rope_scaling and vocab_size stay null: off, none, the tokenizer's).
+FRESH_DEFAULTS = {
+    "llm": {"max_position_embeddings": 4096, "rope_theta": 1_000_000.0, "tie_word_embeddings": False,
+            "rms_norm_eps": 1e-6},
+    "vision": {"num_channels": 3},
+    "audio": {"num_mel_bins": 128, "max_source_positions": 1500},
+}
+
+
+class InitConfig(Strict):
+    """Pretrained Hugging Face parts to start from (`omni model compose`, the DAG's init-model): a
+    folder or s3:// URI each; a part not given is freshly initialised."""
+
+    llm: str | None = Field(None, description="a Qwen2-class causal LM folder (config.json, safetensors, tokenizer)")
+    vision: str | None = Field(None, description="a SigLIP folder: two-tower SiglipModel or SiglipVisionModel")
+    audio: str | None = Field(None, description="a Whisper folder: WhisperForConditionalGeneration or WhisperModel")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype of the composed checkpoint; auto = the LLM's (else the first part's), fp32 "
+                            "when nothing is loaded")
+
+    def sources(self) -> dict[str, str]:
+        return {part: uri for part in PARTS if (uri := getattr(self, part))}
+
+
 class ModelConfig(Strict):
     name: str
-    llm: LLMConfig
-    vision: VisionConfig
+    llm: LLMConfig = LLMConfig()
+    vision: VisionConfig = VisionConfig()
     video: VideoConfig = VideoConfig()
-    audio: AudioConfig
+    audio: AudioConfig = AudioConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
-    pretrained: str | None = Field(None, description="omni checkpoint dir to start from; null = fresh weights")
+    init: InitConfig = InitConfig()
+    pretrained: str | None = Field(None, description="an omni checkpoint (folder or s3://) to continue from; "
+                                                     "null = compose from model.init (fresh where a part is unset)")
     max_seq_len: int = Field(512, gt=0)
     loss_chunk_tokens: int | None = Field(
         None, ge=0, description="target tokens per chunk of the LM-head loss, which then never holds the full "
@@ -138,8 +181,40 @@ class ModelConfig(Strict):
             return self.loss_chunk_tokens
         return 1024 if vocab_size > 32768 else 0
 
+    @model_validator(mode="after")
+    def _one_start(self) -> ModelConfig:
+        if self.pretrained and self.init.sources():
+            raise ValueError(f"model.pretrained and model.init.{'/'.join(self.init.sources())} both say where to "
+                             "start: continue from the omni checkpoint, or compose from parts, not both")
+        if self.pretrained:
+            return self
+        for part in (p for p in PARTS if p not in self.init.sources()):
+            values = getattr(self, part)
+            if missing := [f for f in REQUIRED[part] if getattr(values, f) is None]:
+                raise ValueError(f"model.{part}: {', '.join(missing)} not set: declare the {part} architecture in "
+                                 f"conf/model, or give model.init.{part} to take it from a checkpoint's config.json")
+            for key, value in FRESH_DEFAULTS[part].items():  # a part built from the config is complete in it
+                if getattr(values, key) is None:
+                    setattr(values, key, value)
+        return self
+
+    def part(self, name: str) -> LLMConfig | VisionConfig | AudioConfig:
+        return getattr(self, name)
+
 
 MODULES = ("vision_tower", "vision_projector", "video_projector", "audio_encoder", "audio_projector", "llm")
+
+
+class LoraConfig(Strict):
+    """LoRA adapters on the LLM's linear layers (peft): the LLM's own weights stay frozen, the
+    adapters learn at the stage's llm rate, and they are merged into the weights when the stage ends."""
+
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="names of the LLM's nn.Linear layers that get adapters")
 
 
 class StageConfig(Strict):
@@ -166,12 +241,15 @@ class StageConfig(Strict):
                                              "attention isolated per sample; micro_batch_size counts rows")
     activation_checkpointing: bool = Field(
         False, description="recompute LLM and encoder layer activations in backward: less memory, ~30% more compute")
+    lora: LoraConfig | None = Field(None, description="train the LLM through LoRA adapters (needs llm in trainable)")
 
     @model_validator(mode="after")
     def _known_modules(self) -> StageConfig:
         for name in [*self.trainable, *self.lr_overrides]:
             if name not in MODULES:
                 raise ValueError(f"stage {self.name!r}: unknown module {name!r}; choose from {', '.join(MODULES)}")
+        if self.lora and "llm" not in self.trainable:
+            raise ValueError(f"stage {self.name!r}: lora adapts the LLM, but llm is not in trainable; add it")
         return self
 
 

@@ -11,6 +11,10 @@
     omni train STAGE --data D --init C --out O    one training stage outside the DAG (torchrun for N GPUs)
     omni eval run --benchmark NAME --data PATH --model-dir DIR   a registry benchmark on a checkpoint
     omni eval score FILE --metric NAME [--lang en|zh] [--details OUT]   score predictions made by anything
+    omni model compose --llm URI --vision URI --audio URI --out DIR
+                                                  an omni checkpoint from Hugging Face parts (folders or s3://)
+    omni model export-hf --model-dir DIR --out DIR
+                                                  the trained LLM as a Hugging Face Qwen2ForCausalLM folder
     omni config [overrides]                       print the resolved, validated config
     omni cluster render --out DIR [--values FILE] every manifest for a cluster (chart, ISVC, TrainJob, node pools)
     omni cluster node-pools                       regenerate infra/ node pools from conf/cluster
@@ -89,12 +93,11 @@ def _run(cfg, args) -> int:
 
 
 def _train(cfg, args) -> int:
-    import hashlib
     import json
 
     from components.steps import train
     from model import runtime
-    from model.nn.checkpoint import WEIGHTS_FILE
+    from model.nn.checkpoint import weights_sha256
 
     if args.stage not in cfg.stages:
         return fail(f"unknown stage {args.stage!r}; the config has {', '.join(cfg.stages)}")
@@ -104,8 +107,8 @@ def _train(cfg, args) -> int:
     primary = runtime.ranks().primary
     result = train(cfg, args.stage, args.data, args.init, args.out, None, progress=primary)
     if primary:  # only rank 0 saves the checkpoint (and speaks for the run)
-        digest = hashlib.sha256((args.out / WEIGHTS_FILE).read_bytes()).hexdigest()
-        print(json.dumps({"steps": result["steps"], "final_loss": result.get("final_loss"), "weights_sha256": digest}))
+        print(json.dumps({"steps": result["steps"], "final_loss": result.get("final_loss"),
+                          "weights_sha256": weights_sha256(args.out)}))
     return 0
 
 
@@ -115,6 +118,41 @@ def _plan(cfg, args) -> int:
     checkpointing = {"stage": None, "on": True, "off": False}[args.checkpointing]
     print(format_plan(cfg.model, cfg.ordered_stages(), args.gpus, args.gpu_gib, args.micro_batch,
                       checkpointing=checkpointing))
+    return 0
+
+
+def _compose(cfg, args) -> int:
+    import json
+
+    from model.nn.compose import compose
+    from model.storage import StorageError
+
+    try:
+        report = compose(cfg.model, args.out, seed=cfg.data.seed, log=print)
+    except (FileNotFoundError, StorageError, ValueError) as err:  # a bad source or a config that contradicts it
+        return fail(str(err))
+    for part in ("llm", "vision", "audio"):
+        r = report[part]
+        where = f"from {r['source']}" if r["source"] else "fresh (no source given)"
+        print(f"{part:<7}{where}: {r['tensors_loaded']} tensors / {r['parameters_loaded']:,} parameters loaded, "
+              f"{r['tensors_dropped']} dropped, {r['new_parameters']:,} new parameters ({r['new_rows']} new rows)")
+    print(f"projectors: {report['projectors']['new_parameters']:,} new parameters; checkpoint written to {args.out}")
+    print(json.dumps(report))
+    return 0
+
+
+def _export_hf(cfg, args) -> int:
+    import json
+
+    from model.export.hf import export_llm
+
+    try:
+        report = export_llm(args.model_dir, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        return fail(str(err))
+    print(f"wrote {report['architecture']} ({report['parameters']:,} parameters, {report['dtype']}) and its "
+          f"tokenizer ({report['added_tokens']} added tokens) to {args.out}")
+    print(json.dumps(report))
     return 0
 
 
@@ -299,6 +337,22 @@ def _add_model(sub) -> None:
                       help="sequences per GPU per step (default: each stage's micro_batch_size)")
     plan.add_argument("--checkpointing", choices=("stage", "on", "off"), default="stage",
                       help="activation checkpointing: as each stage's config says (default), or on/off for all")
+    comp = _command(model, "compose", "Write an omni checkpoint from pretrained Hugging Face parts: a Qwen2-class "
+                    "causal LM, SigLIP (two-tower SiglipModel or vision-only) and Whisper (WhisperForConditional"
+                    "Generation or WhisperModel), each a folder or s3:// URI (s3 needs S3_ENDPOINT_URL, "
+                    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). The architecture comes from each part's config.json "
+                    "(a conf/model value that disagrees fails before any weight is read); a part not given is "
+                    "freshly initialised, as are the projectors and the embedding rows of added tokens. The last "
+                    "line is a JSON object with the per-part counts. Example: omni model compose --llm "
+                    "s3://models/Qwen2.5-7B-Instruct --vision s3://models/siglip-so400m-patch14-384 --audio "
+                    "s3://models/whisper-large-v3 --out ckpt/omni-7b model=hf", _compose)
+    for part, what in (("llm", "Qwen2-class LLM"), ("vision", "SigLIP"), ("audio", "Whisper")):
+        comp.add_argument(f"--{part}", metavar="URI", help=f"{what} folder or s3:// URI (default: model.init.{part})")
+    comp.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    exp = _command(model, "export-hf", "Write a checkpoint's LLM (with the tokens we added) as a Hugging Face "
+                   "Qwen2ForCausalLM folder that AutoModelForCausalLM.from_pretrained loads.", _export_hf)
+    exp.add_argument("--model-dir", type=Path, required=True, help="an omni checkpoint folder")
+    exp.add_argument("--out", type=Path, required=True, help="output folder")
 
 
 def _add_train(sub) -> None:
@@ -391,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("data prep needs at least one INPUT (a JSONL file or a folder of them)")
     if args.handler is _eval_run:  # compose only the benchmarks asked for
         args.overrides = [f"benchmark=[{','.join(args.benchmark)}]", *args.overrides]
+    if args.handler is _compose:  # the flags are config values: overrides, so the config validates with them
+        quoted = {p: getattr(args, p).replace("'", "\\'") for p in ("llm", "vision", "audio") if getattr(args, p)}
+        args.overrides += [f"model.init.{p}='{uri}'" for p, uri in quoted.items()]
     from components.config import ConfigError
     from pipelines.config import load_config
 

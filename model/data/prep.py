@@ -51,9 +51,10 @@ from model.data.shards import (
 )
 from model.data.validate import maybe_id, parse_record
 from model.nn.checkpoint import TOKENIZER_DIR
+from model.nn.sources import resolve, start_tokenizer
 from model.storage import S3Store, StorageError, open_store
 from model.text.processor import OmniProcessor
-from model.text.tokenizer import load_tokenizer, train_tokenizer
+from model.text.tokenizer import BASE_CORPUS, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def prepare(inputs: list[str | Path], out: str | Path, data: DataConfig, model: 
     out = str(out)
     files = input_files(inputs)
     _check_run(files, out)
+    model = resolve(model)  # placeholder counts follow the starting checkpoints' architecture
     if out.startswith("s3://"):
         with tempfile.TemporaryDirectory(prefix="omni-prep-") as staging:
             result = _prepare(files, Path(staging), data, model, progress)
@@ -411,13 +413,9 @@ def _manifest(ledger: Ledger, shards: list[dict], out_dir: Path, config: dict, p
 
 
 def _tokenizer(model: ModelConfig, records: list[Record]):
-    """The tokenizer training will use: the configured one, the pretrained checkpoint's, or (tiny
-    and small configs) a BPE trained here on the training records."""
-    if model.tokenizer.path:
-        return load_tokenizer(model.tokenizer.path)
-    if model.pretrained:
-        return load_tokenizer(Path(model.pretrained) / TOKENIZER_DIR)
+    """The tokenizer training will use (`model.nn.sources.tokenizer_source`: the configured one, the
+    omni checkpoint's, the LLM's), or (tiny and small configs) a BPE trained here on the records."""
+    if (tok := start_tokenizer(model)) is not None:
+        return tok
     texts = [m.content for r in records for m in r.messages]
-    # Role names and digits/letters appear in every prompt: make sure they are in the corpus.
-    texts += ["system user assistant", "0123456789 ABCD abcdefghijklmnopqrstuvwxyz"]
-    return train_tokenizer(texts, model.tokenizer.vocab_size)
+    return train_tokenizer([*texts, *BASE_CORPUS], model.tokenizer.vocab_size)

@@ -14,13 +14,16 @@ from model import runtime
 from model.nn.checkpoint import TOKENIZER_DIR
 from model.nn.omni import OmniModel
 from model.text.processor import ChatInput, OmniProcessor
-from model.text.tokenizer import load_tokenizer
+from model.text.tokenizer import load_tokenizer, stop_ids
 
 
 class OmniChat:
     def __init__(self, model: OmniModel, processor: OmniProcessor):
         self.model, self.processor = model.eval(), processor
         self.tok = processor.tok
+        # The checkpoint's stop set (<|im_end|>, the tokenizer's and the LLM's own eos); older checkpoints: ours.
+        # What `generate` stops on; the serving engine uses the same list.
+        self.stop_ids: list[int] = list(model.stop_token_ids or stop_ids(self.tok))
 
     @classmethod
     def load(cls, path: str | Path) -> OmniChat:
@@ -42,15 +45,9 @@ class OmniChat:
         return {
             "max_new_tokens": max_new_tokens,
             "do_sample": False,
-            "eos_token_id": self.tok.eos_token_id,
+            "eos_token_id": self.stop_ids,
             "pad_token_id": self.tok.pad_token_id,
         }
-
-    @property
-    def stop_ids(self) -> list[int]:
-        """The token ids that end an answer (what `generate` stops on; the serving engine uses the same)."""
-        eos = self._generate_kwargs(1)["eos_token_id"]
-        return [eos] if isinstance(eos, int) else list(eos)
 
     @torch.no_grad()
     def generate(self, batch: list[ChatInput], max_new_tokens: int = 32) -> list[str]:

@@ -10,50 +10,28 @@ LLM's input embeddings; everything after that is an ordinary causal LM forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel, WhisperConfig
+from transformers import Qwen2ForCausalLM, SiglipVisionModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model import runtime
-from model.config import ModelConfig
+from model.config import MODULES, ModelConfig
 from model.nn import checkpoint
 from model.nn.audio import AudioEncoder
+from model.nn.hf import hf_configs
+from model.nn.loading import TensorFiles, initialise_missing, load_tensors
 from model.nn.loss import chunked_causal_lm_loss, per_sample_loss
 from model.nn.projectors import ConvGMLPProjector, VideoProjector, VisionProjector
-from model.runtime import attention_kernel
-
-
-def _hf_configs(cfg: ModelConfig, vocab_size: int) -> tuple[SiglipVisionConfig, WhisperConfig, Qwen2Config]:
-    v, a, m = cfg.vision, cfg.audio, cfg.llm
-    vision = SiglipVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
-        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
-        num_channels=v.num_channels,
-        vision_use_head=False,  # the pooled head is unused (we take every patch) and would get no gradient
-    )
-    audio = WhisperConfig(
-        num_mel_bins=a.num_mel_bins, d_model=a.d_model, encoder_layers=a.encoder_layers,
-        encoder_attention_heads=a.encoder_attention_heads, encoder_ffn_dim=a.encoder_ffn_dim,
-        max_source_positions=a.max_source_positions, decoder_layers=1, decoder_attention_heads=1,
-    )
-    llm = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
-        rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings, rms_norm_eps=m.rms_norm_eps,
-    )
-    for c in (vision, audio):
-        c._attn_implementation = "sdpa"  # the audio path hands its layers a 4D additive mask
-    llm._attn_implementation = attention_kernel(cfg.attn_implementation)
-    return vision, audio, llm
 
 
 def build_llm(cfg: ModelConfig, vocab_size: int) -> Qwen2ForCausalLM:
     """The LLM alone (what the Triton entry model runs; the encoders are exported separately)."""
-    return Qwen2ForCausalLM(_hf_configs(cfg, vocab_size)[2])
+    return Qwen2ForCausalLM(hf_configs(cfg, vocab_size)[2])
 
 
 def splice_media(embeds: torch.Tensor, input_ids: torch.Tensor, features: dict[str, torch.Tensor | None],
@@ -72,17 +50,28 @@ def splice_media(embeds: torch.Tensor, input_ids: torch.Tensor, features: dict[s
 
 
 class OmniModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, media_token_ids: dict[str, int]):
+    """`vocab_size` = the LLM's embedding rows. Modules named in `on_meta` are built on the meta
+    device (no memory, no init) for a loader to fill (`model.nn.loading`); the rest get fresh weights."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, media_token_ids: dict[str, int],
+                 on_meta: Collection[str] = (), stop_token_ids: list[int] | None = None):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.media_token_ids = dict(media_token_ids)  # {"image": id of <img_pad>, "video": ..., "audio": ...}
-        vision_cfg, audio_cfg, llm_cfg = _hf_configs(cfg, vocab_size)
-        self.vision_tower = SiglipVisionModel(vision_cfg)
-        self.vision_projector = VisionProjector(cfg.vision.hidden_size, cfg.llm.hidden_size)
-        self.video_projector = VideoProjector(cfg.vision.hidden_size)
-        self.audio_encoder = AudioEncoder(audio_cfg)
-        self.audio_projector = ConvGMLPProjector(cfg.audio.d_model, cfg.llm.hidden_size, cfg.audio.projector_stride)
-        self.llm = Qwen2ForCausalLM(llm_cfg)
+        self.stop_token_ids = list(stop_token_ids or [])  # generation ends at any of these (empty: the tokenizer's)
+        vision_cfg, audio_cfg, llm_cfg = hf_configs(cfg, vocab_size)
+        v, a, h = cfg.vision.hidden_size, cfg.audio.d_model, cfg.llm.hidden_size
+
+        def build(name: str, factory: Callable[[], nn.Module]) -> nn.Module:
+            with torch.device("meta") if name in on_meta else nullcontext():
+                return factory()
+
+        self.vision_tower = build("vision_tower", lambda: SiglipVisionModel(vision_cfg))
+        self.vision_projector = build("vision_projector", lambda: VisionProjector(v, h))
+        self.video_projector = build("video_projector", lambda: VideoProjector(v))
+        self.audio_encoder = build("audio_encoder", lambda: AudioEncoder(audio_cfg))
+        self.audio_projector = build("audio_projector", lambda: ConvGMLPProjector(a, h, cfg.audio.projector_stride))
+        self.llm = build("llm", lambda: Qwen2ForCausalLM(llm_cfg))
         # Parameters the towers freeze by design (Whisper's sinusoidal positions): no stage trains them.
         self.fixed_parameters = frozenset(n for n, p in self.named_parameters() if not p.requires_grad)
 
@@ -177,28 +166,37 @@ class OmniModel(nn.Module):
         """Target tokens per chunk of the LM-head loss; 0 = the plain loss (see ModelConfig)."""
         return self.cfg.loss_chunk(self.vocab_size)
 
-    # --- checkpoint format (model.nn.checkpoint): omni_config.json + model.safetensors + tokenizer/ ---
-    def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
+    # --- checkpoint format (model.nn.checkpoint): omni_config.json + safetensors + tokenizer/ ---
+    def meta(self) -> dict:
+        return {"model": self.cfg.model_dump(mode="json"), "vocab_size": self.vocab_size,
+                "media_token_ids": self.media_token_ids, "stop_token_ids": self.stop_token_ids}
+
+    def save_pretrained(self, path: str | Path, tokenizer=None, max_shard_size: int | str = "5GB") -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_meta(path, {"model": self.cfg.model_dump(), "vocab_size": self.vocab_size,
-                                     "media_token_ids": self.media_token_ids})
-        checkpoint.save_weights(self.state_dict(), path)
+        checkpoint.write_meta(path, self.meta())
+        checkpoint.save_weights(self.state_dict(), path, max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path / checkpoint.TOKENIZER_DIR))
         return path
 
     @classmethod
-    def from_config_file(cls, path: str | Path) -> OmniModel:
+    def from_config_file(cls, path: str | Path, on_meta: Collection[str] = ()) -> OmniModel:
         meta = checkpoint.read_meta(path)
-        return cls(ModelConfig(**meta["model"]), meta["vocab_size"], meta["media_token_ids"])
+        return cls(ModelConfig(**meta["model"]), meta["vocab_size"], meta["media_token_ids"], on_meta,
+                   meta.get("stop_token_ids"))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> OmniModel:
-        model = cls.from_config_file(path)
-        missing, unexpected = model.load_state_dict(checkpoint.load_weights(path), strict=False)
-        missing = [k for k in missing if not k.endswith("lm_head.weight") or not model.cfg.llm.tie_word_embeddings]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not match its config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> OmniModel:
+        """Built on the meta device, every tensor read straight into place in `dtype` (default: the
+        checkpoint's own). A weight the config expects but the checkpoint lacks is an error."""
+        model = cls.from_config_file(path, on_meta=MODULES)
+        files = TensorFiles(path)
+        expected = set(model.state_dict())
+        report = load_tensors(model, files, lambda k: k if k in expected else None, dtype or files.dtype())
+        if report.unexpected:
+            raise ValueError(f"checkpoint {path} does not match its config: unexpected {report.unexpected[:5]}")
+        fresh = initialise_missing(model, dtype or files.dtype())
+        if missing := sorted(set(fresh) & expected):
+            raise ValueError(f"checkpoint {path} does not match its config: missing {missing[:5]}")
         return model

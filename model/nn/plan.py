@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import MODULES, ModelConfig, StageConfig
+from model.config import MODULES, LoraConfig, ModelConfig, StageConfig
 
 GIB = 1024**3
 
@@ -40,14 +40,29 @@ class StagePlan:
         return self.weights_gib + self.gradients_gib + self.optimizer_gib + self.activations_gib
 
 
-def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters per module of the configured model, counted on the meta device."""
+def meta_model(cfg: ModelConfig):
+    """The configured model on the meta device; architecture from `model.init`'s checkpoints where given."""
+    from model.nn.hf import embedding_rows
     from model.nn.omni import OmniModel
+    from model.nn.sources import resolve, start_tokenizer, tokenizer_source
 
-    vocab = cfg.llm.vocab_size or cfg.tokenizer.vocab_size
+    tokens = len(start_tokenizer(cfg)) if tokenizer_source(cfg) else cfg.tokenizer.vocab_size
+    cfg = resolve(cfg)
     with torch.device("meta"):
-        model = OmniModel(cfg, vocab, {"image": 0, "video": 1, "audio": 2})
+        return OmniModel(cfg, embedding_rows(cfg, tokens), {"image": 0, "video": 1, "audio": 2})
+
+
+def parameter_counts(cfg: ModelConfig, model=None) -> dict[str, int]:
+    """Parameters per module of the configured model, counted on the meta device."""
+    model = model or meta_model(cfg)
     return {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in MODULES}
+
+
+def adapter_parameters(llm: torch.nn.Module, lora: LoraConfig) -> int:
+    """Parameters LoRA adds: rank x (in + out) per targeted linear layer of the LLM."""
+    targets = set(lora.target_modules)
+    return sum(lora.rank * (m.in_features + m.out_features) for name, m in llm.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
 
 
 def llm_layer_bytes(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
@@ -88,11 +103,13 @@ def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpoin
 
 def plan_stage(cfg: ModelConfig, stage: StageConfig, zero_stage: int, gpus: int, seq_len: int | None = None,
                micro_batch: int | None = None, checkpointing: bool | None = None,
-               counts: dict[str, int] | None = None) -> StagePlan:
-    """Per-GPU memory of one stage; `checkpointing=None` takes the stage's activation_checkpointing."""
+               counts: dict[str, int] | None = None, adapters: int = 0) -> StagePlan:
+    """Per-GPU memory of one stage; `checkpointing=None` takes the stage's activation_checkpointing.
+    With LoRA (`adapters` = its parameter count), the LLM's own weights are frozen and the adapters
+    carry weights, gradients and Adam states instead."""
     counts = counts or parameter_counts(cfg)
-    total = sum(counts.values())
-    trainable = sum(counts[m] for m in stage.trainable)
+    total = sum(counts.values()) + adapters
+    trainable = sum(counts[m] for m in stage.trainable if not (stage.lora and m == "llm")) + adapters
     weights = 2 * total / (gpus if zero_stage >= 3 else 1)
     grads = 2 * trainable / (gpus if zero_stage >= 2 else 1)
     optimizer = 12 * trainable / (gpus if zero_stage >= 1 else 1)
@@ -109,9 +126,13 @@ def format_plan(cfg: ModelConfig, stages: list[StageConfig], gpus: int, gpu_gib:
                 checkpointing: bool | None = None) -> str:
     """The parameter table and a ZeRO-2/ZeRO-3 row per stage; `micro_batch=None` takes each stage's
     configured micro_batch_size (the `mb` column)."""
-    counts = parameter_counts(cfg)
+    model = meta_model(cfg)
+    counts = parameter_counts(cfg, model)
+    ranks = {s.name: s.lora.rank for s in stages if s.lora}
+    adapters = {s.name: adapter_parameters(model.llm, s.lora) for s in stages if s.lora}
     lines = [f"model {cfg.name}: {sum(counts.values()) / 1e9:.3f}B parameters"]
     lines += [f"  {name:<17}{n / 1e6:>10.1f}M" for name, n in counts.items()]
+    lines += [f"  LoRA on llm ({name}){n / 1e6:>6.1f}M  rank {ranks[name]}" for name, n in adapters.items()]
     batch = "micro-batch per stage (mb)" if micro_batch is None else f"micro-batch {micro_batch}"
     chunk = cfg.loss_chunk(cfg.llm.vocab_size or cfg.tokenizer.vocab_size)
     loss = f"chunked loss ({chunk} tokens per chunk)" if chunk else "plain loss (full logits)"
@@ -123,7 +144,8 @@ def format_plan(cfg: ModelConfig, stages: list[StageConfig], gpus: int, gpu_gib:
     for stage in stages:
         mb = micro_batch or stage.micro_batch_size
         for zero in (2, 3):
-            p = plan_stage(cfg, stage, zero, gpus, micro_batch=mb, checkpointing=checkpointing, counts=counts)
+            p = plan_stage(cfg, stage, zero, gpus, micro_batch=mb, checkpointing=checkpointing, counts=counts,
+                           adapters=adapters.get(stage.name, 0))
             fits = "yes" if p.total_gib < 0.9 * gpu_gib else "NO"  # ~10% for CUDA context, buffers, fragmentation
             ckpt = stage.activation_checkpointing if checkpointing is None else checkpointing
             lines.append(

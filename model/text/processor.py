@@ -1,6 +1,15 @@
 """Turns a conversation with media into model inputs: token ids with placeholder runs, labels on
 assistant turns only, and the pixel / mel tensors that fill the placeholders.
 
+The conversation is rendered with the tokenizer's own chat template (ChatML for the tokenizers
+trained here; a checkpoint's template, default system prompt included, otherwise). Each message's
+content goes through the template as a sentinel, so template markup is tokenised with its special
+tokens while typed text never is, and media tags are expanded inside the rendered text. An
+assistant span is found by character offsets: the conversation up to that turn rendered with the
+generation prompt, and up to its end without; the span in between (trailing whitespace aside) is
+labelled. A template that renders earlier turns differently from the last (no stable prefix)
+cannot be labelled and fails clearly.
+
 A `<image>` tag becomes `<img_start>` ... `<img_end>` around exactly as many `<img_pad>` as the vision
 projector emits: one tile's worth for a small image; for an AnyRes grid, the thumbnail, then each row
 of tiles (tiles joined by `<img_tile_sep>`, rows led by `<img_row_sep>`). `<video>` becomes each
@@ -10,6 +19,7 @@ encoder frames / 2 / projector stride placeholders, summed over 30 s windows.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,9 +30,10 @@ from transformers import WhisperFeatureExtractor
 from model.config import ModelConfig
 from model.media.anyres import tile_image
 from model.media.tags import TAG_PATTERN
-from model.text.tokenizer import IM_END, IM_START, IMG_ROW_SEP, IMG_TILE_SEP, MEDIA_SPECIAL
+from model.text.tokenizer import IMG_ROW_SEP, IMG_TILE_SEP, MEDIA_SPECIAL
 
 IGNORE_INDEX = -100
+SENTINEL = re.compile("\ue000(\\d+)\ue001")  # a message's content while the template renders
 # SigLIP normalisation.
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
 
@@ -52,7 +63,6 @@ class ChatInput:
 class OmniProcessor:
     def __init__(self, tokenizer, cfg: ModelConfig):
         self.tok, self.cfg = tokenizer, cfg
-        self.ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IM_START, IM_END)}
         self.media_ids = {
             k: [tokenizer.convert_tokens_to_ids(t) for t in triple] for k, triple in MEDIA_SPECIAL.items()
         }
@@ -98,8 +108,9 @@ class OmniProcessor:
 
     # --- conversation -> ids ---
     def encode(self, sample: ChatInput, add_generation_prompt: bool = False) -> Encoded:
-        """Tokenise a conversation. Labels are the assistant turns (+ their end token), -100 elsewhere.
-        With `add_generation_prompt`, an open assistant turn is appended (for generation)."""
+        """Tokenise a conversation with the chat template. Labels are the assistant turns (+ their end
+        markup), -100 elsewhere. With `add_generation_prompt`, the template's open assistant turn is
+        appended (for generation)."""
         out = Encoded(input_ids=[], labels=[])
         if sample.video_times and len(sample.video_times) != len(sample.videos):
             raise ValueError(f"{len(sample.videos)} videos but {len(sample.video_times)} lists of frame times")
@@ -109,27 +120,58 @@ class OmniProcessor:
             "video": list(zip(sample.videos, times, strict=True)),
             "audio": list(sample.audios),
         }
-        for msg in sample.messages:
-            train_on = msg["role"] == "assistant"
-            self._add(out, [self.ids[IM_START]] + self.tok.encode(msg["role"] + "\n"), False)
-            for i, piece in enumerate(TAG_PATTERN.split(msg["content"])):
+        for text, message, train_on in self.render(sample.messages, add_generation_prompt):
+            if message is None:  # template markup: its special tokens are real
+                self._add(out, self.tok.encode(text, add_special_tokens=False), train_on)
+                continue
+            for i, piece in enumerate(TAG_PATTERN.split(sample.messages[message]["content"])):
                 if i % 2 == 0:
                     if piece:
                         # Split special tokens: typed "<img_pad>" or "<|im_end|>" stays text, so a user
                         # can neither fake a turn boundary nor break the placeholder count.
-                        self._add(out, self.tok.encode(piece, split_special_tokens=True), train_on)
+                        ids = self.tok.encode(piece, add_special_tokens=False, split_special_tokens=True)
+                        self._add(out, ids, train_on)
                     continue
                 if not queues[piece]:
                     raise ValueError(f"more <{piece}> tags than {piece}s supplied")
                 self._add(out, self._media(piece, queues[piece].pop(0), out), False)
-            self._add(out, [self.ids[IM_END]], train_on)
-            self._add(out, self.tok.encode("\n"), False)
         leftover = {k: len(v) for k, v in queues.items() if v}
         if leftover:
             raise ValueError(f"media without a tag in the text: {leftover}")
-        if add_generation_prompt:
-            self._add(out, [self.ids[IM_START]] + self.tok.encode("assistant\n"), False)
         return out
+
+    def _template(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as err:  # noqa: BLE001 - jinja's own errors (raise_exception, undefined) say little alone
+            raise ValueError(f"the tokenizer's chat template cannot render this conversation "
+                             f"(roles {[m['role'] for m in messages]}): {err}") from None
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, int | None, bool]]:
+        """The conversation through the chat template as (text, message index or None for markup,
+        labelled) pieces, in order."""
+        blank = [{"role": m["role"], "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        full = self._template(blank, add_generation_prompt)
+        spans = []
+        for i in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
+            before, through = self._template(blank[:i], True), self._template(blank[: i + 1], False)
+            if not (through.startswith(before) and full.startswith(through)):
+                raise ValueError(f"cannot find assistant turn {i} in the chat template's output: the template "
+                                 "renders a conversation's earlier turns differently from its last one, so the "
+                                 "labels cannot be placed; give the tokenizer a template with stable prefixes")
+            spans.append((len(before), len(through.rstrip())))
+        found = [int(m.group(1)) for m in SENTINEL.finditer(full)]
+        if found != list(range(len(messages))):
+            raise ValueError("the chat template does not render every message's content once, in order; "
+                             "it cannot be used for training")
+        cuts = sorted({0, len(full), *(x for span in spans for x in span),
+                       *(x for m in SENTINEL.finditer(full) for x in m.span())})
+        pieces = []
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            labelled = any(s <= a and b <= e for s, e in spans)
+            match = SENTINEL.fullmatch(full, a, b)
+            pieces.append((full[a:b], int(match.group(1)) if match else None, labelled))
+        return pieces
 
     def _media(self, kind: str, item, out: Encoded) -> list[int]:
         start, pad, end = self.media_ids[kind]

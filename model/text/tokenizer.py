@@ -40,6 +40,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Role names, digits and letters appear in every prompt: a tokenizer trained here always sees them.
+BASE_CORPUS = ["system user assistant", "0123456789 ABCD abcdefghijklmnopqrstuvwxyz"]
+
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` (every byte is in the base alphabet, so nothing is OOV)."""
@@ -61,11 +64,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    tok = AutoTokenizer.from_pretrained(str(path))
+    return with_special_tokens(AutoTokenizer.from_pretrained(str(path)))
+
+
+def with_special_tokens(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """A checkpoint's tokenizer with our special tokens (a Qwen2 tokenizer lacks the media ones: they
+    are appended, after its own ids), a pad token, and ChatML when it has no chat template."""
     missing = [t for t in SPECIAL_TOKENS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
     if missing:
-        # Real checkpoints (e.g. a Qwen2 tokenizer) lack our media tokens: add them once.
-        tok.add_special_tokens({"additional_special_tokens": missing})
+        tok.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    if tok.pad_token is None:
+        tok.pad_token = EOS
     if tok.chat_template is None:
         tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -73,3 +82,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 def special_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
     return {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+def stop_ids(tok: PreTrainedTokenizerFast, checkpoint_eos: Iterable[int] = ()) -> list[int]:
+    """Where generation ends: `<|im_end|>` (our turn end), the tokenizer's eos and the checkpoint's
+    own eos ids (config.json / generation_config.json), so a base model's eos and ChatML both stop it."""
+    ids = [tok.convert_tokens_to_ids(IM_END), tok.eos_token_id, *checkpoint_eos]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))

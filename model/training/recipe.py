@@ -25,7 +25,7 @@ from model.data.packing import collate_packed, pack, packed_tokens
 from model.data.shards import ShardStream
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
-from model.training import checkpointing
+from model.training import checkpointing, lora
 from model.training.checkpointing import PREEMPTED_EXIT_CODE, Preempted, Progress
 from model.training.distributed import any_rank, gather_full_weights, init_distributed, mean_over_ranks
 from model.training.optim import build_engine, set_trainable
@@ -107,7 +107,9 @@ def train_stage(model: OmniModel, processor: OmniProcessor, dataset, stage: Stag
     checkpoint if there is one, and checkpoints into it (raising Preempted after a SIGTERM)."""
     init_distributed()
     torch.manual_seed(stage.seed)
-    result = TrainResult(trainable_params=set_trainable(model, stage.trainable))
+    set_trainable(model, stage.trainable)
+    adapters = lora.attach(model, stage.lora) if stage.lora else None  # the LLM then learns through them only
+    result = TrainResult(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
     model.set_activation_checkpointing(stage.activation_checkpointing)
     engine = build_engine(model, stage)
     generator = torch.Generator().manual_seed(stage.seed)
@@ -120,6 +122,8 @@ def train_stage(model: OmniModel, processor: OmniProcessor, dataset, stage: Stag
     result.seconds = time.perf_counter() - start
     result.losses, result.tokens = state.losses, state.tokens
     _finish(model, engine, stage)
+    if adapters is not None:
+        lora.merge(model, adapters)  # downstream sees a plain checkpoint
     return result
 
 

@@ -106,19 +106,23 @@ class Encoders:
 
 
 class EncodedModel:
-    """What `OmniChat` needs of a model (`cfg`, `llm`, `embed`, `eval`), with the encoders outside."""
+    """What `OmniChat` needs of a model (`cfg`, `llm`, `embed`, `eval`, `stop_token_ids`), with the encoders
+    outside."""
 
     def __init__(self, checkpoint: Path, encoders: Encoders):
         import torch
 
         from model.config import ModelConfig
         from model.nn import checkpoint as ckpt
+        from model.nn.loading import TensorFiles
         from model.nn.omni import build_llm
 
         meta = ckpt.read_meta(checkpoint)
         self.cfg, self.media_token_ids, self.encoders = ModelConfig(**meta["model"]), meta["media_token_ids"], encoders
+        self.stop_token_ids = meta.get("stop_token_ids") or []  # the checkpoint's stop set (empty: the tokenizer's)
         self.llm = build_llm(self.cfg, meta["vocab_size"])
-        weights = {k.removeprefix("llm."): v for k, v in ckpt.load_weights(checkpoint).items()}
+        files = TensorFiles(checkpoint)
+        weights = {k.removeprefix("llm."): v for k, v in files.read(files.keys)}
         missing, unexpected = self.llm.load_state_dict(weights, strict=False)
         if unexpected or [k for k in missing if k != "lm_head.weight" or not self.cfg.llm.tie_word_embeddings]:
             raise ValueError(f"{checkpoint}: LLM weights do not match (missing {missing[:5]}, "

@@ -48,5 +48,58 @@ def test_special_tokens_typed_by_a_user_stay_text(tiny_cfg, tokenizer):
     enc = p.encode(ChatInput(messages=[{"role": "user", "content": typed}]))
     specials = {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     # Only the turn's own markers are special ids; the typed look-alikes became ordinary text.
-    assert [i for i in enc.input_ids if i in specials] == [p.ids[IM_START], p.ids[IM_END]]
+    turn = [tokenizer.convert_tokens_to_ids(IM_START), tokenizer.convert_tokens_to_ids(IM_END)]
+    assert [i for i in enc.input_ids if i in specials] == turn
     assert typed in tokenizer.decode(enc.input_ids)
+
+
+def _labelled_text(tok, enc) -> str:
+    return tok.decode([i for i, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != -100])
+
+
+def test_a_checkpoints_template_is_used_system_prompt_included_labels_on_assistant_spans(tiny_cfg):
+    from model.text.tokenizer import with_special_tokens
+    from tests.hf_parts import qwen2_tokenizer
+
+    tok = with_special_tokens(qwen2_tokenizer())
+    p = OmniProcessor(tok, tiny_cfg)
+    msgs = [{"role": "user", "content": "what color?"}, {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "and now?"}, {"role": "assistant", "content": "blue"}]
+    enc = p.encode(ChatInput(messages=msgs))
+    text = tok.decode(enc.input_ids)
+    assert text == tok.apply_chat_template(msgs, tokenize=False)  # exactly the template's rendering
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")  # its default system prompt
+    assert _labelled_text(tok, enc) == "red<|im_end|>blue<|im_end|>"
+    prompt = tok.decode(p.encode(ChatInput(messages=msgs[:1]), add_generation_prompt=True).input_ids)
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_a_non_chatml_template_gets_its_own_markup_and_labels(tiny_cfg):
+    from model.text.tokenizer import with_special_tokens
+    from tests.hf_parts import qwen2_tokenizer
+
+    plain = ("{% for m in messages %}{% if m.role == 'user' %}{{ 'User: ' + m.content + '\\n' }}"
+             "{% else %}{{ 'Assistant: ' + m.content + eos_token + '\\n' }}{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+    tok = with_special_tokens(qwen2_tokenizer(plain))
+    p = OmniProcessor(tok, tiny_cfg)
+    image = Image.new("RGB", (40, 40), "red")
+    enc = p.encode(ChatInput(messages=[{"role": "user", "content": "<image>what color?"},
+                                       {"role": "assistant", "content": "red"}], images=[image]))
+    assert enc.input_ids.count(p.placeholder_ids["image"]) == p.tile_tokens
+    # What follows the generation prompt ("Assistant:"): the template's space, the content, its eos.
+    assert _labelled_text(tok, enc) == " red<|im_end|>"
+    assert "User: " in tok.decode(enc.input_ids) and "<|im_start|>" not in tok.decode(enc.input_ids)
+
+
+def test_a_template_without_stable_prefixes_fails_clearly(tiny_cfg):
+    from model.text.tokenizer import with_special_tokens
+    from tests.hf_parts import qwen2_tokenizer
+
+    hides_history = ("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}{{ 'A: ...\\n' }}"
+                     "{% else %}{{ m.role + ': ' + m.content + '\\n' }}{% endif %}{% endfor %}")
+    p = OmniProcessor(with_special_tokens(qwen2_tokenizer(hides_history)), tiny_cfg)
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    with pytest.raises(ValueError, match="cannot find assistant turn 1"):
+        p.encode(ChatInput(messages=msgs))

@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from model.config import StageConfig  # noqa: E402
-from model.nn.checkpoint import load_weights  # noqa: E402
+from model.nn.loading import TensorFiles  # noqa: E402
 from model.training.distributed import gather_full_weights  # noqa: E402
 from model.training.loading import build_for_stage  # noqa: E402
 
@@ -34,7 +34,8 @@ def main() -> None:
     model = build_for_stage(args.checkpoint, stage)
     held = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in model.parameters())
     full = gather_full_weights(model) if args.zero == 3 else dict(model.named_parameters())
-    saved = load_weights(args.checkpoint)
+    files = TensorFiles(args.checkpoint)
+    saved = dict(files.read(files.keys))
     bad = [n for n in full if not torch.equal(full[n].cpu(), saved[n])]
     equal = not bad
     rank = torch.distributed.get_rank()
