@@ -3,9 +3,10 @@ InferenceService. No torch here: these steps run on the CPU pool and start fast.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
-from components import endpoint, gate, tracking
+from components import endpoint, gate, records, tracking
 from components.config import OmniConfig
 from components.kube import Kube, connect
 from serving.manifests import validate_custom_resource, write_manifest
@@ -24,19 +25,23 @@ def start_tracking(cfg: OmniConfig, pipeline_run: str) -> str:
 
 
 def register(cfg: OmniConfig, model_dir: Path, metrics: dict, manifest_sha256: str,
-             parent_run_id: str, pipeline_run: str) -> str:
+             parent_run_id: str, pipeline_run: str, outputs: Mapping[str, tuple[Path, str]] | None = None) -> str:
     """A new registered version (alias `challenger`) with lineage tags and its eval results: the
     evaluate step's summary (per-benchmark scores, their standard errors and data hashes, which the
-    gate reads) or a plain {metric: value} mapping. A re-run of the step (after a registry outage)
-    completes the version its earlier attempt created."""
+    gate reads) or a plain {metric: value} mapping. `outputs` (name -> (folder, artifact URI)) are the
+    pipeline's step outputs: their records become child runs of the pipeline run, cached or not, and
+    each one's artifact and run become the version's lineage tags. A re-run of the step (after a
+    registry outage) completes the version its earlier attempt created."""
     uri = mlflow_uri(cfg)
     values, data_tags = gate.eval_record(metrics)
+    with tracking.registry_outage(uri, f"registering {cfg.tracking.registered_model}"):
+        lineage = records.log_records(uri, cfg.tracking.experiment, parent_run_id, pipeline_run, outputs or {})
     with tracking.registry_outage(uri, f"registering {cfg.tracking.registered_model}"), \
             tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "register") as run:
         version = tracking.register_model_version(
             uri, cfg.tracking.registered_model, model_dir, run.run_id,
             tags={"pipeline_run_id": pipeline_run, "data_manifest_sha256": manifest_sha256,
-                  "config_sha256": cfg.sha256(), "git_sha": tracking.git_sha(), **data_tags},
+                  "config_sha256": cfg.sha256(), "git_sha": tracking.git_sha(), **data_tags, **lineage},
             metrics=values, registration_key=pipeline_run,  # one registration per pipeline run: a re-run resumes it
         )
     return version
