@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from components import endpoint, gate, records, tracking
+from components import champion, endpoint, gate, lineage, tracking
 from components.config import OmniConfig
 from components.kube import Kube, connect
 from serving.manifests import validate_custom_resource, write_manifest
@@ -35,13 +35,13 @@ def register(cfg: OmniConfig, model_dir: Path, metrics: dict, manifest_sha256: s
     uri = mlflow_uri(cfg)
     values, data_tags = gate.eval_record(metrics)
     with tracking.registry_outage(uri, f"registering {cfg.tracking.registered_model}"):
-        lineage = records.log_records(uri, cfg.tracking.experiment, parent_run_id, pipeline_run, outputs or {})
+        lineage_tags = lineage.log_records(uri, cfg.tracking.experiment, parent_run_id, pipeline_run, outputs or {})
     with tracking.registry_outage(uri, f"registering {cfg.tracking.registered_model}"), \
             tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "register") as run:
         version = tracking.register_model_version(
             uri, cfg.tracking.registered_model, model_dir, run.run_id,
             tags={"pipeline_run_id": pipeline_run, "data_manifest_sha256": manifest_sha256,
-                  "config_sha256": cfg.sha256(), "git_sha": tracking.git_sha(), **data_tags, **lineage},
+                  "config_sha256": cfg.sha256(), "git_sha": tracking.git_sha(), **data_tags, **lineage_tags},
             metrics=values, registration_key=pipeline_run,  # one registration per pipeline run: a re-run resumes it
         )
     return version
@@ -51,7 +51,7 @@ def judge(cfg: OmniConfig, version: str) -> dict:
     """The gate: compare `version` with `@champion` under the promotion rules, record the verdict
     on the version (tags), move nothing."""
     with tracking.registry_outage(mlflow_uri(cfg), f"judging version {version}"):
-        decision = gate.judge(mlflow_uri(cfg), cfg.tracking.registered_model, version, cfg.promotion)
+        decision = champion.judge(mlflow_uri(cfg), cfg.tracking.registered_model, version, cfg.promotion)
     return decision.model_dump()
 
 
@@ -69,7 +69,7 @@ def promote(cfg: OmniConfig, version: str, out_dir: Path, kube: Kube | None = No
         endpoint.rollout(cfg, isvc, kube or connect())
     # Re-runnable: crown moves previous-champion, then champion, each to where a finished promote puts it.
     with tracking.registry_outage(mlflow_uri(cfg), f"promoting version {version} to {tracking.CHAMPION}"):
-        gate.crown(mlflow_uri(cfg), cfg.tracking.registered_model, version)
+        champion.crown(mlflow_uri(cfg), cfg.tracking.registered_model, version)
     return isvc
 
 
@@ -79,14 +79,14 @@ def rollback(cfg: OmniConfig, out_dir: Path | None = None, kube: Kube | None = N
     registry keeps naming what the cluster serves. Returns the version that is champion now and
     its InferenceService."""
     uri, model = mlflow_uri(cfg), cfg.tracking.registered_model
-    version = gate.rollback_target(uri, model)
+    version = champion.rollback_target(uri, model)
     isvc = champion_inference_service(cfg, version)
     validate_custom_resource(isvc)
     if out_dir is not None:
         write_manifest(isvc, Path(out_dir) / "inferenceservice.yaml")
     if cfg.cluster.target == "kubernetes":
         endpoint.rollout(cfg, isvc, kube or connect(), canary=False)
-    moved = gate.rollback(uri, model)
+    moved = champion.rollback(uri, model)
     if moved != version:  # someone promoted in between: the cluster serves `version`, say so
         raise RuntimeError(f"{tracking.PREVIOUS_CHAMPION!r} moved from version {version} to {moved} during the "
                            f"rollback; the cluster serves version {version}: run `omni rollback` again or promote "

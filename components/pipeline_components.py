@@ -53,12 +53,11 @@ def data_prep(config_json: str, data_uri: str, dataset: Output[Dataset], metrics
 
     from components.config import parse_task_config
     from components.steps import data_prep as step
-    from components.steps import data_prep_metrics
+    from components.steps import data_prep_metrics, log_metrics
 
     manifest = step(parse_task_config(config_json), [p.strip() for p in data_uri.split(",") if p.strip()],
                     Path(dataset.path))
-    for key, value in data_prep_metrics(manifest).items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, data_prep_metrics(manifest))
     dataset.metadata.update({k: manifest[k] for k in ("records_out", "splits", "sha256", "format")})
     shutil.copy(Path(dataset.path) / "report.html", report.path)
     return manifest["sha256"]
@@ -90,7 +89,7 @@ def train_stage(config_json: str, stage: str, dataset: Input[Dataset], init_mode
     out = Path(model.path)
     result = step(parse_task_config(config_json), stage, Path(dataset.path), Path(init_model.path), out,
                   sft_filter_dir=Path(sft_filter.path) if sft_filter is not None else None)
-    stage_outputs(stage, result, out, model.metadata, metrics.log_metric, Path(report.path))
+    stage_outputs(stage, result, out, model.metadata, metrics, Path(report.path))
 
 
 def train_stage_trainjob(config_json: str, stage: str, dataset: Input[Dataset], init_model: Input[Model],
@@ -109,7 +108,7 @@ def train_stage_trainjob(config_json: str, stage: str, dataset: Input[Dataset], 
     key = f"{dataset.uri}|{init_model.uri}|{config_json}"  # the same inputs find the same job (a retry re-attaches)
     result = run_stage(parse_task_config(config_json), stage, Path(dataset.path), Path(init_model.path), out, key,
                        extra_dirs=extra)
-    stage_outputs(stage, result, out, model.metadata, metrics.log_metric, Path(report.path))
+    stage_outputs(stage, result, out, model.metadata, metrics, Path(report.path))
 
 
 def sft_filter(config_json: str, dataset: Input[Dataset], model: Input[Model], filtered: Output[Dataset],
@@ -120,12 +119,11 @@ def sft_filter(config_json: str, dataset: Input[Dataset], model: Input[Model], f
     from pathlib import Path
 
     from components.config import parse_task_config
+    from components.steps import log_metrics
     from components.steps import sft_filter as step
 
     summary = step(parse_task_config(config_json), Path(dataset.path), Path(model.path), Path(filtered.path))
-    if summary["enabled"]:
-        metrics.log_metric("kept", summary["kept"])
-        metrics.log_metric("dropped", len(summary["dropped"]))
+    log_metrics(metrics, {"kept": summary["kept"], "dropped": len(summary["dropped"])} if summary["enabled"] else {})
     shutil.copy(Path(filtered.path) / "report.html", report.path)
 
 
@@ -140,14 +138,13 @@ def evaluate(config_json: str, data_uri: str, model: Input[Model], metrics: Outp
 
     from components.config import parse_task_config
     from components.gate import eval_record
-    from components.steps import run_evaluation
+    from components.steps import log_metrics, run_evaluation
 
     root = data_uri.split(",")[0].strip()
     root = root if root.startswith("s3://") or Path(root).is_dir() else str(Path(root).parent)
     summary = run_evaluation(parse_task_config(config_json), root, Path(model.path), Path(results.path),
                              Path(baseline.path) if baseline is not None else None)
-    for key, value in eval_record(summary)[0].items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, eval_record(summary)[0])
     shutil.copy(Path(results.path) / "report.html", report.path)
     return json.dumps({k: summary[k] for k in ("benchmarks", "overall")})
 
@@ -157,10 +154,10 @@ def export_triton(model: Input[Model], triton_repo: Output[Model], metrics: Outp
     from pathlib import Path
 
     from components.steps import export as step
+    from components.steps import log_metrics
 
     report = step(Path(model.path), Path(triton_repo.path))
-    for name, graph in report["onnx"].items():
-        metrics.log_metric(f"onnx_max_abs_diff.{name}", graph["max_abs_diff"])
+    log_metrics(metrics, {f"onnx_max_abs_diff.{name}": graph["max_abs_diff"] for name, graph in report["onnx"].items()})
 
 
 def register(config_json: str, parent_run_id: str, pipeline_run: str, model: Input[Model], eval_metrics: str,

@@ -62,4 +62,24 @@ def resolve_run(compiled: str | dict, overrides: list[str] | None = None, **name
         if not isinstance(override, str):
             raise ConfigError(f"overrides: {override!r} is not a string; give a list of key=value strings")
         _one(tree, override)
-    return parse_config(tree)
+    resolved = parse_config(tree)
+    if changed := shape_changes(parse_config(compiled), resolved):
+        raise ConfigError(f"this run's parameters change the pipeline's shape ({'; '.join(changed)}), which is "
+                          "fixed when it is compiled: recompile with them (`omni pipeline compile KEY=VALUE ...`)")
+    return resolved
+
+
+def dag_shape(cfg: OmniConfig) -> dict:
+    """What pipelines/dag.build_pipeline reads of the config besides defaults: the tasks there are,
+    how each stage is launched, and where tasks are placed."""
+    from components.trainjob import needs_trainjob
+
+    return {"stages": sorted(cfg.stages), "evaluation.baseline": cfg.evaluation.baseline,
+            "trainjob stages": sorted(s for s in cfg.stages if needs_trainjob(cfg, s)),
+            "cluster": cfg.cluster.model_dump(mode="json")}
+
+
+def shape_changes(compiled: OmniConfig, resolved: OmniConfig) -> list[str]:
+    before, after = dag_shape(compiled), dag_shape(resolved)
+    return [f"{key}: {before[key]} -> {after[key]}" if key != "cluster" else "cluster settings"
+            for key in before if before[key] != after[key]]

@@ -20,7 +20,7 @@ SLICES: dict[str, tuple[str, ...]] = {
     "init-model": ("data.seed", "model"),
     "stage": ("data", "model", "run.skip_stages", "stages.{stage}"),
     "stage-trainjob": ("data", "model", "run.skip_stages", "stages.{stage}", "cluster"),
-    "sft-loss-filter": ("model", "run.skip_stages", "sft_filter", "stages.sft"),
+    "sft-loss-filter": ("model", "run.skip_stages", "sft_filter"),  # + the sft stage's data_tasks, see task_slice
     "evaluate": ("model", "evaluation", "benchmark", "run.workdir"),
 }
 
@@ -39,6 +39,11 @@ def task_slice(cfg: OmniConfig, task: str, stage: str | None = None) -> str:
     out: dict = {}
     for path in SLICES[task]:
         merge_into(out, _take(tree, path.format(stage=stage)))
+    if "skip_stages" in out.get("run", {}):  # whether its own stage is skipped: skipping video re-runs video only
+        own = "sft" if task == "sft-loss-filter" else stage
+        out["run"]["skip_stages"] = [s for s in out["run"]["skip_stages"] if s == own]
+    if task == "sft-loss-filter" and "sft" in cfg.stages and cfg.sft_filter.data_tasks is None:
+        out["sft_filter"]["data_tasks"] = list(cfg.stages["sft"].data_tasks)  # what it scores, not how sft trains
     return json.dumps(parse_task_config(out).model_dump(mode="json", exclude_none=True), sort_keys=True)
 
 

@@ -109,12 +109,20 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path
 STAGE_METRICS = ("steps", "first_loss", "final_loss", "tokens_per_second")
 
 
-def stage_outputs(stage: str, result: dict, out_dir: Path, metadata: dict, log_metric, report_path: Path) -> None:
+def log_metrics(metrics, values: dict[str, float]) -> None:
+    """`values` into a KFP Metrics output (`metrics`: its artifact), and as JSON into the artifact's
+    file: kfp.local reuses a cached task only if every output file exists, and log_metric alone
+    writes none (the values travel in the executor's output)."""
+    for key, value in values.items():
+        metrics.log_metric(key, value)
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).write_text(json.dumps(values, indent=2, sort_keys=True))
+
+
+def stage_outputs(stage: str, result: dict, out_dir: Path, metadata: dict, metrics, report_path: Path) -> None:
     """A stage task's KFP outputs from its result: the model's metadata, the Metrics, the HTML report."""
     metadata["stage"] = stage
-    for key in STAGE_METRICS:
-        if key in result:
-            log_metric(key, result[key])
+    log_metrics(metrics, {key: result[key] for key in STAGE_METRICS if key in result})
     if (out_dir / "report.html").is_file() and not result.get("skipped"):
         shutil.copy(out_dir / "report.html", report_path)
     else:
@@ -136,15 +144,17 @@ def sft_filter(cfg: OmniConfig, data_dir: Path, model_dir: Path, out_dir: Path, 
     """Loss-based SFT filter: score the SFT samples with `model_dir` (the checkpoint SFT starts
     from), drop those outside mean +- k std of their group; writes sft_filter.json + report.html."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    fcfg, stage = cfg.sft_filter, cfg.stages.get("sft")
-    if not fcfg.enabled or stage is None or "sft" in cfg.run.skip_stages:
+    fcfg = cfg.sft_filter
+    tasks = fcfg.data_tasks if fcfg.data_tasks is not None else (cfg.stages["sft"].data_tasks if "sft" in cfg.stages
+                                                                 else None)
+    if not fcfg.enabled or tasks is None or "sft" in cfg.run.skip_stages:
         summary = {"enabled": False, "kept": None, "dropped": []}
         (out_dir / FILTER_FILE).write_text(json.dumps(summary, indent=2))
         write_report(out_dir / "report.html", "<html><body><p>SFT loss filter disabled.</p></body></html>")
         return summary
     model = runtime.place(OmniModel.from_pretrained(model_dir))
     processor = OmniProcessor(load_tokenizer(model_dir / TOKENIZER_DIR), model.cfg)
-    stream = ShardStream(data_dir, "train", stage.data_tasks)
+    stream = ShardStream(data_dir, "train", tasks)
     records = list(stream.records())
     # Encoded lazily, one batch at a time: at SFT scale the decoded media would not fit in memory.
     samples = (processor.encode(to_chat_input(r, None, model.cfg, fetch=stream.store.read_bytes)) for r in records)

@@ -298,6 +298,9 @@ class SftFilterConfig(Strict):
     min_group_size: int = Field(8, ge=2, description="smaller groups are kept whole: too few samples to fit")
     batch_size: int = Field(8, gt=0)
     examples: int = Field(5, ge=0, description="dropped samples per side shown in the report")
+    data_tasks: list[str] | None = Field(
+        None, description="record tasks to score; null = the sft stage's data_tasks (the pipeline fills them in, so "
+                          "the filter's task does not depend on the rest of the sft stage, e.g. its learning rate)")
 
 
 class EvalConfig(Strict):

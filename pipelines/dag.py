@@ -72,11 +72,10 @@ class PipelineOutputs(NamedTuple):
     evaluation: str
 
 
-def build_pipeline(cfg: OmniConfig):
-    """The pipeline function for this config. Its parameters are what a person changes per run (typed
-    and described in the UI's run form); the compiled config is the default of `config_json`."""
+def _stepper(cfg: OmniConfig):
+    """`step(component, name, **inputs)`: a task named `name`, cached unless it talks to MLflow, with
+    the Secrets' env, on its component's pool."""
     cluster = cfg.cluster
-    ops = make_components({"cpu": cluster.images.ref("cpu"), "gpu": cluster.images.ref("gpu")})
     pools = {"cpu": cluster.cpu_pool, "gpu": cluster.gpu_pool}
 
     def step(component, name: str, **inputs) -> dsl.PipelineTask:
@@ -85,6 +84,16 @@ def build_pipeline(cfg: OmniConfig):
         _storage_env(task, cluster.trainer.storage_secret)
         _mlflow_auth_env(task, cluster.trainer.mlflow_auth_secret)
         return _place(task, pools[component.pool], 0 if name in UNCACHED else cluster.retries)
+
+    return step
+
+
+def build_pipeline(cfg: OmniConfig):
+    """The pipeline function for this config. Its parameters are what a person changes per run (typed
+    and described in the UI's run form); the compiled config is the default of `config_json`."""
+    cluster = cfg.cluster
+    ops = make_components({"cpu": cluster.images.ref("cpu"), "gpu": cluster.images.ref("gpu")})
+    step = _stepper(cfg)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Omni-modal LLM: data prep, staged training, evaluation, "
                   "Triton export, MLflow registry, gated promotion to KServe")

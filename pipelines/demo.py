@@ -121,10 +121,22 @@ def eval_table(metrics_path: Path) -> str:
 
 # What the console shows of the pipeline's log: each task starting, reused from the cache, finishing
 # (kfp.local's lines), and training progress (the stages' tqdm bars), a quarter at a time.
-TASK_LINE = re.compile(r"(Executing task '[^']+'|Task '[^']+' cache hit|Task '[^']+' finished with status \w+|"
-                       r"Pipeline '[^']+' finished with status \w+)")
+TASK_LINE = re.compile(r"(?:Executing task '(?P<started>[^']+)'|Task '?(?P<cached>[\w-]+)'? cache hit|"
+                       r"Task '(?P<task>[^']+)' finished with status (?P<status>\w+)|"
+                       r"Pipeline '(?P<pipeline>[^']+)' finished with status (?P<pipeline_status>\w+))")
 STEP_LINE = re.compile(r"train (\w+):\s+(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def task_event(m: re.Match) -> str:
+    """One console line for a kfp.local task line."""
+    if m["started"]:
+        return f"started '{m['started']}'"
+    if m["cached"]:
+        return f"'{m['cached']}' cached: its inputs are unchanged, its outputs reused"
+    if m["task"]:
+        return f"'{m['task']}' finished with status {m['status']}"
+    return f"pipeline '{m['pipeline']}' finished with status {m['pipeline_status']}"
 
 
 class Progress:
@@ -136,7 +148,7 @@ class Progress:
     def line(self, raw: str) -> None:
         text = ANSI.sub("", raw)
         if task := TASK_LINE.search(text):
-            self.emit("      " + task.group(1).replace("Executing task", "started").replace("Task ", ""), flush=True)
+            self.emit("      " + task_event(task), flush=True)
         elif step := STEP_LINE.search(text):
             stage, pct, done, total = step.group(1), int(step.group(2)), step.group(3), step.group(4)
             if pct >= self.shown.get(stage, -25) + 25 or (pct == 100 and self.shown.get(stage) != 100):
@@ -214,6 +226,8 @@ def run_demo(cfg: OmniConfig, keep_serving: bool = False) -> dict:
     print(f"  Artifacts:  {work / 'pipeline_root'}")
     print(f"  Report:     {metrics_file.parent / 'report.html'}")
     print(f"  Endpoint:   omni serve --model-dir {champion_dir}  ->  POST /openai/v1/chat/completions")
+    if keep_serving:
+        print(f"  Serving:    http://{HOST}:{port} (pid {proc.pid}), left running (--keep-serving): kill {proc.pid}")
     return {
         "outputs": outputs,
         "answers": answers,

@@ -8,7 +8,11 @@ whose inputs equal an earlier run's is not run again, its outputs are reused and
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from kfp import local
@@ -24,6 +28,24 @@ def resolve_local(cfg: OmniConfig) -> OmniConfig:
     return resolved
 
 
+@contextlib.contextmanager
+def cache_decisions_logged() -> Iterator[None]:
+    """Show kfp.local's cache decisions ("Task sft cache hit", "... missing artifact ... cache miss"):
+    it logs them at INFO outside the block where it shows its other task lines, so with the root
+    logger at its default level they never appear."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s", "%H:%M:%S"))
+    handler.addFilter(lambda record: "kfp/local/" in Path(record.pathname).as_posix())
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(min(level or logging.WARNING, logging.INFO))
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def run_local(cfg: OmniConfig, data_uri: str | Path, cache: bool = True, overrides: list[str] | None = None) -> dict:
     """Run the pipeline to the end (compiled with `cfg`, run with `overrides`); returns its outputs:
     the registered version, the gate's verdict and the evaluation summary."""
@@ -33,7 +55,8 @@ def run_local(cfg: OmniConfig, data_uri: str | Path, cache: bool = True, overrid
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True,
                enable_caching=cache, cache_root=str(Path(cfg.run.workdir) / "kfp-cache"))
     pipeline = build_pipeline(cfg)
-    task = pipeline(data_uri=str(Path(data_uri).resolve()), overrides=list(overrides or []))
+    with cache_decisions_logged():
+        task = pipeline(data_uri=str(Path(data_uri).resolve()), overrides=list(overrides or []))
     out = dict(task.outputs)
     return {"version": out["version"], "verdict": out["verdict"], "evaluation": json.loads(out["evaluation"])}
 
