@@ -308,14 +308,55 @@ class OmniConfig(Strict):
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
+class TaskConfig(Strict):
+    """One task's slice of the resolved config (`components.slices`): the sections its step reads,
+    and nothing else, so a task's inputs, KFP's cache key, change only when what it depends on does.
+    A section outside the slice is None (or empty): a step that reads one fails loudly."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig | None = None
+    data: DataConfig | None = None
+    stages: dict[str, StageConfig] = Field(default_factory=dict)
+    tracking: TrackingConfig | None = None
+    evaluation: EvalConfig | None = None
+    benchmark: dict[str, BenchmarkConfig] = Field(default_factory=dict)
+    sft_filter: SftFilterConfig | None = None
+    cluster: ClusterConfig | None = None
+
+    def workdir(self) -> Path:
+        return Path(self.run.workdir).expanduser().resolve()
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
+
+
+def merge_into(into: dict, part: dict) -> dict:
+    """Deep-merge `part` into the nested dict `into` (dicts merge, anything else replaces)."""
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge_into(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
 def parse_config(data: dict | str) -> OmniConfig:
     """Validate a config tree; errors name every bad field and what was expected."""
+    return _validated(OmniConfig, data, "configuration")
+
+
+def parse_task_config(data: dict | str) -> TaskConfig:
+    """Validate a task's config slice, with the same messages as `parse_config`."""
+    return _validated(TaskConfig, data, "task configuration")
+
+
+def _validated(schema: type[Strict], data: dict | str, what: str):
     raw = json.loads(data) if isinstance(data, str) else data
     try:
-        return OmniConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
         lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+        raise ConfigError(f"invalid {what}:\n" + "\n".join(lines)) from None
 
 
 class ConfigError(ValueError):

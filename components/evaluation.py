@@ -120,32 +120,3 @@ def overall(results: dict[str, dict]) -> dict[str, float]:
     """Cross-benchmark means of each metric, weighted by items (the figures the old gate compared)."""
     return aggregate({n: {r["metric"]: r["value"]} for n, r in results.items()},
                      {n: r["items"] for n, r in results.items()})
-
-
-def champion_scores(cfg: OmniConfig) -> dict | None:
-    """The champion's benchmark scores as the registry keeps them (no re-evaluation), or None."""
-    from components import gate, tracking
-    from components.lifecycle import mlflow_uri
-
-    champion = tracking.get_alias_version(mlflow_uri(cfg), cfg.tracking.registered_model, tracking.CHAMPION)
-    if champion is None:
-        return None
-    metrics, data = tracking.version_metrics(champion), gate.version_data(champion)
-    benchmarks = {name: {**s.model_dump(), "data_sha256": data.get(name)}
-                  for name, s in gate.benchmark_scores(metrics).items()}
-    return {"source": f"champion v{champion.version}", "benchmarks": benchmarks,
-            "overall": {k: v for k, v in metrics.items() if "." not in k}}
-
-
-def baseline(cfg: OmniConfig, init_dir: Path | None, out_dir: Path, data_root: str | None,
-             progress: bool = True) -> dict | None:
-    """The 'before' column (evaluation.baseline): the champion's registry scores; with
-    champion_or_init and no champion yet, the initial checkpoint evaluated once."""
-    if cfg.evaluation.baseline == "none":
-        return None
-    found = champion_scores(cfg)
-    if found is not None or cfg.evaluation.baseline == "champion" or init_dir is None:
-        return found
-    summary = evaluate_checkpoint(cfg, init_dir, out_dir, data_root=data_root, progress=progress)
-    return None if summary is None else {"source": "initial checkpoint", "benchmarks": summary["benchmarks"],
-                                         "overall": summary["overall"]}

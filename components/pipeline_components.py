@@ -10,9 +10,30 @@ at decoration time.
 
 
 from types import SimpleNamespace
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+
+def resolve_config(config_json: str, overrides: list, llm: str, vision: str, audio: str, registered_model: str,
+                   experiment: str) -> NamedTuple("Slices", [("config", str), ("prep", str), ("init", str),
+                                                            ("image_1", str), ("image_2", str), ("image_3", str),
+                                                            ("video", str), ("audio", str), ("omni_align", str),
+                                                            ("sft", str), ("sft_filter", str), ("evaluate", str)]):
+    """The run's config: the compiled one with this run's parameters and overrides, validated (a bad
+    key fails here, naming it), and the slice each task depends on (components.slices)."""
+    from collections import namedtuple
+
+    from components.run_params import resolve_run
+    from components.slices import all_slices
+
+    cfg = resolve_run(config_json, overrides, llm=llm, vision=vision, audio=audio,
+                      registered_model=registered_model, experiment=experiment)
+    slices = all_slices(cfg)
+    names = ("config", "prep", "init", "image_1", "image_2", "image_3", "video", "audio", "omni_align", "sft",
+             "sft_filter", "evaluate")
+    return namedtuple("Slices", names)(**{n: slices.get(n, "") for n in names[1:]}, config=cfg.to_json())
 
 
 def start_tracking(config_json: str, pipeline_run: str) -> str:
@@ -23,108 +44,107 @@ def start_tracking(config_json: str, pipeline_run: str) -> str:
     return step(parse_config(config_json), pipeline_run)
 
 
-def data_prep(config_json: str, data_uri: str, parent_run_id: str, dataset: Output[Dataset],
-              metrics: Output[Metrics], report: Output[HTML]) -> str:
+def data_prep(config_json: str, data_uri: str, dataset: Output[Dataset], metrics: Output[Metrics],
+              report: Output[HTML]) -> str:
     """Validate, normalise, deduplicate, split and shard the records (`data_uri`: comma-separated
     JSONL files or folders, local or s3://); returns the manifest hash."""
+    import shutil
     from pathlib import Path
 
-    from components.config import parse_config
+    from components.config import parse_task_config
     from components.steps import data_prep as step
-    from components.steps import data_prep_metrics
+    from components.steps import data_prep_metrics, log_metrics
 
-    manifest = step(parse_config(config_json), [p.strip() for p in data_uri.split(",") if p.strip()],
-                    Path(dataset.path), parent_run_id, report_path=Path(report.path))
-    for key, value in data_prep_metrics(manifest).items():
-        metrics.log_metric(key, value)
+    manifest = step(parse_task_config(config_json), [p.strip() for p in data_uri.split(",") if p.strip()],
+                    Path(dataset.path))
+    log_metrics(metrics, data_prep_metrics(manifest))
     dataset.metadata.update({k: manifest[k] for k in ("records_out", "splits", "sha256", "format")})
+    shutil.copy(Path(dataset.path) / "report.html", report.path)
     return manifest["sha256"]
 
 
 def init_model(config_json: str, dataset: Input[Dataset], model: Output[Model]) -> None:
-    """The starting checkpoint (pretrained path, or fresh weights + data prep's tokenizer)."""
+    """The starting checkpoint: composed from model.init's Hugging Face parts (fresh weights where a
+    part is not given) with data prep's tokenizer, or the omni checkpoint model.pretrained."""
     from pathlib import Path
 
-    from components.config import parse_config
+    from components.config import parse_task_config
     from components.steps import init_model as step
 
-    step(parse_config(config_json), Path(dataset.path), Path(model.path))
+    step(parse_task_config(config_json), Path(dataset.path), Path(model.path))
 
 
-def train_stage(config_json: str, stage: str, parent_run_id: str, dataset: Input[Dataset],
-                init_model: Input[Model], model: Output[Model], metrics: Output[Metrics],
+def train_stage(config_json: str, stage: str, dataset: Input[Dataset], init_model: Input[Model],
+                model: Output[Model], metrics: Output[Metrics], report: Output[HTML],
                 sft_filter: Input[Dataset] = None) -> None:
-    """One training stage (trainable modules, lr, data from conf/stage/<stage>.yaml); with
-    `sft_filter`, the samples the loss filter dropped are left out."""
+    """One training stage (trainable modules, lr, data from conf/stage/<stage>.yaml): its loss
+    curve in the report, steps/losses/tokens per second as metrics; with `sft_filter`, the samples
+    the loss filter dropped are left out."""
     from pathlib import Path
 
-    from components.config import parse_config
+    from components.config import parse_task_config
+    from components.steps import stage_outputs
     from components.steps import train as step
 
-    result = step(parse_config(config_json), stage, Path(dataset.path), Path(init_model.path), Path(model.path),
-                  parent_run_id, sft_filter_dir=Path(sft_filter.path) if sft_filter is not None else None)
-    model.metadata["stage"] = stage
-    for key in ("steps", "first_loss", "final_loss", "tokens_per_second"):
-        if key in result:
-            metrics.log_metric(key, result[key])
+    out = Path(model.path)
+    result = step(parse_task_config(config_json), stage, Path(dataset.path), Path(init_model.path), out,
+                  sft_filter_dir=Path(sft_filter.path) if sft_filter is not None else None)
+    stage_outputs(stage, result, out, model.metadata, metrics, Path(report.path))
 
 
-def train_stage_trainjob(config_json: str, stage: str, parent_run_id: str, dataset: Input[Dataset],
-                         init_model: Input[Model], model: Output[Model], metrics: Output[Metrics],
+def train_stage_trainjob(config_json: str, stage: str, dataset: Input[Dataset], init_model: Input[Model],
+                         model: Output[Model], metrics: Output[Metrics], report: Output[HTML],
                          sft_filter: Input[Dataset] = None) -> None:
     """Launcher of a multi-node stage: stage the inputs, run the stage as a Kubeflow Trainer TrainJob
     (every rank runs the same training entry as `train_stage`), stream rank 0's log, fetch the checkpoint."""
     from pathlib import Path
 
-    from components.config import parse_config
+    from components.config import parse_task_config
+    from components.steps import stage_outputs
     from components.trainjob import run_stage
 
     extra = {"sft_filter": Path(sft_filter.path) if sft_filter is not None else None}
-    result = run_stage(parse_config(config_json), stage, Path(dataset.path), Path(init_model.path), Path(model.path),
-                       parent_run_id, extra_dirs=extra)
-    model.metadata["stage"] = stage
-    for key in ("steps", "first_loss", "final_loss", "tokens_per_second"):
-        if key in result:
-            metrics.log_metric(key, result[key])
+    out = Path(model.path)
+    key = f"{dataset.uri}|{init_model.uri}|{config_json}"  # the same inputs find the same job (a retry re-attaches)
+    result = run_stage(parse_task_config(config_json), stage, Path(dataset.path), Path(init_model.path), out, key,
+                       extra_dirs=extra)
+    stage_outputs(stage, result, out, model.metadata, metrics, Path(report.path))
 
 
-def sft_filter(config_json: str, parent_run_id: str, dataset: Input[Dataset], model: Input[Model],
-               filtered: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]) -> None:
+def sft_filter(config_json: str, dataset: Input[Dataset], model: Input[Model], filtered: Output[Dataset],
+               metrics: Output[Metrics], report: Output[HTML]) -> None:
     """Loss-based SFT filter: per-sample loss under the pre-SFT model, Gaussian fit per task, drop
     outside mean +- k std; the dropped ids go to the sft stage, the report to the KFP UI."""
     import shutil
     from pathlib import Path
 
-    from components.config import parse_config
+    from components.config import parse_task_config
+    from components.steps import log_metrics
     from components.steps import sft_filter as step
 
-    summary = step(parse_config(config_json), Path(dataset.path), Path(model.path), Path(filtered.path),
-                   parent_run_id)
-    if summary["enabled"]:
-        metrics.log_metric("kept", summary["kept"])
-        metrics.log_metric("dropped", len(summary["dropped"]))
+    summary = step(parse_task_config(config_json), Path(dataset.path), Path(model.path), Path(filtered.path))
+    log_metrics(metrics, {"kept": summary["kept"], "dropped": len(summary["dropped"])} if summary["enabled"] else {})
     shutil.copy(Path(filtered.path) / "report.html", report.path)
 
 
-def evaluate(config_json: str, parent_run_id: str, data_uri: str, model: Input[Model], baseline: Input[Model],
-             metrics: Output[Metrics], report: Output[HTML], results: Output[Dataset]) -> str:
+def evaluate(config_json: str, data_uri: str, model: Input[Model], metrics: Output[Metrics], report: Output[HTML],
+             results: Output[Dataset], baseline: Input[Dataset] = None) -> str:
     """The configured benchmarks (conf/benchmark; relative data paths under the pipeline's data
-    input) on the trained model, next to the champion's registry scores (the initial checkpoint on a
-    first run); returns the summary as JSON for the registry and the gate."""
+    input) on `model`, next to `baseline`'s results (the initial checkpoint's) when given; returns
+    the summary as JSON for the registry and the gate."""
     import json
     import shutil
     from pathlib import Path
 
-    from components.config import parse_config
+    from components.config import parse_task_config
     from components.gate import eval_record
-    from components.steps import run_evaluation
+    from components.steps import log_metrics, run_evaluation
 
     root = data_uri.split(",")[0].strip()
     root = root if root.startswith("s3://") or Path(root).is_dir() else str(Path(root).parent)
-    summary = run_evaluation(parse_config(config_json), root, Path(model.path), Path(baseline.path),
-                             Path(results.path), parent_run_id)
-    for key, value in eval_record(summary)[0].items():
-        metrics.log_metric(key, value)
+    summary = run_evaluation(parse_task_config(config_json), root, Path(model.path), Path(results.path),
+                             Path(baseline.path) if baseline is not None else None)
+    log_metrics(metrics, eval_record(summary)[0])
     shutil.copy(Path(results.path) / "report.html", report.path)
     return json.dumps({k: summary[k] for k in ("benchmarks", "overall")})
 
@@ -134,23 +154,31 @@ def export_triton(model: Input[Model], triton_repo: Output[Model], metrics: Outp
     from pathlib import Path
 
     from components.steps import export as step
+    from components.steps import log_metrics
 
     report = step(Path(model.path), Path(triton_repo.path))
-    for name, graph in report["onnx"].items():
-        metrics.log_metric(f"onnx_max_abs_diff.{name}", graph["max_abs_diff"])
+    log_metrics(metrics, {f"onnx_max_abs_diff.{name}": graph["max_abs_diff"] for name, graph in report["onnx"].items()})
 
 
-def register(config_json: str, parent_run_id: str, pipeline_run: str, model: Input[Model],
-             eval_metrics: str, manifest_sha256: str) -> str:
-    """Register the trained checkpoint as a new MLflow model version (alias `challenger`)."""
+def register(config_json: str, parent_run_id: str, pipeline_run: str, model: Input[Model], eval_metrics: str,
+             manifest_sha256: str, dataset: Input[Dataset], results: Input[Dataset], image_1: Input[Model] = None,
+             image_2: Input[Model] = None, image_3: Input[Model] = None, video: Input[Model] = None,
+             audio: Input[Model] = None, omni_align: Input[Model] = None, sft: Input[Model] = None,
+             filtered: Input[Dataset] = None, results_before: Input[Dataset] = None) -> str:
+    """Register the trained checkpoint as a new MLflow model version (alias `challenger`), after logging
+    every step's record (reused from a cached run or not) as a child run of this pipeline run."""
     import json
     from pathlib import Path
 
     from components.config import parse_config
     from components.lifecycle import register as step
 
+    named = {"data-prep": dataset, "evaluate": results, "evaluate-initial": results_before,
+             "sft-loss-filter": filtered, "image-1": image_1, "image-2": image_2, "image-3": image_3,
+             "video": video, "audio": audio, "omni-align": omni_align, "sft": sft}
+    outputs = {name: (Path(a.path), a.uri) for name, a in named.items() if a is not None}
     return step(parse_config(config_json), Path(model.path), json.loads(eval_metrics), manifest_sha256,
-                parent_run_id, pipeline_run)
+                parent_run_id, pipeline_run, outputs)
 
 
 def gate(config_json: str, version: str) -> str:
@@ -188,7 +216,8 @@ def keep_champion(config_json: str, version: str, parent_run_id: str) -> None:
 # entry). GPU: the steps that run the model. CPU: bookkeeping, data prep, and the TrainJob launcher,
 # which only waits while the job's own pods hold the GPUs.
 POOLS = {
-    start_tracking: "cpu", data_prep: "cpu", register: "cpu", gate: "cpu", promote: "cpu", keep_champion: "cpu",
+    resolve_config: "cpu", start_tracking: "cpu", data_prep: "cpu", register: "cpu", gate: "cpu", promote: "cpu",
+    keep_champion: "cpu",
     train_stage_trainjob: "cpu",
     init_model: "gpu", train_stage: "gpu", sft_filter: "gpu", evaluate: "gpu", export_triton: "gpu",
 }

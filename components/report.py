@@ -365,3 +365,12 @@ def text_table(summary: Mapping) -> str:
                      f"{cell(r.get('paper'), 8)}{r['failed'] + r.get('read_failures', 0):>8}")
     lines.append(f"(scores in the paper's units: accuracy %, WER/CER %, BLEU; before = {before.get('source', 'none')})")
     return "\n".join(lines)
+
+
+def stage_report(stage: str, losses: Sequence[float], summary: Mapping[str, float]) -> str:
+    """One training stage for the KFP UI: its loss curve and its summary figures."""
+    rows = "".join(f"<tr><td>{escape(k)}</td><td class='num'>{_fmt(v)}</td></tr>" for k, v in summary.items())
+    chart = f'<img alt="loss curve" src="data:image/png;base64,{_loss_chart({stage: losses})}">' if losses else ""
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Stage {escape(stage)}</title>'
+            f"<style>{_CSS}</style></head><body><h1>Stage {escape(stage)}</h1>{chart}"
+            f"<table><tr><th>figure</th><th>value</th></tr>{rows}</table></body></html>")

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import nullcontext
 from pathlib import Path
 
-from components import tracking
 from components.config import OmniConfig
 from components.data_report import data_report
-from components.evaluation import baseline, evaluate_checkpoint
+from components.evaluation import evaluate_checkpoint
 from components.filter_report import filter_report
 from components.gate import eval_record
-from components.lifecycle import mlflow_uri
-from components.report import evaluation_report, write_report
+from components.records import RECORD_FILE, write_record
+from components.report import evaluation_report, stage_report, write_report
 from model import runtime
 from model.data.loading import to_chat_input
 from model.data.prep import prepare
@@ -34,21 +32,14 @@ from model.training.recipe import train_stage
 from model.training.sft_filter import loss_filter, sample_losses
 
 
-def data_prep(cfg: OmniConfig, inputs: list[str | Path], out_dir: Path, parent_run_id: str, progress: bool = True,
-              report_path: Path | None = None) -> dict:
+def data_prep(cfg: OmniConfig, inputs: list[str | Path], out_dir: Path, progress: bool = True) -> dict:
     """Validate, normalise, dedup, split and shard `inputs` (JSONL files/folders, local or s3://)
-    into `out_dir`; the HTML report (quarantine reasons, modality mix, length histograms) goes to
-    `report_path` and, with the manifest and quarantine file, to the MLflow run."""
+    into `out_dir`, with report.html (quarantine reasons, modality mix, length histograms) and the
+    record register logs to MLflow (components.records)."""
     result = prepare(inputs, out_dir, cfg.data, cfg.model, progress=progress)
-    report_path = report_path or out_dir / "report.html"
-    write_report(report_path, data_report(result.manifest, result.quarantined, result.stats))
-    uri = mlflow_uri(cfg)
-    with tracking.stage_run(
-        uri, cfg.tracking.experiment, parent_run_id, "data-prep", params=cfg.data.model_dump()
-    ) as run:
-        run.log_metrics(data_prep_metrics(result.manifest))
-        for path in (out_dir / "manifest.json", out_dir / "quarantine.jsonl", report_path):
-            tracking.log_artifact(uri, run.run_id, path)
+    write_report(out_dir / "report.html", data_report(result.manifest, result.quarantined, result.stats))
+    write_record(out_dir, "data-prep", params=cfg.data.model_dump(), metrics=data_prep_metrics(result.manifest),
+                 files=["manifest.json", "quarantine.jsonl", "report.html"])
     return result.manifest
 
 
@@ -79,8 +70,7 @@ def init_model(cfg: OmniConfig, data_dir: Path, out_dir: Path) -> Path:
 
 
 def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path, out_dir: Path,
-          parent_run_id: str | None, progress: bool = True, sft_filter_dir: Path | None = None,
-          checkpoint_dir: Path | None = None) -> dict:
+          progress: bool = True, sft_filter_dir: Path | None = None, checkpoint_dir: Path | None = None) -> dict:
     """One training stage from `init_dir` to `out_dir`; skipped stages pass the checkpoint on.
     `data_dir`: data prep's output, a folder or a store URI (s3://...) the shards stream from.
     `sft_filter_dir`: the loss filter's output; the samples it dropped are left out.
@@ -89,36 +79,55 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path
 
     The one entry of a stage, wherever it runs: the DAG's stage task, every rank of a TrainJob
     (components/train_entry.py) that the DAG's launcher task submits for multi-node stages, and
-    `omni train` (alone or under torchrun; `parent_run_id=None`: its MLflow run stands alone)."""
-    if stage_name in cfg.run.skip_stages or stage_name not in cfg.stages:
-        shutil.copytree(init_dir, out_dir, dirs_exist_ok=True)
+    `omni train` (alone or under torchrun). Rank 0 writes the checkpoint, its record (params,
+    metrics, the loss curve; components.records) and report.html."""
+    if stage_name in cfg.run.skip_stages or stage_name not in cfg.stages:  # the checkpoint passes on, its record not
+        shutil.copytree(init_dir, out_dir, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(RECORD_FILE, "report.html"))
         return {"skipped": True, "steps": 0}
     stage = cfg.stages[stage_name]
     model = build_for_stage(init_dir, stage)  # on its device (ZeRO-3: partitioned as it is built)
     tokenizer = load_tokenizer(init_dir / TOKENIZER_DIR)
     processor = OmniProcessor(tokenizer, model.cfg)
     dataset = _train_stream(cfg, stage.data_tasks, data_dir, sft_filter_dir)
-    uri = mlflow_uri(cfg)
-    # Under torchrun every rank runs this; only global rank 0 records the stage and saves the checkpoint.
-    primary = runtime.ranks().primary
-    params = {"stage": stage.model_dump(), "model": cfg.model.model_dump(), "train_samples": dataset.num_samples()}
-    stage_run = (tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, f"train-{stage_name}", params=params)
-                 if primary else nullcontext())
-    with stage_run as run:
-        state = checkpoint_dir or out_dir / "deepspeed"
-        result = train_stage(model, processor, dataset, stage, checkpoint_dir=state, progress=progress)
-        summary = {"final_loss": result.losses[-1], "first_loss": result.losses[0], "seconds": result.seconds,
-                   "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
-                   "trainable_params": result.trainable_params}
-        if run is not None:
-            tracking.log_metric_history(uri, run.run_id, "loss", result.losses)
-            run.log_metrics(summary)
+    state = checkpoint_dir or out_dir / "deepspeed"
+    result = train_stage(model, processor, dataset, stage, checkpoint_dir=state, progress=progress)
+    summary = {"steps": len(result.losses), "first_loss": result.losses[0], "final_loss": result.losses[-1],
+               "seconds": result.seconds, "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+               "trainable_params": result.trainable_params}
     if checkpoint_dir is None:  # resumable state; the checkpoint below is what flows on
         shutil.rmtree(out_dir / "deepspeed", ignore_errors=True)
-    if primary:
+    if runtime.ranks().primary:  # under torchrun every rank trains; only global rank 0 saves and records
         model.save_pretrained(out_dir, tokenizer)
         write_losses(out_dir, {**read_losses(init_dir), stage_name: result.losses})
-    return {"skipped": False, "steps": len(result.losses), "losses": result.losses, **summary}
+        write_report(out_dir / "report.html", stage_report(stage_name, result.losses, summary))
+        params = {"stage": stage.model_dump(), "model": cfg.model.model_dump(), "train_samples": dataset.num_samples()}
+        write_record(out_dir, f"train-{stage_name}", params, summary, {"loss": result.losses}, ["report.html"])
+    return {"skipped": False, "losses": result.losses, **summary}
+
+
+STAGE_METRICS = ("steps", "first_loss", "final_loss", "tokens_per_second")
+
+
+def log_metrics(metrics, values: dict[str, float]) -> None:
+    """`values` into a KFP Metrics output (`metrics`: its artifact), and as JSON into the artifact's
+    file: kfp.local reuses a cached task only if every output file exists, and log_metric alone
+    writes none (the values travel in the executor's output)."""
+    for key, value in values.items():
+        metrics.log_metric(key, value)
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).write_text(json.dumps(values, indent=2, sort_keys=True))
+
+
+def stage_outputs(stage: str, result: dict, out_dir: Path, metadata: dict, metrics, report_path: Path) -> None:
+    """A stage task's KFP outputs from its result: the model's metadata, the Metrics, the HTML report."""
+    metadata["stage"] = stage
+    log_metrics(metrics, {key: result[key] for key in STAGE_METRICS if key in result})
+    if (out_dir / "report.html").is_file() and not result.get("skipped"):
+        shutil.copy(out_dir / "report.html", report_path)
+    else:
+        write_report(report_path, f"<html><body><p>Stage {stage} was skipped (run.skip_stages): its input "
+                                  "checkpoint was passed on.</p></body></html>")
 
 
 def _train_stream(cfg: OmniConfig, tasks: list[str], data_dir: Path | str, sft_filter_dir: Path | None) -> ShardStream:
@@ -131,21 +140,21 @@ def _train_stream(cfg: OmniConfig, tasks: list[str], data_dir: Path | str, sft_f
 FILTER_FILE = "sft_filter.json"
 
 
-def sft_filter(
-    cfg: OmniConfig, data_dir: Path, model_dir: Path, out_dir: Path, parent_run_id: str, progress: bool = True
-) -> dict:
+def sft_filter(cfg: OmniConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict:
     """Loss-based SFT filter: score the SFT samples with `model_dir` (the checkpoint SFT starts
     from), drop those outside mean +- k std of their group; writes sft_filter.json + report.html."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    fcfg, stage = cfg.sft_filter, cfg.stages.get("sft")
-    if not fcfg.enabled or stage is None or "sft" in cfg.run.skip_stages:
+    fcfg = cfg.sft_filter
+    tasks = fcfg.data_tasks if fcfg.data_tasks is not None else (cfg.stages["sft"].data_tasks if "sft" in cfg.stages
+                                                                 else None)
+    if not fcfg.enabled or tasks is None or "sft" in cfg.run.skip_stages:
         summary = {"enabled": False, "kept": None, "dropped": []}
         (out_dir / FILTER_FILE).write_text(json.dumps(summary, indent=2))
         write_report(out_dir / "report.html", "<html><body><p>SFT loss filter disabled.</p></body></html>")
         return summary
     model = runtime.place(OmniModel.from_pretrained(model_dir))
     processor = OmniProcessor(load_tokenizer(model_dir / TOKENIZER_DIR), model.cfg)
-    stream = ShardStream(data_dir, "train", stage.data_tasks)
+    stream = ShardStream(data_dir, "train", tasks)
     records = list(stream.records())
     # Encoded lazily, one batch at a time: at SFT scale the decoded media would not fit in memory.
     samples = (processor.encode(to_chat_input(r, None, model.cfg, fetch=stream.store.read_bytes)) for r in records)
@@ -159,17 +168,10 @@ def sft_filter(
     write_report(out_dir / "report.html", filter_report(result, by_group, texts, fcfg.k_sigma, fcfg.examples))
     summary = {"enabled": True, "config": fcfg.model_dump(), **result.to_json()}
     (out_dir / FILTER_FILE).write_text(json.dumps(summary, indent=2))
-    uri = mlflow_uri(cfg)
-    with tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "sft-filter", params=fcfg.model_dump()) as run:
-        run.log_metrics(
-            {
-                "kept": result.kept,
-                "dropped": len(result.dropped),
-                **{f"{g}.loss_mean": f.mean for g, f in result.fits.items()},
-                **{f"{g}.loss_std": f.std for g, f in result.fits.items()},
-            }
-        )
-        tracking.log_artifacts(uri, run.run_id, out_dir, "sft-filter")
+    metrics = {"kept": result.kept, "dropped": len(result.dropped),
+               **{f"{g}.loss_mean": f.mean for g, f in result.fits.items()},
+               **{f"{g}.loss_std": f.std for g, f in result.fits.items()}}
+    write_record(out_dir, "sft-filter", fcfg.model_dump(), metrics, files=[FILTER_FILE, "report.html"])
     return summary
 
 
@@ -190,36 +192,28 @@ def write_losses(model_dir: Path, curves: dict[str, list[float]]) -> None:
     (model_dir / "losses.json").write_text(json.dumps(curves))
 
 
-def run_evaluation(
-    cfg: OmniConfig,
-    data_root: str | None,
-    model_dir: Path,
-    baseline_dir: Path | None,
-    out_dir: Path,
-    parent_run_id: str,
-    progress: bool = True,
-) -> dict | None:
-    """Score the trained model on the configured benchmarks (`benchmark:`; relative data paths
-    resolve against evaluation.data_root or `data_root`, the pipeline's data input), next to the
-    champion's registry scores (or `baseline_dir`, the initial checkpoint, when there is no
-    champion yet); write metrics.json, predictions.jsonl and report.html into `out_dir`."""
+def run_evaluation(cfg: OmniConfig, data_root: str | None, model_dir: Path, out_dir: Path,
+                   before_dir: Path | None = None, progress: bool = True) -> dict | None:
+    """Score `model_dir` on the configured benchmarks (`benchmark:`; relative data paths resolve
+    against evaluation.data_root or `data_root`, the pipeline's data input), next to `before_dir`'s
+    results (the initial checkpoint's, evaluated by its own task) when given; write metrics.json,
+    predictions.jsonl, report.html and the record register logs to MLflow into `out_dir`."""
     summary = evaluate_checkpoint(cfg, model_dir, out_dir, data_root=data_root, progress=progress)
     if summary is None:  # not the primary rank
         return None
-    summary["before"] = baseline(cfg, baseline_dir, out_dir / "baseline", data_root, progress)
+    before = json.loads((before_dir / "metrics.json").read_text()) if before_dir else None
+    summary["before"] = None if before is None else {
+        "source": "initial checkpoint", "benchmarks": before["benchmarks"], "overall": before["overall"]}
     meta = {"model": cfg.model.name, "benchmarks": ", ".join(summary["benchmarks"]),
-            "before": (summary["before"] or {}).get("source", "none")}
-    write_report(out_dir / "report.html", evaluation_report(f"Evaluation — {cfg.run.name}", summary,
-                                                            read_losses(model_dir), meta))
+            "before": "initial checkpoint" if before else "none"}
+    write_report(out_dir / "report.html", evaluation_report("Evaluation", summary, read_losses(model_dir), meta))
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    uri = mlflow_uri(cfg)
+    values, data_tags = eval_record(summary)
+    signatures = {f"{n}.bleu_signature": r["signature"] for n, r in summary["benchmarks"].items() if r.get("signature")}
     params = {"evaluation": cfg.evaluation.model_dump(),
               "benchmark": {n: b.model_dump() for n, b in cfg.benchmark.items()}}
-    with tracking.stage_run(uri, cfg.tracking.experiment, parent_run_id, "evaluate", params=params) as run:
-        run.log_metrics(eval_record(summary)[0])
-        run.set_tags({f"{n}.bleu_signature": r["signature"] for n, r in summary["benchmarks"].items()
-                      if r.get("signature")} | eval_record(summary)[1])
-        tracking.log_artifacts(uri, run.run_id, out_dir, "evaluation")
+    write_record(out_dir, "evaluate", params, values, tags=signatures | data_tags,
+                 files=["metrics.json", "predictions.jsonl", "report.html"])
     return summary
 
 

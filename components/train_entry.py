@@ -1,13 +1,13 @@
 """The command inside a stage's TrainJob: one process per GPU, started by torchrun.
 
-    torchrun -m components.train_entry --staging s3://bucket/trainjobs/JOB --stage sft --parent-run-id RUN
+    torchrun -m components.train_entry --staging s3://bucket/trainjobs/JOB --stage sft
 
 Reads what `components.trainjob.run_stage` staged (config.json, inputs/data, inputs/init and any
 extra inputs), runs the very same `components.steps.train` as a single-machine task (DeepSpeed
 takes RANK/WORLD_SIZE/MASTER_ADDR from torchrun). The data set is not downloaded: every rank streams
 its share of the shards (and their media) straight from `inputs/data` in the staging store; only the
-checkpoint and the small extra inputs are fetched, once per node. Every rank trains; only global rank 0 opens the
-stage's MLflow run, saves the checkpoint and uploads it with the summary to `output/` for the
+checkpoint and the small extra inputs are fetched, once per node. Every rank trains; only global rank 0 saves the
+checkpoint (with its record and report) and uploads it with the summary to `output/` for the
 waiting KFP task. The other ranks exit when training ends.
 """
 
@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from components.config import parse_config
+from components.config import parse_task_config
 from components.trainjob import local_workdir
 from model import runtime
 from model.storage import Store, open_store
@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.train_entry", description=__doc__.split("\n\n")[0])
     parser.add_argument("--staging", required=True, help="the job's staging URI (s3://... or a shared path)")
     parser.add_argument("--stage", required=True, help="stage name, e.g. sft")
-    parser.add_argument("--parent-run-id", required=True, help="the pipeline's MLflow parent run id")
     parser.add_argument("--checkpoints", type=Path, help="shared folder for the resumable DeepSpeed state "
                         "(the TrainJob's checkpoint volume): a restarted job resumes from it")
     args = parser.parse_args(argv)
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, local_rank = where.rank, where.local_rank
 
     store = open_store(args.staging)
-    cfg = parse_config(store.read_bytes("config.json").decode())
+    cfg = parse_task_config(store.read_bytes("config.json").decode())
     work = local_workdir()
     inputs = work / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
@@ -65,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     # Each rank writes its own folder: ranks on one node share the filesystem.
     out_dir = work / f"out-rank{rank}"
     sft_filter = inputs / "sft_filter"
-    result = train(cfg, args.stage, store.uri(f"inputs/{DATA}"), inputs / "init", out_dir, args.parent_run_id,
+    result = train(cfg, args.stage, store.uri(f"inputs/{DATA}"), inputs / "init", out_dir,
                    progress=rank == 0, sft_filter_dir=sft_filter if sft_filter.is_dir() else None,
                    checkpoint_dir=args.checkpoints)
-    if rank == 0:  # the only rank steps.train saved a checkpoint on (tracking.is_primary_process)
+    if rank == 0:  # the only rank steps.train saved a checkpoint on (runtime.ranks().primary)
         store.upload_dir(out_dir, "output/model")
         store.write_bytes("output/result.json", json.dumps(result, default=float).encode())
     return 0

@@ -53,14 +53,15 @@ def needs_trainjob(cfg: OmniConfig, stage_name: str) -> bool:
     return stage.nodes > 1 or stage.gpus_per_node > cfg.cluster.gpu_pool.accelerator_limit
 
 
-def trainjob_name(stage_name: str, parent_run_id: str) -> str:
-    """Stable per (pipeline run, stage), so a retried task finds its job; short enough (< 40) for
-    the pod names JobSet derives from it."""
-    digest = hashlib.sha256(f"{parent_run_id}/{stage_name}".encode()).hexdigest()[:10]
+def trainjob_name(stage_name: str, key: str) -> str:
+    """Stable per (stage, inputs): `key` names the task's inputs (its config slice and input artifacts),
+    so a retried task finds its job, and a run whose inputs equal an earlier one's reuses that job's
+    result; short enough (< 40) for the pod names JobSet derives from it."""
+    digest = hashlib.sha256(f"{key}/{stage_name}".encode()).hexdigest()[:10]
     return f"omni-{stage_name.replace('_', '-')}-{digest}"
 
 
-def build_trainjob(cfg: OmniConfig, stage_name: str, name: str, staging_uri: str, parent_run_id: str) -> dict[str, Any]:
+def build_trainjob(cfg: OmniConfig, stage_name: str, name: str, staging_uri: str) -> dict[str, Any]:
     """The TrainJob for one stage (a plain dict, validated against the CRD by `kube.apply`)."""
     stage, cluster = cfg.stages[stage_name], cfg.cluster
     gpus = _gpus_per_node(cfg, stage_name)
@@ -77,7 +78,7 @@ def build_trainjob(cfg: OmniConfig, stage_name: str, name: str, staging_uri: str
         # torchrun takes nodes, processes per node, rank and rendezvous from the PET_* variables
         # the Trainer's torch plugin sets, so the command names none of them.
         "command": ["torchrun", "-m", ENTRY_MODULE],
-        "args": ["--staging", staging_uri, "--stage", stage_name, "--parent-run-id", parent_run_id,
+        "args": ["--staging", staging_uri, "--stage", stage_name,
                  "--checkpoints", f"{CHECKPOINT_MOUNT}/{name}"],
         "numNodes": stage.nodes, "numProcPerNode": max(gpus, 1), "resourcesPerNode": _node_resources(cfg, gpus),
         "env": env,
@@ -144,7 +145,7 @@ def run_stage(
     data_dir: Path,
     init_dir: Path,
     out_dir: Path,
-    parent_run_id: str,
+    key: str,
     extra_dirs: Mapping[str, Path | None] | None = None,
     kube: k8s.Kube | None = None,
     emit: Callable[[str], None] | None = None,
@@ -153,10 +154,10 @@ def run_stage(
     Returns the summary `steps.train` returned on rank 0."""
     emit = emit or (lambda line: print(line, file=sys.stderr, flush=True))
     kube = kube or k8s.connect()
-    name = trainjob_name(stage_name, parent_run_id)
+    name = trainjob_name(stage_name, key)
     staging_uri = f"{cfg.cluster.trainer.staging_uri.rstrip('/')}/{name}"
     store = open_store(staging_uri)
-    job = build_trainjob(cfg, stage_name, name, staging_uri, parent_run_id)
+    job = build_trainjob(cfg, stage_name, name, staging_uri)
 
     live = k8s.get(kube, job)
     state = _state(live)

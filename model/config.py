@@ -298,6 +298,9 @@ class SftFilterConfig(Strict):
     min_group_size: int = Field(8, ge=2, description="smaller groups are kept whole: too few samples to fit")
     batch_size: int = Field(8, gt=0)
     examples: int = Field(5, ge=0, description="dropped samples per side shown in the report")
+    data_tasks: list[str] | None = Field(
+        None, description="record tasks to score; null = the sft stage's data_tasks (the pipeline fills them in, so "
+                          "the filter's task does not depend on the rest of the sft stage, e.g. its learning rate)")
 
 
 class EvalConfig(Strict):
@@ -311,10 +314,11 @@ class EvalConfig(Strict):
     cache_uri: str | None = Field(
         None, description="where per-item predictions are kept so a killed evaluation resumes (folder or s3://); "
                           "null = <run.workdir>/eval-cache")
-    baseline: Literal["champion", "champion_or_init", "none"] = Field(
-        "champion_or_init", description="the 'before' column: the champion's scores from the registry; "
-                                        "champion_or_init also evaluates the initial checkpoint when there is no "
-                                        "champion yet (a first run); none = no comparison")
+    baseline: Literal["initial", "none"] = Field(
+        "initial", description="the report's 'before' column: the initial checkpoint on the same benchmarks (its own "
+                               "task in the DAG, cached while the start and the benchmarks stay the same); none = "
+                               "no column. The comparison that decides promotion is the gate's, against the "
+                               "champion's scores in the registry")
     bootstrap: int = Field(1000, ge=0, description="resamples for the standard error of corpus metrics (WER, BLEU)")
     seed: int = 0
 

@@ -86,9 +86,13 @@ def _compile(cfg, args) -> int:
 
 
 def _run(cfg, args) -> int:
+    import json
+
     from pipelines.local import run_local
 
-    print(run_local(cfg, args.data))
+    result = run_local(cfg, args.data, cache=not args.no_cache)
+    print(json.dumps({"version": result["version"], "verdict": result["verdict"],
+                      "overall": result["evaluation"]["overall"]}))
     return 0
 
 
@@ -105,7 +109,7 @@ def _train(cfg, args) -> int:
         return fail(f"--init {args.init}: not an omni checkpoint (no omni_config.json); make one with "
                     "`omni model compose` or take a stage's output")
     primary = runtime.ranks().primary
-    result = train(cfg, args.stage, args.data, args.init, args.out, None, progress=primary)
+    result = train(cfg, args.stage, args.data, args.init, args.out, progress=primary)
     if primary:  # only rank 0 saves the checkpoint (and speaks for the run)
         print(json.dumps({"steps": result["steps"], "final_loss": result.get("final_loss"),
                           "weights_sha256": weights_sha256(args.out)}))
@@ -309,6 +313,8 @@ def _add_pipeline(sub) -> None:
                       help=f"default: {DEFAULT_COMPILED.name} in pipelines/compiled")
     run = _command(pipe, "run", "Run the DAG on this machine with kfp.local (embedded MLflow, local artifacts).", _run)
     run.add_argument("--data", required=True, help="folder (or comma-separated JSONL files) of records")
+    run.add_argument("--no-cache", action="store_true",
+                     help="run every task again (default: kfp.local's cache reuses a task whose inputs are unchanged)")
 
 
 def _model_source(cmd: argparse.ArgumentParser) -> None:

@@ -154,7 +154,7 @@ def example_trainjob(cfg: OmniConfig, stage_name: str = "sft") -> dict[str, Any]
     cfg = cfg.model_copy(update={"stages": {**cfg.stages, stage_name: stage}})
     name = trainjob.trainjob_name(stage_name, "example-run")
     staging = f"{cfg.cluster.trainer.staging_uri.rstrip('/')}/{name}"
-    return trainjob.build_trainjob(cfg, stage_name, name, staging, "example-run")
+    return trainjob.build_trainjob(cfg, stage_name, name, staging)
 
 
 def champion_example(cfg: OmniConfig, endpoint_values: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,16 +4,14 @@ multimodal questions over HTTP -> print what happened and where to look."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -23,7 +21,7 @@ from components.config import OmniConfig
 from components.lifecycle import mlflow_uri
 from model.data.demo import make_demo
 from model.data.shards import ShardStream
-from pipelines.local import resolve_local, run_local
+from pipelines.local import resolve_local
 
 HOST = "127.0.0.1"
 
@@ -121,44 +119,73 @@ def eval_table(metrics_path: Path) -> str:
     return text_table(json.loads(metrics_path.read_text()))
 
 
-TASK_LINE = re.compile(r"(Executing task|finished with status|Pipeline .* finished)")
+# What the console shows of the pipeline's log: each task starting, reused from the cache, finishing
+# (kfp.local's lines), and training progress (the stages' tqdm bars), a quarter at a time.
+TASK_LINE = re.compile(r"(?:Executing task '(?P<started>[^']+)'|Task '?(?P<cached>[\w-]+)'? cache hit|"
+                       r"Task '(?P<task>[^']+)' finished with status (?P<status>\w+)|"
+                       r"Pipeline '(?P<pipeline>[^']+)' finished with status (?P<pipeline_status>\w+))")
+STEP_LINE = re.compile(r"train (\w+):\s+(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-@contextlib.contextmanager
-def pipeline_log(path: Path) -> Iterator[None]:
-    """Send everything the pipeline's steps print (kfp.local dumps each executor's full input and
-    output) to `path`, and echo only the task start/finish lines to the console."""
-    console = os.fdopen(os.dup(1), "w", buffering=1)
-    done = threading.Event()
+def task_event(m: re.Match) -> str:
+    """One console line for a kfp.local task line."""
+    if m["started"]:
+        return f"started '{m['started']}'"
+    if m["cached"]:
+        return f"'{m['cached']}' cached: its inputs are unchanged, its outputs reused"
+    if m["task"]:
+        return f"'{m['task']}' finished with status {m['status']}"
+    return f"pipeline '{m['pipeline']}' finished with status {m['pipeline_status']}"
 
-    def follow() -> None:
-        with open(path, errors="replace") as f:
-            while not done.is_set() or f.tell() < os.path.getsize(path):
-                line = f.readline()
-                if not line:
-                    time.sleep(0.2)
-                elif TASK_LINE.search(line):
-                    console.write("      " + re.sub(r"\x1b\[[0-9;]*m", "", line.strip()) + "\n")
 
-    sys.stdout.flush(), sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "w") as log:
-        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
-    tail = threading.Thread(target=follow, daemon=True)
-    tail.start()
-    try:
-        yield
-    finally:
-        sys.stdout.flush(), sys.stderr.flush()
-        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-        os.close(saved[0]), os.close(saved[1])
-        done.set()
-        tail.join(timeout=5)
-        console.close()
+class Progress:
+    """Turns the pipeline's log into console lines, the same on a terminal and through a pipe."""
+
+    def __init__(self, emit=print):
+        self.emit, self.shown = emit, {}
+
+    def line(self, raw: str) -> None:
+        text = ANSI.sub("", raw)
+        if task := TASK_LINE.search(text):
+            self.emit("      " + task_event(task), flush=True)
+        elif step := STEP_LINE.search(text):
+            stage, pct, done, total = step.group(1), int(step.group(2)), step.group(3), step.group(4)
+            if pct >= self.shown.get(stage, -25) + 25 or (pct == 100 and self.shown.get(stage) != 100):
+                self.shown[stage] = pct
+                self.emit(f"        {stage}: step {done}/{total}", flush=True)
+
+
+def run_pipeline_process(cfg: OmniConfig, data: Path, log_path: Path) -> dict:
+    """The DAG in a child process (its output, kfp.local's executor dumps included, to `log_path`),
+    followed here: this process's own console output stays its own, whatever stdout is."""
+    work = Path(cfg.run.workdir)
+    config, result = work / "pipeline-config.json", work / "pipeline-result.json"
+    config.write_text(cfg.to_json())
+    result.unlink(missing_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.local", str(config), str(data), "--out", str(result)],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    progress, pending = Progress(), ""
+    with open(log_path, "rb") as log:
+        while True:
+            finished = proc.poll() is not None
+            chunk = log.read().decode(errors="replace")
+            *lines, pending = re.split(r"[\r\n]", pending + chunk)
+            for line in lines:
+                progress.line(line)
+            if finished and not chunk:
+                break
+            time.sleep(0.3)
+    if proc.returncode:
+        tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-40:])
+        raise RuntimeError(f"the pipeline failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
+    return json.loads(result.read_text())
 
 
 def run_demo(cfg: OmniConfig, keep_serving: bool = False) -> dict:
     start = time.time()
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it is printed, on a terminal or through a pipe
     cfg = resolve_local(cfg)
     work = Path(cfg.run.workdir)
     raw = work / "demo-data"
@@ -170,15 +197,7 @@ def run_demo(cfg: OmniConfig, keep_serving: bool = False) -> dict:
         "[2/4] running the pipeline locally (kfp.local): data-prep -> 7 training stages -> evaluate -> "
         f"export -> register -> gate -> promote\n      full log: {log}"
     )
-    try:
-        with pipeline_log(log):
-            metrics = run_local(cfg, raw)
-    except Exception:
-        print(
-            f"the pipeline failed; the end of {log}:\n"
-            + "".join(log.read_text(errors="replace").splitlines(True)[-40:])
-        )
-        raise
+    outputs = run_pipeline_process(cfg, raw, log)
     uri = mlflow_uri(cfg)
     name = cfg.tracking.registered_model
     champion = tracking.get_alias_version(uri, name, tracking.CHAMPION)
@@ -197,7 +216,7 @@ def run_demo(cfg: OmniConfig, keep_serving: bool = False) -> dict:
     print("[4/4] results\n")
     for a in answers:
         print(f"  {a['task']:<10} expected {a['expected']!r:<16} answered {a['answer']!r}")
-    metrics_file = _latest(work / "pipeline_root", "results", "metrics.json")
+    metrics_file = _latest(work / "pipeline_root", "evaluate/results", "metrics.json")
     print("\nBenchmarks (the held-out set, read as benchmark files):\n" + eval_table(metrics_file))
     print(f"\nWall time: {time.time() - start:.0f} s")
     print("Where to look:")
@@ -207,8 +226,10 @@ def run_demo(cfg: OmniConfig, keep_serving: bool = False) -> dict:
     print(f"  Artifacts:  {work / 'pipeline_root'}")
     print(f"  Report:     {metrics_file.parent / 'report.html'}")
     print(f"  Endpoint:   omni serve --model-dir {champion_dir}  ->  POST /openai/v1/chat/completions")
+    if keep_serving:
+        print(f"  Serving:    http://{HOST}:{port} (pid {proc.pid}), left running (--keep-serving): kill {proc.pid}")
     return {
-        "metrics": metrics,
+        "outputs": outputs,
         "answers": answers,
         "champion": champion.version,
         "port": port,

@@ -4,6 +4,11 @@ that must not take the champion's place. Real kfp.local, real MLflow (sqlite), r
 import base64
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import wave
 from pathlib import Path
 
@@ -14,10 +19,11 @@ import requests
 from components import tracking
 from components.lifecycle import mlflow_uri
 from pipelines.config import load_config
-from pipelines.demo import HOST, run_demo, stop
+from pipelines.demo import HOST
 from pipelines.local import run_local
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 
 SMALL = [
     "data.demo_images=48", "data.demo_videos=16", "data.demo_audios=24", "data.demo_texts=8",
@@ -28,11 +34,28 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """`omni demo` as a user runs it, its output a pipe (not a terminal): what it prints is the console."""
     work = tmp_path_factory.mktemp("omni")
-    cfg = load_config([*SMALL, f"run.workdir={work}"])
-    result = run_demo(cfg, keep_serving=True)
-    yield cfg, work, result
-    stop(result["process"])
+    overrides = [*SMALL, f"run.workdir={work}"]
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "demo", "--keep-serving", *overrides], cwd=REPO,
+                          capture_output=True, text=True, timeout=1800)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    serving = re.search(r"Serving: +http://127\.0\.0\.1:(\d+) \(pid (\d+)\)", out)
+    result = {"stdout": out, "port": int(serving.group(1)), "pid": int(serving.group(2)),
+              "champion": re.search(r"serving champion v(\d+)", out).group(1),
+              "answers": re.findall(r"^  (\w+) +expected .* answered (.*)$", out, flags=re.MULTILINE)}
+    yield load_config(overrides), work, result
+    os.kill(result["pid"], signal.SIGTERM)
+
+
+def test_the_console_through_a_pipe_shows_progress_answers_and_where_to_look(demo):
+    out = demo[2]["stdout"]
+    assert "\x1b[" not in out and "\r" not in out  # plain lines, no colour codes or redrawn bars
+    for task in ("resolve-config", "data-prep", "image-1", "sft-loss-filter", "sft", "evaluate", "register"):
+        assert f"started '{task}'" in out and f"'{task}' finished with status SUCCESS" in out, task
+    assert re.search(r"sft: step \d+/8", out) and "sft: step 8/8" in out  # training progress per stage
+    assert len(demo[2]["answers"]) == 3 and "Where to look:" in out and "Benchmarks" in out
 
 
 def test_every_stage_produced_its_artifacts(demo):
@@ -48,7 +71,9 @@ def test_every_stage_produced_its_artifacts(demo):
     summary = json.loads(next(root.rglob("sft_filter.json")).read_text())
     scored = sum(f["n"] for f in summary["fits"].values())
     assert summary["enabled"] and scored > 0 and summary["kept"] + len(summary["dropped"]) == scored
-    assert next(root.rglob("results/report.html")).read_text().count("<img") >= 2
+    assert next(root.rglob("evaluate/results/report.html")).read_text().count("<img") >= 2
+    stage_report = next(p for p in root.rglob("sft/report") if p.is_file())
+    assert stage_report.read_text().count("<img") == 1  # each stage's loss curve
     repo = next(root.rglob("triton_repo/export_report.json")).parent
     assert {"vision_encoder", "audio_encoder", "omni"} <= {p.name for p in repo.iterdir()}
 
@@ -76,9 +101,9 @@ def test_registry_has_champion_with_lineage(demo):
 
 def test_demo_evaluates_the_held_out_benchmarks(demo):
     """The evaluate step reads the demo's benchmark files through the registry's readers and metrics;
-    with no champion yet, the 'before' column is the initial checkpoint."""
+    the 'before' column is the initial checkpoint (its own task, evaluate-initial)."""
     _, work, _ = demo
-    summary = json.loads(next((work / "pipeline_root").rglob("results/metrics.json")).read_text())
+    summary = json.loads(next((work / "pipeline_root").rglob("evaluate/results/metrics.json")).read_text())
     assert set(summary["benchmarks"]) == {"omni_tiny_image_mcq", "omni_tiny_video_mcq", "omni_tiny_ocr",
                                           "omni_tiny_count", "omni_tiny_caption", "omni_tiny_spoken_vqa",
                                           "omni_tiny_text_qa", "omni_tiny_asr"}
@@ -89,7 +114,7 @@ def test_demo_evaluates_the_held_out_benchmarks(demo):
 
 def test_served_champion_answers_chat_and_v2(demo):
     cfg, work, result = demo
-    assert len(result["answers"]) == 3 and all(isinstance(a["answer"], str) for a in result["answers"])
+    assert [task for task, _ in result["answers"]] == ["image_mcq", "asr", "video_mcq"]
     port = result["port"]
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
@@ -122,19 +147,43 @@ def test_malformed_request_gets_4xx(demo):
     assert 400 <= resp.status_code < 500 and "error" in resp.json()
 
 
-def test_worse_candidate_does_not_replace_champion(demo):
-    """Every stage skipped -> an untrained candidate: the gate must reject it (the Else branch). The
-    demo's benchmarks have a handful of items each, so its default noise margin would forgive almost
-    anything; an exact gate (noise_z=0) rejects any drop."""
-    cfg, work, result = demo
-    worse = load_config([*SMALL, f"run.workdir={work}", "promotion.noise_z=0",
-                         "run.skip_stages=[image_1,image_2,image_3,video,audio,omni_align,sft]"])
-    run_local(worse, work / "demo-data")
-    uri = mlflow_uri(cfg)
-    name = cfg.tracking.registered_model
+# Every task that does not talk to MLflow (pipelines/dag.UNCACHED): what kfp.local's cache may reuse.
+CACHEABLE = {"resolve-config", "data-prep", "init-model", "image-1", "image-2", "image-3", "video", "audio",
+             "omni-align", "sft-loss-filter", "sft", "evaluate-initial", "evaluate", "export-triton"}
+AFTER_SFT = {"sft", "evaluate", "export-triton"}
+
+
+def _rerun(cfg, work, capfd, overrides: list[str]) -> tuple[set[str], set[str], dict]:
+    """The demo's pipeline again in the same workdir (so the same kfp.local cache), `overrides` as the
+    run's `overrides` parameter. Returns the tasks reused from the cache, the tasks run, the outputs."""
+    capfd.readouterr()
+    outputs = run_local(cfg, work / "demo-data", overrides=overrides)
+    log = "".join(capfd.readouterr())
+    log = re.sub(r"\x1b\[[0-9;]*m", "", log)
+    cached, ran = re.findall(r"Task '?([\w-]+)'? cache hit", log), re.findall(r"Executing task '([^']+)'", log)
+    return set(cached), set(ran), outputs
+
+
+def test_an_unchanged_rerun_reuses_every_cacheable_task(demo, capfd):
+    cfg, work, _ = demo
+    cached, ran, outputs = _rerun(cfg, work, capfd, [])
+    assert cached == CACHEABLE and not (ran & CACHEABLE), (cached, ran)
+    assert {"register", "gate"} <= ran and int(outputs["version"]) > 1  # the registry still hears of the run
+
+
+def test_a_diverged_sft_rerun_reruns_only_sft_onwards_and_the_gate_rejects_it(demo, capfd):
+    """`overrides=["stages.sft.lr=0.5", ...]` as run parameters (what the KFP UI's run form sends): every
+    task before sft is reused, sft and the tasks downstream of it run again, and the diverged candidate
+    takes the gate's Else branch. The demo's benchmarks have a handful of items each, so its default
+    noise margin would forgive almost anything; an exact gate (noise_z=0) rejects any drop."""
+    cfg, work, _ = demo
+    uri, name = mlflow_uri(cfg), cfg.tracking.registered_model
+    champion_before = tracking.get_alias_version(uri, name, tracking.CHAMPION).version
+    cached, ran, outputs = _rerun(cfg, work, capfd, ["stages.sft.lr=0.5", "promotion.noise_z=0"])
+    assert cached == CACHEABLE - AFTER_SFT - {"resolve-config"}, cached
+    assert AFTER_SFT | {"resolve-config"} <= ran, ran  # resolve-config: its overrides input changed
+    assert outputs["verdict"] == "reject"
     champion = tracking.get_alias_version(uri, name, tracking.CHAMPION)
     challenger = tracking.get_alias_version(uri, name, tracking.CHALLENGER)
-    assert str(champion.version) == str(result["champion"])
-    assert int(challenger.version) > int(champion.version)
+    assert champion.version == champion_before and str(challenger.version) == str(outputs["version"])
     assert challenger.tags["promotion.decision"] == "rejected"
-    assert Path(work).exists()

@@ -184,7 +184,7 @@ def verify_onnx(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor | 
 
     `model` is the torch module the graph came from, or the whole OmniModel (the graph is then
     picked by its output name). Raises OnnxMismatchError on a shape mismatch or a difference above
-    `tolerance`."""
+    `tolerance` times the output's scale (its largest magnitude, at least 1)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -204,8 +204,12 @@ def verify_onnx(model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor | 
     if got.shape != expected.shape:
         raise OnnxMismatchError(f"{onnx_path}: onnxruntime gave shape {got.shape}, torch {expected.shape}")
     diff = float(np.abs(got - expected).max()) if got.size else 0.0
-    if not diff <= tolerance:  # also catches NaN
-        raise OnnxMismatchError(f"{onnx_path}: max |onnx - torch| = {diff:.3g} > {tolerance:g}")
+    # Relative to the output's scale once it exceeds 1: float32 kernels that sum in a different order
+    # differ in proportion to the magnitudes (after an SFT at lr 0.5 the vision encoder differed by 2e-3).
+    allowed = tolerance * max(1.0, float(np.abs(expected).max()) if expected.size else 1.0)
+    if not diff <= allowed:  # also catches NaN
+        raise OnnxMismatchError(f"{onnx_path}: max |onnx - torch| = {diff:.3g} > {allowed:.3g} "
+                                f"(tolerance {tolerance:g} x max(1, max |torch|))")
     return diff
 
 

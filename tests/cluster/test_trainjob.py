@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 
 import pytest
 
 from components import kube as k8s
 from components import trainjob
+from components.slices import task_slice
 from model.storage import open_store
 from serving.manifests import validate_custom_resource
 
@@ -31,7 +31,7 @@ def test_dispatch_rule(cfg) -> None:
 
 def test_trainjob_carries_stage_image_resources_and_placement(cfg) -> None:
     c = _with_stage(cfg, nodes=2, gpus_per_node=8)
-    job = trainjob.build_trainjob(c, "sft", "omni-sft-abc", "s3://b/trainjobs/omni-sft-abc", "run-1")
+    job = trainjob.build_trainjob(c, "sft", "omni-sft-abc", "s3://b/trainjobs/omni-sft-abc")
     validate_custom_resource(job)  # the real TrainJob CRD; unknown fields fail
     spec = job["spec"]
     assert (
@@ -45,7 +45,7 @@ def test_trainjob_carries_stage_image_resources_and_placement(cfg) -> None:
     t = spec["trainer"]
     assert t["image"] == cfg.cluster.images.ref("gpu")
     assert t["command"] == ["torchrun", "-m", "components.train_entry"]
-    assert t["args"] == ["--staging", "s3://b/trainjobs/omni-sft-abc", "--stage", "sft", "--parent-run-id", "run-1",
+    assert t["args"] == ["--staging", "s3://b/trainjobs/omni-sft-abc", "--stage", "sft",
                          "--checkpoints", "/checkpoints/omni-sft-abc"]
     assert t["numNodes"] == 2 and t["numProcPerNode"] == 8
     assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
@@ -68,9 +68,9 @@ def test_trainjob_carries_stage_image_resources_and_placement(cfg) -> None:
 
 def test_impossible_stage_is_refused_with_the_field_to_fix(cfg) -> None:
     with pytest.raises(ValueError, match=r"stages\.sft\.gpus_per_node=16 .* 8 GPUs"):
-        trainjob.build_trainjob(_with_stage(cfg, nodes=2, gpus_per_node=16), "sft", "j", "s3://b/j", "r")
+        trainjob.build_trainjob(_with_stage(cfg, nodes=2, gpus_per_node=16), "sft", "j", "s3://b/j")
     with pytest.raises(ValueError, match=r"stages\.sft\.nodes=9 exceeds cluster\.gpu_pool\.node_pool\.max_nodes"):
-        trainjob.build_trainjob(_with_stage(cfg, nodes=9), "sft", "j", "s3://b/j", "r")
+        trainjob.build_trainjob(_with_stage(cfg, nodes=9), "sft", "j", "s3://b/j")
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_failed_job_fails_the_task_with_its_reason(multi, fake_kube, tmp_path) -
 def test_retry_replaces_a_failed_job_and_attaches_to_a_running_one(multi, fake_kube, tmp_path) -> None:
     cfg, data, init = multi
     name = trainjob.trainjob_name("sft", "run-3")
-    job = trainjob.build_trainjob(cfg, "sft", name, f"{cfg.cluster.trainer.staging_uri}/{name}", "run-3")
+    job = trainjob.build_trainjob(cfg, "sft", name, f"{cfg.cluster.trainer.staging_uri}/{name}")
     k8s.apply(fake_kube, job)
     key = next(iter(fake_kube.custom.objects))
     fake_kube.custom.objects[key]["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "X"}]}
@@ -194,12 +194,13 @@ def test_the_dag_launches_a_trainjob_only_for_stages_that_need_one(cfg, tmp_path
         for t in tasks.values()
         if "stage" in t.get("inputs", {}).get("parameters", {})
     }
-    launcher = by_stage["sft"]["componentRef"]["name"]
-    assert launcher == "comp-train-stage-trainjob"  # KFP numbers further uses of one component: -2, -3...
-    assert all(
-        re.fullmatch(r"comp-train-stage(-\d+)?", t["componentRef"]["name"]) for s, t in by_stage.items() if s != "sft"
-    )
-    exec_name = docs[0]["components"][launcher]["executorLabel"]
+    # Each stage's task (and component) is named after the stage; the launcher runs train_stage_trainjob.
+    assert {s: t["componentRef"]["name"] for s, t in by_stage.items()} == {
+        s: f"comp-{s.replace('_', '-')}" for s in by_stage}
+    exec_name = docs[0]["components"][by_stage["sft"]["componentRef"]["name"]]["executorLabel"]
+    assert "train_stage_trainjob" in " ".join(executors[exec_name]["container"]["command"])
+    assert "train_stage_trainjob" not in " ".join(
+        executors[docs[0]["components"][by_stage["audio"]["componentRef"]["name"]]["executorLabel"]]["container"]["command"])
     assert "accelerator" not in executors[exec_name]["container"].get("resources", {})
     assert executors[exec_name]["container"]["image"] == cfg.cluster.images.ref("cpu")
     assert placement[exec_name]["nodeSelector"]["labels"] == cfg.cluster.cpu_pool.node_selector
@@ -211,13 +212,13 @@ def test_train_entry_runs_the_stage_and_uploads_rank0_output(multi, monkeypatch,
     cfg, data, init = multi
     staging = tmp_path / "job"
     store = open_store(str(staging))
-    store.write_bytes("config.json", cfg.to_json().encode())
+    store.write_bytes("config.json", task_slice(cfg, "stage-trainjob", "sft").encode())  # what run_stage stages
     store.upload_dir(data, "inputs/data")
     store.upload_dir(init, "inputs/init")
     calls = []
 
-    def fake_train(c, stage, data_dir, init_dir, out_dir, parent, progress=True, **extra):
-        calls.append((stage, data_dir, init_dir.name, parent, progress, extra))
+    def fake_train(c, stage, data_dir, init_dir, out_dir, progress=True, **extra):
+        calls.append((stage, data_dir, init_dir.name, progress, extra))
         out_dir.mkdir(parents=True)
         (out_dir / "model.safetensors").write_bytes(b"w")
         return {"steps": 3, "losses": [1.0, 0.5]}
@@ -227,11 +228,11 @@ def test_train_entry_runs_the_stage_and_uploads_rank0_output(multi, monkeypatch,
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     ckpt = tmp_path / "checkpoints" / "job"
-    assert train_entry.main(["--staging", str(staging), "--stage", "sft", "--parent-run-id", "p",
+    assert train_entry.main(["--staging", str(staging), "--stage", "sft",
                              "--checkpoints", str(ckpt)]) == 0
     # The data set streams from the staging store (what ShardStream opens); only the checkpoint is fetched.
     # The resumable state goes to the shared checkpoint volume.
-    assert calls == [("sft", store.uri("inputs/data"), "init", "p", True,
+    assert calls == [("sft", store.uri("inputs/data"), "init", True,
                       {"sft_filter_dir": None, "checkpoint_dir": ckpt})]
     assert (tmp_path / "work" / "inputs" / "init").is_dir() and not (tmp_path / "work" / "inputs" / "data").exists()
     assert store.read_bytes("output/model/model.safetensors") == b"w"
@@ -239,19 +240,17 @@ def test_train_entry_runs_the_stage_and_uploads_rank0_output(multi, monkeypatch,
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
-def test_only_global_rank_0_logs_the_stage_and_saves(multi, monkeypatch, tmp_path, rank) -> None:
-    """Inside a TrainJob every rank runs steps.train; one MLflow run and one checkpoint, not N.
-    The model, data and DeepSpeed are stand-ins (what each rank trains is tested in tests/model);
-    MLflow is real (sqlite)."""
+def test_only_global_rank_0_records_the_stage_and_saves(multi, monkeypatch, tmp_path, rank) -> None:
+    """Inside a TrainJob every rank runs steps.train; one record (what register logs to MLflow) and one
+    checkpoint, not N. The model, data and DeepSpeed are stand-ins (what each rank trains is tested in
+    tests/model)."""
     from types import SimpleNamespace
 
-    from components import steps, tracking
+    from components import steps
+    from components.records import read_record
     from model.training.recipe import TrainResult
 
     cfg, data, init = multi
-    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"workdir": str(tmp_path / "omni")})})
-    uri = steps.mlflow_uri(cfg)
-    parent = tracking.start_pipeline_run(uri, cfg.tracking.experiment, "p")
     saved = []
 
     def save_pretrained(out, _tokenizer):
@@ -272,13 +271,13 @@ def test_only_global_rank_0_logs_the_stage_and_saves(multi, monkeypatch, tmp_pat
     monkeypatch.setenv("RANK", rank)
 
     out = tmp_path / f"out-rank{rank}"
-    result = steps.train(cfg, "sft", data, init, out, parent)
+    result = steps.train(cfg, "sft", data, init, out)
 
     assert len(trained) == 1 and result["steps"] == 2 and result["final_loss"] == 1.0  # every rank trains
-    experiment = tracking.client(uri).get_experiment_by_name(cfg.tracking.experiment).experiment_id
-    children = [r for r in tracking.client(uri).search_runs([experiment]) if r.info.run_id != parent]
     if rank == "0":
-        assert [r.info.run_name for r in children] == ["train-sft"] and children[0].data.metrics["final_loss"] == 1.0
+        record = read_record(out)
+        assert record["name"] == "train-sft" and record["metrics"]["final_loss"] == 1.0
+        assert record["history"]["loss"] == [2.0, 1.0] and (out / "report.html").is_file()
         assert saved == [out] and (out / "losses.json").exists()
     else:
-        assert children == [] and saved == [] and not (out / "losses.json").exists()
+        assert read_record(out) is None and saved == [] and not (out / "losses.json").exists()

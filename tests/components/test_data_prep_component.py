@@ -11,6 +11,8 @@ import torch
 from kfp.dsl import HTML, Dataset, Metrics
 
 from components.pipeline_components import make_components
+from components.records import read_record
+from components.slices import task_slice
 from pipelines.config import load_config
 from tests.components.raw_corpus import chat_record, write_media
 
@@ -30,14 +32,13 @@ def test_data_prep_component_logs_balanced_metrics_and_writes_the_report(tmp_pat
 
     cfg = load_config([f"run.workdir={tmp_path / 'work'}", "data.val_fraction=0.5"])
     ops = make_components({"cpu": "cpu-image", "gpu": "gpu-image"})
-    parent = ops.start_tracking.python_func(config_json=cfg.to_json(), pipeline_run="test-run")
     dataset = Dataset(name="dataset", uri=str(tmp_path / "artifacts" / "dataset"))
     metrics = Metrics(name="metrics", uri=str(tmp_path / "artifacts" / "metrics"))
     report = HTML(name="report", uri=str(tmp_path / "artifacts" / "report.html"))
 
     extra = tmp_path / "extra.jsonl"  # a second input: the pipeline parameter is comma-separated
     extra.write_text(chat_record("more", "3 plus 3?", "6") + "\n")
-    sha = ops.data_prep.python_func(config_json=cfg.to_json(), data_uri=f"{src}, {extra},", parent_run_id=parent,
+    sha = ops.data_prep.python_func(config_json=task_slice(cfg, "data-prep"), data_uri=f"{src}, {extra},",
                                     dataset=dataset, metrics=metrics, report=report)
 
     manifest = json.loads((tmp_path / "artifacts" / "dataset" / "manifest.json").read_text())
@@ -57,3 +58,7 @@ def test_data_prep_component_logs_balanced_metrics_and_writes_the_report(tmp_pat
     assert 'alt="quarantine reasons" src="data:image/png;base64,' in html
     assert html.count('src="data:image/png;base64,') >= 2  # the reasons chart and the other plots
     assert "in = out + quarantined: holds" in html
+    # What register logs to MLflow for this step (the step itself does not: it is cached).
+    record = read_record(tmp_path / "artifacts" / "dataset")
+    assert record["name"] == "data-prep" and record["metrics"]["records_in"] == 7
+    assert set(record["files"]) == {"manifest.json", "quarantine.jsonl", "report.html"}

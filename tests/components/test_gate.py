@@ -1,4 +1,5 @@
-"""The promotion gate: the pure decision, then alias moves on a real MLflow sqlite registry."""
+"""The promotion gate: the pure decision (components.gate), then alias moves on a real MLflow sqlite
+registry (components.champion)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import yaml
 from pydantic import ValidationError
 
 from components import tracking
-from components.gate import Decision, PromotionRules, decide, eval_record, promote_if_better, rollback
+from components.champion import promote_if_better, rollback
+from components.gate import Decision, PromotionRules, decide, eval_record
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = PromotionRules(

@@ -136,6 +136,26 @@ def test_verify_catches_a_model_that_differs(exported):
         verify_onnx(other, exported.repo / VISION / "1" / "model.onnx", pixels)
 
 
+def test_tolerance_scales_with_the_output(tmp_path):
+    """Large weights (a diverged or long-trained encoder) give large activations, and float32 kernels
+    that sum in another order differ in proportion: the check allows TOLERANCE per unit of scale, and a
+    model that really differs still fails."""
+    model, _, cfg = _tiny_model()
+    with torch.no_grad():
+        model.vision_projector.mlp[-1].weight.mul_(1e4)
+    path = export_onnx(model, tmp_path)[VISION].path
+    pixels = torch.rand(2, 3, cfg.vision.image_size, cfg.vision.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scale = float(model.encode_images(pixels).abs().max())
+    assert scale > 100
+    assert verify_onnx(model, path, pixels) <= 1e-4 * scale
+    other, _, _ = _tiny_model(seed=1)
+    with torch.no_grad():
+        other.vision_projector.mlp[-1].weight.mul_(1e4)
+    with pytest.raises(OnnxMismatchError, match="max"):
+        verify_onnx(other, path, pixels)
+
+
 def test_falls_back_to_the_torchscript_exporter(tmp_path, monkeypatch):
     model, _, cfg = _tiny_model()
     real_export = torch.onnx.export

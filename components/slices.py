@@ -1,0 +1,60 @@
+"""What each pipeline task receives of the resolved config: only the sections its step reads.
+
+KFP keys its cache on a task's inputs. Handing every task the whole config meant that changing
+SFT's learning rate re-ran data prep and all seven stages; with slices, a task's inputs change only
+when what it depends on does (`tests/pipelines/test_cache_keys.py` proves it on the compiled DAG).
+This table is the one place that says which task reads what; a step that reads outside its slice
+finds None there and fails (components.config.TaskConfig).
+"""
+
+from __future__ import annotations
+
+import json
+
+from components.config import STAGE_ORDER, OmniConfig, merge_into, parse_task_config
+
+# Dotted paths into the resolved config; "{stage}" is the task's stage. run.workdir is where a
+# machine keeps its caches (a deployment setting, not a run's).
+SLICES: dict[str, tuple[str, ...]] = {
+    "data-prep": ("data", "model"),
+    "init-model": ("data.seed", "model"),
+    "stage": ("data", "model", "run.skip_stages", "stages.{stage}"),
+    "stage-trainjob": ("data", "model", "run.skip_stages", "stages.{stage}", "cluster"),
+    "sft-loss-filter": ("model", "run.skip_stages", "sft_filter"),  # + the sft stage's data_tasks, see task_slice
+    "evaluate": ("model", "evaluation", "benchmark", "run.workdir"),
+}
+
+
+def _take(tree: dict, path: str) -> dict:
+    """The nested dict holding only `path` of `tree` ({} if the tree lacks it)."""
+    head, _, rest = path.partition(".")
+    if head not in tree:
+        return {}
+    return {head: _take(tree[head], rest) if rest else tree[head]}
+
+
+def task_slice(cfg: OmniConfig, task: str, stage: str | None = None) -> str:
+    """The JSON a task gets (sorted keys: the same config gives the same string, so the same cache key)."""
+    tree = cfg.model_dump(mode="json")
+    out: dict = {}
+    for path in SLICES[task]:
+        merge_into(out, _take(tree, path.format(stage=stage)))
+    if "skip_stages" in out.get("run", {}):  # whether its own stage is skipped: skipping video re-runs video only
+        own = "sft" if task == "sft-loss-filter" else stage
+        out["run"]["skip_stages"] = [s for s in out["run"]["skip_stages"] if s == own]
+    if task == "sft-loss-filter" and "sft" in cfg.stages and cfg.sft_filter.data_tasks is None:
+        out["sft_filter"]["data_tasks"] = list(cfg.stages["sft"].data_tasks)  # what it scores, not how sft trains
+    return json.dumps(parse_task_config(out).model_dump(mode="json", exclude_none=True), sort_keys=True)
+
+
+def all_slices(cfg: OmniConfig) -> dict[str, str]:
+    """Every slice the DAG hands out, by output name of the resolve-config task."""
+    out = {"prep": task_slice(cfg, "data-prep"), "init": task_slice(cfg, "init-model"),
+           "sft_filter": task_slice(cfg, "sft-loss-filter"), "evaluate": task_slice(cfg, "evaluate")}
+    from components.trainjob import needs_trainjob
+
+    for stage in STAGE_ORDER:
+        if stage in cfg.stages:
+            out[stage] = task_slice(cfg, "stage-trainjob" if needs_trainjob(cfg, stage) else "stage", stage)
+    return out
+
