@@ -34,7 +34,7 @@ demo: install
 
 test: install checkov triton-venv
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -ra --durations=15
+	$(BIN)/pytest -q -ra --durations=15 -n auto --dist loadfile
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"

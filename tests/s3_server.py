@@ -12,6 +12,7 @@ or, outside pytest: `with seaweedfs() as server: ...`. Starting takes ~1 s.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -86,6 +87,9 @@ def weed_binary() -> str:
     return found
 
 
+_PROBE_BUCKET = "readiness-probe"  # written by the readiness check, never by a test
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct free ports on 127.0.0.1 (all sockets held open until every port is picked)."""
     with ExitStack() as stack:
@@ -112,11 +116,21 @@ def _stop(proc: subprocess.Popen, ports: dict[str, int], grace_s: float = 3.0) -
 
 
 def _ready(endpoint: str) -> bool:
-    """True once an authenticated S3 call succeeds (the S3 port alone opens before the filer is up)."""
+    """True once an object can be written and read back. The S3 port opens before the filer is up,
+    and after a restart the filer answers (list_buckets works) before the volume server has joined
+    the master: reads of existing objects then fail with InternalError for a while."""
     http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=1, read=2), retries=False)
     try:
-        Minio(endpoint, ACCESS_KEY, SECRET_KEY, secure=False, region="us-east-1", http_client=http).list_buckets()
-        return True
+        client = Minio(endpoint, ACCESS_KEY, SECRET_KEY, secure=False, region="us-east-1", http_client=http)
+        if not client.bucket_exists(_PROBE_BUCKET):
+            client.make_bucket(_PROBE_BUCKET)
+        client.put_object(_PROBE_BUCKET, "probe", io.BytesIO(b"ok"), 2)
+        response = client.get_object(_PROBE_BUCKET, "probe")
+        try:
+            return response.read() == b"ok"
+        finally:
+            response.close()
+            response.release_conn()
     except Exception:
         return False
     finally:

@@ -16,15 +16,13 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from model.config import ModelConfig, StageConfig  # noqa: E402
-from model.nn.omni import OmniModel  # noqa: E402
+from model.config import StageConfig  # noqa: E402
 from model.text.processor import ChatInput, OmniProcessor  # noqa: E402
-from model.text.tokenizer import train_tokenizer  # noqa: E402
 from model.training.distributed import gather_full_weights, init_distributed  # noqa: E402
 from model.training.optim import build_engine, set_trainable  # noqa: E402
+from tests.tiny import tiny_model  # noqa: E402
 
 COLORS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 
@@ -46,11 +44,7 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help="one process over both micro-batches")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = ModelConfig(**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")))
-    tokenizer = train_tokenizer(["what color is the shape red green blue yellow say"] * 20, 400)
-    processor = OmniProcessor(tokenizer, cfg)
-    torch.manual_seed(0)
-    model = OmniModel(cfg, len(tokenizer), processor.placeholder_ids)
+    cfg, tokenizer, processor, model = tiny_model("what color is the shape red green blue yellow say")
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     init_distributed()
     world = torch.distributed.get_world_size()
