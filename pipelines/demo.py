@@ -203,6 +203,8 @@ def run_demo(cfg: OmniConfig, keep_serving: bool = False) -> dict:
     champion = tracking.get_alias_version(uri, name, tracking.CHAMPION)
     if champion is None:
         raise RuntimeError("the pipeline finished but no version has the champion alias")
+    # MLflow's download bar: eight small files, and through a pipe a line of carriage returns.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     champion_dir = tracking.download_version(uri, name, "champion", work / "serving" / f"v{champion.version}")
     prepared = _latest(work / "pipeline_root", "dataset", "manifest.json")
     print(f"[3/4] serving champion v{champion.version} with the KServe predictor on {HOST}")
