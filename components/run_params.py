@@ -3,19 +3,20 @@ UI or `kfp run submit`, without editing JSON.
 
     resolve_run(compiled_json, ["stages.sft.lr=1e-5"], llm="s3://models/qwen", experiment="ablation")
 
-`overrides` are Hydra-style `key=value` strings (`+key=value` and `++key=value` mean the same here,
-`~key` removes a key), values parsed as Hydra parses them (numbers, booleans, `[a,b]` lists,
-`{k: v}` maps, quoted strings). Config groups (`model=omni-7b`, `recipe=paper`) are choices made
-when the pipeline is compiled. The result is validated by the same schema as every command, so a bad
-key fails the run's first task naming the key.
+`overrides` are Hydra overrides, parsed by Hydra's own override parser (as `omni` commands parse
+theirs): `key=value`, `+key=value` and `++key=value` set a key, `~key` removes one; values are
+Hydra's (numbers, booleans, `[a,b]` lists, `{k: v}` maps, quoted strings). Config groups
+(`model=omni-7b`, `recipe=paper`) and sweeps are choices made when the pipeline is compiled. The
+result is validated by the same schema as every command, so a bad key fails the run's first task
+naming the key.
 """
 
 from __future__ import annotations
 
 import json
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 
 from components.config import ConfigError, OmniConfig, merge_into, parse_config
 
@@ -24,23 +25,30 @@ NAMED = {"llm": "model.init.llm", "vision": "model.init.vision", "audio": "model
          "registered_model": "tracking.registered_model", "experiment": "tracking.experiment"}
 
 
-def _one(tree: dict, override: str) -> None:
-    key, sep, value = override.lstrip("+").partition("=")
-    if override.startswith("~"):
-        parent, _, leaf = override[1:].partition("=")[0].rpartition(".")
+def _one(tree: dict, override: str, parser: OverridesParser) -> None:
+    try:
+        (parsed,) = parser.parse_overrides([override])
+    except HydraException as err:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. stages.sft.lr=1e-5 ({err})") from None
+    key = parsed.key_or_group
+    if parsed.is_sweep_override():
+        raise ConfigError(f"override {override!r}: a sweep is several runs; give one value per run")
+    if parsed.is_delete():
+        parent, _, leaf = key.rpartition(".")
         node = _walk(tree, parent, override) if parent else tree
         node.pop(leaf, None)
         return
-    if not sep or not key:
-        raise ConfigError(f"override {override!r}: expected key=value, e.g. stages.sft.lr=1e-5")
     if "." not in key and isinstance(tree.get(key), dict):
         raise ConfigError(f"override {override!r}: {key!r} is a config group, chosen when the pipeline is compiled "
-                          f"(`omni pipeline compile {key}={value}`); set its fields here, e.g. {key}.<field>=...")
-    try:
-        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={value}"]), resolve=True)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"override {override!r}: {err}") from None
-    merge_into(tree, parsed)
+                          f"(`omni pipeline compile {override}`); set its fields here, e.g. {key}.<field>=...")
+    merge_into(tree, _nested(key, parsed.value()))
+
+
+def _nested(dotted: str, value) -> dict:
+    """{"a": {"b": value}} for "a.b"."""
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
 
 
 def _walk(tree: dict, dotted: str, override: str) -> dict:
@@ -57,11 +65,14 @@ def resolve_run(compiled: str | dict, overrides: list[str] | None = None, **name
     tree = json.loads(compiled) if isinstance(compiled, str) else json.loads(json.dumps(compiled))
     if unknown := sorted(set(named) - set(NAMED)):
         raise ConfigError(f"unknown run parameter(s) {unknown}; known: {', '.join(NAMED)}")
-    steps = [f"{NAMED[k]}={json.dumps(v)}" for k, v in named.items() if v]
-    for override in [*steps, *(overrides or [])]:
+    for name, value in named.items():
+        if value:
+            merge_into(tree, _nested(NAMED[name], value))
+    parser = OverridesParser.create()
+    for override in overrides or []:
         if not isinstance(override, str):
             raise ConfigError(f"overrides: {override!r} is not a string; give a list of key=value strings")
-        _one(tree, override)
+        _one(tree, override, parser)
     resolved = parse_config(tree)
     if changed := shape_changes(parse_config(compiled), resolved):
         raise ConfigError(f"this run's parameters change the pipeline's shape ({'; '.join(changed)}), which is "

@@ -105,6 +105,14 @@ def test_a_bad_override_fails_naming_the_key(compiled):
         resolve_run(cfg.to_json(), ["stages.sft.lr=-1"])
     with pytest.raises(ConfigError, match="config group, chosen when the pipeline is compiled"):
         resolve_run(cfg.to_json(), ["model=omni-7b"])
+    with pytest.raises(ConfigError, match=r"'stages\.sft\.lr': expected key=value"):  # Hydra's own parser
+        resolve_run(cfg.to_json(), ["stages.sft.lr"])
+    with pytest.raises(ConfigError, match="a sweep is several runs"):
+        resolve_run(cfg.to_json(), ["stages.sft.lr=1e-5,2e-5"])
+    with pytest.raises(ConfigError, match=r"overrides: 3 is not a string"):
+        resolve_run(cfg.to_json(), [3])
+    run = resolve_run(cfg.to_json(), ["+stages.sft.lora.rank=4", "run.skip_stages=[video]"])
+    assert run.stages["sft"].lora.rank == 4 and run.run.skip_stages == ["video"]
     # What the compiled DAG fixed (its tasks, how a stage is launched, task placement) needs a recompile.
     for shape in ("~stages.video", "stages.sft.nodes=2", "evaluation.baseline=none", "cluster.retries=0"):
         with pytest.raises(ConfigError, match=r"change the pipeline's shape .* recompile"):
