@@ -330,6 +330,14 @@ class TaskConfig(Strict):
         return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
 
 
+def sft_filter_tasks(cfg: OmniConfig | TaskConfig) -> list[str] | None:
+    """The record tasks the SFT loss filter scores: sft_filter.data_tasks, else the sft stage's
+    (None without either)."""
+    if cfg.sft_filter.data_tasks is not None:
+        return list(cfg.sft_filter.data_tasks)
+    return list(cfg.stages["sft"].data_tasks) if "sft" in cfg.stages else None
+
+
 def merge_into(into: dict, part: dict) -> dict:
     """Deep-merge `part` into the nested dict `into` (dicts merge, anything else replaces)."""
     for key, value in part.items():

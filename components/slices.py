@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from components.config import STAGE_ORDER, OmniConfig, merge_into, parse_task_config
+from components.config import STAGE_ORDER, OmniConfig, merge_into, parse_task_config, sft_filter_tasks
 
 # Dotted paths into the resolved config; "{stage}" is the task's stage. run.workdir is where a
 # machine keeps its caches (a deployment setting, not a run's).
@@ -42,8 +42,8 @@ def task_slice(cfg: OmniConfig, task: str, stage: str | None = None) -> str:
     if "skip_stages" in out.get("run", {}):  # whether its own stage is skipped: skipping video re-runs video only
         own = "sft" if task == "sft-loss-filter" else stage
         out["run"]["skip_stages"] = [s for s in out["run"]["skip_stages"] if s == own]
-    if task == "sft-loss-filter" and "sft" in cfg.stages and cfg.sft_filter.data_tasks is None:
-        out["sft_filter"]["data_tasks"] = list(cfg.stages["sft"].data_tasks)  # what it scores, not how sft trains
+    if task == "sft-loss-filter":
+        out["sft_filter"]["data_tasks"] = sft_filter_tasks(cfg)  # what it scores, not how sft trains
     return json.dumps(parse_task_config(out).model_dump(mode="json", exclude_none=True), sort_keys=True)
 
 

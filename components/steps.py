@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from components.config import OmniConfig
+from components.config import OmniConfig, sft_filter_tasks
 from components.data_report import data_report
 from components.evaluation import evaluate_checkpoint
 from components.filter_report import filter_report
@@ -144,9 +144,7 @@ def sft_filter(cfg: OmniConfig, data_dir: Path, model_dir: Path, out_dir: Path, 
     """Loss-based SFT filter: score the SFT samples with `model_dir` (the checkpoint SFT starts
     from), drop those outside mean +- k std of their group; writes sft_filter.json + report.html."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    fcfg = cfg.sft_filter
-    tasks = fcfg.data_tasks if fcfg.data_tasks is not None else (cfg.stages["sft"].data_tasks if "sft" in cfg.stages
-                                                                 else None)
+    fcfg, tasks = cfg.sft_filter, sft_filter_tasks(cfg)
     if not fcfg.enabled or tasks is None or "sft" in cfg.run.skip_stages:
         summary = {"enabled": False, "kept": None, "dropped": []}
         (out_dir / FILTER_FILE).write_text(json.dumps(summary, indent=2))
