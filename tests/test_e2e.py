@@ -19,7 +19,7 @@ import requests
 from components import tracking
 from components.lifecycle import mlflow_uri
 from pipelines.config import load_config
-from pipelines.demo import HOST
+from pipelines.demo import ANSI, HOST, TASK_LINE
 from pipelines.local import run_local
 
 pytestmark = pytest.mark.slow
@@ -158,10 +158,8 @@ def _rerun(cfg, work, capfd, overrides: list[str]) -> tuple[set[str], set[str], 
     run's `overrides` parameter. Returns the tasks reused from the cache, the tasks run, the outputs."""
     capfd.readouterr()
     outputs = run_local(cfg, work / "demo-data", overrides=overrides)
-    log = "".join(capfd.readouterr())
-    log = re.sub(r"\x1b\[[0-9;]*m", "", log)
-    cached, ran = re.findall(r"Task '?([\w-]+)'? cache hit", log), re.findall(r"Executing task '([^']+)'", log)
-    return set(cached), set(ran), outputs
+    events = list(TASK_LINE.finditer(ANSI.sub("", "".join(capfd.readouterr()))))  # the demo console's own parser
+    return {m["cached"] for m in events if m["cached"]}, {m["started"] for m in events if m["started"]}, outputs
 
 
 def test_an_unchanged_rerun_reuses_every_cacheable_task(demo, capfd):
