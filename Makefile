@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_BUILD_OPS := 0
 
-.PHONY: install system-deps demo test test-fast fuzz lint compile bench clean images checkov check-cluster triton-venv
+.PHONY: install system-deps demo test test-fast fuzz lint compile bench bench-gpu clean images checkov check-cluster triton-venv
 
 install: $(VENV)/.installed
 
@@ -60,6 +60,11 @@ bench: install
 	$(BIN)/python -m benchmarks.bench_data
 	$(BIN)/python -m benchmarks.bench_compose
 	$(BIN)/python -m benchmarks.bench_serving
+
+# Serving and training against the accelerator's own peak (benchmarks/bench_gpu.py); SIZE=tiny runs on a CPU.
+SIZE ?= 1.5b
+bench-gpu: install
+	$(BIN)/python -m benchmarks.bench_gpu --size $(SIZE)
 
 # The real tritonserver the tests start (serving/triton.py): the models get their own venv with
 # numpy<2 (Triton 2.51's Python-backend stub breaks with numpy 2) and nvidia-pytriton's CPU server.
