@@ -1,8 +1,9 @@
-"""The root configuration: the validated shape of the whole Hydra tree in `conf/`.
+"""The root configuration: the validated shape of the whole Hydra tree in `conf/`, and its
+composition from that tree (`load_config`).
 
 `OmniConfig.model_validate(dict)` is the one edge where configuration enters; every KFP component
-receives the resolved tree as JSON and re-validates it, so a task never runs on a config the
-pipeline would have refused.
+receives the resolved tree (or its slice of it, `TaskConfig`) as JSON and re-validates it, so a task
+never runs on a config the pipeline would have refused.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from model.config import (
     Strict,
 )
 from serving.config import ServingConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 STAGE_ORDER = ("image_1", "image_2", "image_3", "video", "audio", "omni_align", "sft")
 
@@ -369,3 +372,30 @@ def _validated(schema: type[Strict], data: dict | str, what: str):
 
 class ConfigError(ValueError):
     pass
+
+
+def schema_override(override: str, conf_dir: Path = CONF_DIR) -> str:
+    """`key=value` for any key the schema knows, written in the tree or not (defaults live in the
+    pydantic models): Hydra's `++` sets it either way, and the schema then refuses unknown keys by
+    name. Group choices (`model=omni-7b`) and explicit `+`/`~` overrides pass through unchanged."""
+    key, sep, _ = override.partition("=")
+    if not sep or key.startswith(("+", "~")) or (conf_dir / key.split("@")[0]).is_dir():
+        return override
+    return "++" + override
+
+
+def load_config(overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> OmniConfig:
+    """The Hydra tree in `conf/` composed with `overrides` (Hydra's `key=value` / `group=option`
+    strings, e.g. `stages.sft.steps=10`) and validated."""
+    # Hydra is imported here: the pipeline's tasks parse their config JSON without composing a tree.
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            cfg = compose(config_name="config", overrides=[schema_override(o, conf_dir) for o in overrides or []])
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"bad override: {err}") from None
+    return parse_config(OmegaConf.to_container(cfg, resolve=True))

@@ -1,4 +1,4 @@
-"""The KFP components: lightweight, typed adapters from artifacts to `components.steps`.
+"""The KFP components: lightweight, typed adapters from artifacts to `components.steps.training`.
 
 KFP serialises each function's source into the task, so imports live inside the bodies and the
 container image (or, locally, the current interpreter) must have this project installed.
@@ -39,7 +39,7 @@ def resolve_config(config_json: str, overrides: list, llm: str, vision: str, aud
 def start_tracking(config_json: str, pipeline_run: str) -> str:
     """Open the MLflow parent run of this pipeline run."""
     from components.config import parse_config
-    from components.lifecycle import start_tracking as step
+    from components.steps.lifecycle import start_tracking as step
 
     return step(parse_config(config_json), pipeline_run)
 
@@ -52,8 +52,8 @@ def data_prep(config_json: str, data_uri: str, dataset: Output[Dataset], metrics
     from pathlib import Path
 
     from components.config import parse_task_config
-    from components.steps import data_prep as step
-    from components.steps import data_prep_metrics, log_metrics
+    from components.steps.training import data_prep as step
+    from components.steps.training import data_prep_metrics, log_metrics
 
     manifest = step(parse_task_config(config_json), [p.strip() for p in data_uri.split(",") if p.strip()],
                     Path(dataset.path))
@@ -69,7 +69,7 @@ def init_model(config_json: str, dataset: Input[Dataset], model: Output[Model]) 
     from pathlib import Path
 
     from components.config import parse_task_config
-    from components.steps import init_model as step
+    from components.steps.training import init_model as step
 
     step(parse_task_config(config_json), Path(dataset.path), Path(model.path))
 
@@ -83,8 +83,8 @@ def train_stage(config_json: str, stage: str, dataset: Input[Dataset], init_mode
     from pathlib import Path
 
     from components.config import parse_task_config
-    from components.steps import stage_outputs
-    from components.steps import train as step
+    from components.steps.training import stage_outputs
+    from components.steps.training import train as step
 
     out = Path(model.path)
     result = step(parse_task_config(config_json), stage, Path(dataset.path), Path(init_model.path), out,
@@ -99,9 +99,9 @@ def train_stage_trainjob(config_json: str, stage: str, dataset: Input[Dataset], 
     (every rank runs the same training entry as `train_stage`), stream rank 0's log, fetch the checkpoint."""
     from pathlib import Path
 
+    from components.cluster.trainjob import run_stage
     from components.config import parse_task_config
-    from components.steps import stage_outputs
-    from components.trainjob import run_stage
+    from components.steps.training import stage_outputs
 
     extra = {"sft_filter": Path(sft_filter.path) if sft_filter is not None else None}
     out = Path(model.path)
@@ -119,8 +119,8 @@ def sft_filter(config_json: str, dataset: Input[Dataset], model: Input[Model], f
     from pathlib import Path
 
     from components.config import parse_task_config
-    from components.steps import log_metrics
-    from components.steps import sft_filter as step
+    from components.steps.training import log_metrics
+    from components.steps.training import sft_filter as step
 
     summary = step(parse_task_config(config_json), Path(dataset.path), Path(model.path), Path(filtered.path))
     log_metrics(metrics, {"kept": summary["kept"], "dropped": len(summary["dropped"])} if summary["enabled"] else {})
@@ -137,8 +137,8 @@ def evaluate(config_json: str, data_uri: str, model: Input[Model], metrics: Outp
     from pathlib import Path
 
     from components.config import parse_task_config
-    from components.gate import eval_record
-    from components.steps import log_metrics, run_evaluation
+    from components.registry.gate import eval_record
+    from components.steps.training import log_metrics, run_evaluation
 
     root = data_uri.split(",")[0].strip()
     root = root if root.startswith("s3://") or Path(root).is_dir() else str(Path(root).parent)
@@ -153,8 +153,8 @@ def export_triton(model: Input[Model], triton_repo: Output[Model], metrics: Outp
     """ONNX encoders (checked against torch) + the Triton model repository."""
     from pathlib import Path
 
-    from components.steps import export as step
-    from components.steps import log_metrics
+    from components.steps.training import export as step
+    from components.steps.training import log_metrics
 
     report = step(Path(model.path), Path(triton_repo.path))
     log_metrics(metrics, {f"onnx_max_abs_diff.{name}": graph["max_abs_diff"] for name, graph in report["onnx"].items()})
@@ -171,7 +171,7 @@ def register(config_json: str, parent_run_id: str, pipeline_run: str, model: Inp
     from pathlib import Path
 
     from components.config import parse_config
-    from components.lifecycle import register as step
+    from components.steps.lifecycle import register as step
 
     named = {"data-prep": dataset, "evaluate": results, "evaluate-initial": results_before,
              "sft-loss-filter": filtered, "image-1": image_1, "image-2": image_2, "image-3": image_3,
@@ -184,7 +184,7 @@ def register(config_json: str, parent_run_id: str, pipeline_run: str, model: Inp
 def gate(config_json: str, version: str) -> str:
     """Compare the candidate with `@champion` under the configured rules: 'promote' or 'reject'."""
     from components.config import parse_config
-    from components.lifecycle import judge
+    from components.steps.lifecycle import judge
 
     return "promote" if judge(parse_config(config_json), version)["promote"] else "reject"
 
@@ -194,8 +194,8 @@ def promote(config_json: str, version: str, parent_run_id: str, manifest: Output
     from pathlib import Path
 
     from components.config import parse_config
-    from components.lifecycle import finish_tracking
-    from components.lifecycle import promote as step
+    from components.steps.lifecycle import finish_tracking
+    from components.steps.lifecycle import promote as step
 
     cfg = parse_config(config_json)
     step(cfg, version, Path(manifest.path))
@@ -205,7 +205,7 @@ def promote(config_json: str, version: str, parent_run_id: str, manifest: Output
 def keep_champion(config_json: str, version: str, parent_run_id: str) -> None:
     """The gate said no: record it and close the pipeline's MLflow run; the champion stays."""
     from components.config import parse_config
-    from components.lifecycle import finish_tracking
+    from components.steps.lifecycle import finish_tracking
 
     cfg = parse_config(config_json)
     print(f"version {version} was not promoted; see its promotion.* tags in MLflow")

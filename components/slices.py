@@ -51,7 +51,7 @@ def all_slices(cfg: OmniConfig) -> dict[str, str]:
     """Every slice the DAG hands out, by output name of the resolve-config task."""
     out = {"prep": task_slice(cfg, "data-prep"), "init": task_slice(cfg, "init-model"),
            "sft_filter": task_slice(cfg, "sft-loss-filter"), "evaluate": task_slice(cfg, "evaluate")}
-    from components.trainjob import needs_trainjob
+    from components.cluster.trainjob import needs_trainjob
 
     for stage in STAGE_ORDER:
         if stage in cfg.stages:

@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 
+from components.cluster.trainjob import needs_trainjob
 from components.config import STAGE_ORDER, OmniConfig, PoolConfig
 from components.pipeline_components import make_components
-from components.trainjob import needs_trainjob
 
 PIPELINE_NAME = "omni-platform"
 # Deterministic steps are cached; steps with side effects in MLflow (or the cluster) are not, and

@@ -68,7 +68,7 @@ def _loads(code: str) -> set[str]:
 
 
 def test_light_steps_do_not_import_torch():
-    loaded = _loads("import components.pipeline_components, components.lifecycle, components.gate")
+    loaded = _loads("import components.pipeline_components, components.steps.lifecycle, components.registry.gate")
     assert "torch" not in loaded and "transformers" not in loaded
 
 

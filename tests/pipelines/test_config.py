@@ -1,7 +1,6 @@
 import pytest
 
-from components.config import STAGE_ORDER, ConfigError
-from pipelines.config import load_config
+from components.config import STAGE_ORDER, ConfigError, load_config
 
 
 def test_default_tree_validates_and_has_every_stage_in_dag_order():
