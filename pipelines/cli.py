@@ -99,6 +99,8 @@ def _run(cfg, args) -> int:
 def _train(cfg, args) -> int:
     import json
 
+    from components.config import parse_task_config
+    from components.slices import task_slice
     from components.steps.training import train
     from model import runtime
     from model.nn.checkpoint import weights_sha256
@@ -109,7 +111,8 @@ def _train(cfg, args) -> int:
         return fail(f"--init {args.init}: not an omni checkpoint (no omni_config.json); make one with "
                     "`omni model compose` or take a stage's output")
     primary = runtime.ranks().primary
-    result = train(cfg, args.stage, args.data, args.init, args.out, progress=primary)
+    stage_cfg = parse_task_config(task_slice(cfg, "stage", args.stage))  # what the DAG's stage task gets
+    result = train(stage_cfg, args.stage, args.data, args.init, args.out, progress=primary)
     if primary:  # only rank 0 saves the checkpoint (and speaks for the run)
         print(json.dumps({"steps": result["steps"], "final_loss": result.get("final_loss"),
                           "weights_sha256": weights_sha256(args.out)}))
@@ -202,7 +205,9 @@ def _rollback(cfg, args) -> int:
 def _eval_run(cfg, args) -> int:
     import json
 
+    from components.config import parse_task_config
     from components.reports.html import evaluation_report, text_table, write_report
+    from components.slices import task_slice
     from components.steps.evaluation import evaluate_checkpoint
 
     if args.data is not None:
@@ -212,7 +217,8 @@ def _eval_run(cfg, args) -> int:
         cfg.benchmark[name] = cfg.benchmark[name].model_copy(update={"data": str(Path(args.data).resolve())})
     model_dir = args.model_dir or _download(cfg, args.model_version)
     try:
-        summary = evaluate_checkpoint(cfg, model_dir, args.out, names=args.benchmark)
+        eval_cfg = parse_task_config(task_slice(cfg, "evaluate"))  # what the DAG's evaluate task gets
+        summary = evaluate_checkpoint(eval_cfg, model_dir, args.out, names=args.benchmark)
     except (FileNotFoundError, KeyError) as err:
         return fail(str(err).strip('"'))
     if summary is None:  # not the primary rank of a sharded run

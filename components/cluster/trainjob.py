@@ -9,7 +9,7 @@ gets (`cluster.gpu_pool.accelerator_limit`), the DAG is built with a launcher ta
    dataset's shards and media from there (each rank reads only its share), and download only the
    checkpoint, once per node;
 2. apply a TrainJob against the chart's TrainingRuntime: the GPU image, `torchrun -m
-   components.cluster.train_entry` (the same `steps.train` on every rank; rank 0 alone logs and saves),
+   components.train_entry` (the same `steps.train` on every rank; rank 0 alone logs and saves),
    resources per node, and the GPU pool's node selector, tolerations and /dev/shm as a runtime patch;
 3. wait for it while streaming rank 0's log, and raise `TrainJobFailed` with the job's reason;
 4. fetch rank 0's checkpoint into the task's output folder.
@@ -32,14 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from components.cluster import kube as k8s
-from components.config import OmniConfig
+from components.config import OmniConfig, TaskConfig
 from model.storage import open_store
 
 TRAINJOB_API_VERSION = "trainer.kubeflow.org/v1alpha1"
 # The replicated job and container names of the chart's TrainingRuntime (and the torch runtime's).
 NODE_JOB = "node"
 PATCH_MANAGER = "omni-platform.io/train-stage"
-ENTRY_MODULE = "components.cluster.train_entry"
+ENTRY_MODULE = "components.train_entry"
 CHECKPOINT_MOUNT = "/checkpoints"  # cluster.trainer.checkpoint_claim, shared by every node pod
 
 
@@ -47,7 +47,7 @@ class TrainJobFailed(RuntimeError):
     """The TrainJob ended in Failed (or never finished in time); the message carries its reason."""
 
 
-def needs_trainjob(cfg: OmniConfig, stage_name: str) -> bool:
+def needs_trainjob(cfg: OmniConfig | TaskConfig, stage_name: str) -> bool:
     """More than one node, or more GPUs per node than one KFP task pod is given."""
     stage = cfg.stages[stage_name]
     return stage.nodes > 1 or stage.gpus_per_node > cfg.cluster.gpu_pool.accelerator_limit
@@ -61,7 +61,7 @@ def trainjob_name(stage_name: str, key: str) -> str:
     return f"omni-{stage_name.replace('_', '-')}-{digest}"
 
 
-def build_trainjob(cfg: OmniConfig, stage_name: str, name: str, staging_uri: str) -> dict[str, Any]:
+def build_trainjob(cfg: OmniConfig | TaskConfig, stage_name: str, name: str, staging_uri: str) -> dict[str, Any]:
     """The TrainJob for one stage (a plain dict, validated against the CRD by `kube.apply`)."""
     stage, cluster = cfg.stages[stage_name], cfg.cluster
     gpus = _gpus_per_node(cfg, stage_name)
@@ -99,7 +99,7 @@ def build_trainjob(cfg: OmniConfig, stage_name: str, name: str, staging_uri: str
     }
 
 
-def _gpus_per_node(cfg: OmniConfig, stage_name: str) -> int:
+def _gpus_per_node(cfg: OmniConfig | TaskConfig, stage_name: str) -> int:
     """The stage's GPUs per node, refused when no node of the GPU pool has them or the pool is too small."""
     stage, pool = cfg.stages[stage_name], cfg.cluster.gpu_pool
     gpus = stage.gpus_per_node or pool.accelerator_limit
@@ -112,7 +112,7 @@ def _gpus_per_node(cfg: OmniConfig, stage_name: str) -> int:
     return gpus
 
 
-def _node_resources(cfg: OmniConfig, gpus: int) -> dict[str, Any]:
+def _node_resources(cfg: OmniConfig | TaskConfig, gpus: int) -> dict[str, Any]:
     pool = cfg.cluster.gpu_pool
     resources: dict[str, Any] = {"requests": {"cpu": pool.cpu_request, "memory": pool.memory_request},
                                  "limits": {"memory": pool.memory_request}}
@@ -121,7 +121,7 @@ def _node_resources(cfg: OmniConfig, gpus: int) -> dict[str, Any]:
     return resources
 
 
-def _pod_patch(cfg: OmniConfig) -> dict[str, Any]:
+def _pod_patch(cfg: OmniConfig | TaskConfig) -> dict[str, Any]:
     """The GPU pool's placement and /dev/shm, patched onto the runtime's node pods."""
     pool = cfg.cluster.gpu_pool
     pod: dict[str, Any] = {"nodeSelector": dict(pool.node_selector),
@@ -140,7 +140,7 @@ def _pod_patch(cfg: OmniConfig) -> dict[str, Any]:
 
 
 def run_stage(
-    cfg: OmniConfig,
+    cfg: TaskConfig,
     stage_name: str,
     data_dir: Path,
     init_dir: Path,
@@ -151,7 +151,7 @@ def run_stage(
     emit: Callable[[str], None] | None = None,
 ) -> dict:
     """Run one stage as a TrainJob and leave its checkpoint in `out_dir` (see the module doc).
-    Returns the summary `steps.train` returned on rank 0."""
+    Returns the summary `components.steps.training.train` returned on rank 0."""
     emit = emit or (lambda line: print(line, file=sys.stderr, flush=True))
     kube = kube or k8s.connect()
     name = trainjob_name(stage_name, key)

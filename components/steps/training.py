@@ -1,6 +1,6 @@
-"""The ML steps (data prep, init, training stages, evaluation, export) as plain functions.
-The KFP components in `components/pipeline_components.py` are thin adapters over these and over
-`components.steps.lifecycle`: they map artifacts to paths and call in. Everything here runs without KFP."""
+"""The training steps as plain functions: the starting checkpoint, one stage, the SFT loss filter.
+The KFP components (`components.pipeline_components`) are thin adapters over these and the other
+steps (`components.steps`): they map artifacts to paths and call in. Nothing here knows KFP."""
 
 from __future__ import annotations
 
@@ -8,18 +8,14 @@ import json
 import shutil
 from pathlib import Path
 
-from components.config import OmniConfig, sft_filter_tasks
-from components.registry.gate import eval_record
+from components.config import TaskConfig, sft_filter_tasks
 from components.registry.records import RECORD_FILE, write_record
-from components.reports.data_prep import data_report
-from components.reports.html import evaluation_report, stage_report, write_report
+from components.reports.html import stage_report, write_report
 from components.reports.sft_filter import filter_report
-from components.steps.evaluation import evaluate_checkpoint
+from components.stages import FILTERED_STAGE
 from model import runtime
 from model.data.loading import to_chat_input
-from model.data.prep import prepare
 from model.data.shards import ShardStream
-from model.export.triton import write_triton_repository
 from model.nn.checkpoint import TOKENIZER_DIR
 from model.nn.compose import compose
 from model.nn.omni import OmniModel
@@ -32,28 +28,7 @@ from model.training.recipe import train_stage
 from model.training.sft_filter import loss_filter, sample_losses
 
 
-def data_prep(cfg: OmniConfig, inputs: list[str | Path], out_dir: Path, progress: bool = True) -> dict:
-    """Validate, normalise, dedup, split and shard `inputs` (JSONL files/folders, local or s3://)
-    into `out_dir`, with report.html (quarantine reasons, modality mix, length histograms) and the
-    record register logs to MLflow (components.registry.records)."""
-    result = prepare(inputs, out_dir, cfg.data, cfg.model, progress=progress)
-    write_report(out_dir / "report.html", data_report(result.manifest, result.quarantined, result.stats))
-    write_record(out_dir, "data-prep", params=cfg.data.model_dump(), metrics=data_prep_metrics(result.manifest),
-                 files=["manifest.json", "quarantine.jsonl", "report.html"])
-    return result.manifest
-
-
-def data_prep_metrics(manifest: dict) -> dict[str, float]:
-    """The counts worth a metric: accounting, splits, quarantine kinds, modality mix."""
-    m = manifest
-    out = {k: m[k] for k in ("records_in", "records_out", "records_quarantined")}
-    out |= {f"split.{k}": v for k, v in m["splits"].items()}
-    out |= {f"quarantined.{k.replace('/', '_').replace(' ', '_')}": v for k, v in m["quarantine_reasons"].items()}
-    out |= {f"modality.{k}": v["records"] for k, v in m["modalities"].items()}
-    return out
-
-
-def init_model(cfg: OmniConfig, data_dir: Path, out_dir: Path) -> Path:
+def init_model(cfg: TaskConfig, data_dir: Path, out_dir: Path) -> Path:
     """The starting checkpoint: the omni checkpoint `model.pretrained` (folder or s3://), or one
     composed from `model.init`'s Hugging Face parts (fresh weights where a part is not given) with the
     tokenizer data prep used; `compose_report.json` says what came from where."""
@@ -69,7 +44,7 @@ def init_model(cfg: OmniConfig, data_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path, out_dir: Path,
+def train(cfg: TaskConfig, stage_name: str, data_dir: Path | str, init_dir: Path, out_dir: Path,
           progress: bool = True, sft_filter_dir: Path | None = None, checkpoint_dir: Path | None = None) -> dict:
     """One training stage from `init_dir` to `out_dir`; skipped stages pass the checkpoint on.
     `data_dir`: data prep's output, a folder or a store URI (s3://...) the shards stream from.
@@ -78,7 +53,7 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path
     TrainJob passes a volume every rank shares and that outlives its pods, so a restart resumes.
 
     The one entry of a stage, wherever it runs: the DAG's stage task, every rank of a TrainJob
-    (components/cluster/train_entry.py) that the DAG's launcher task submits for multi-node stages, and
+    (components/train_entry.py) that the DAG's launcher task submits for multi-node stages, and
     `omni train` (alone or under torchrun). Rank 0 writes the checkpoint, its record (params,
     metrics, the loss curve; components.registry.records) and report.html."""
     if stage_name in cfg.run.skip_stages or stage_name not in cfg.stages:  # the checkpoint passes on, its record not
@@ -106,31 +81,7 @@ def train(cfg: OmniConfig, stage_name: str, data_dir: Path | str, init_dir: Path
     return {"skipped": False, "losses": result.losses, **summary}
 
 
-STAGE_METRICS = ("steps", "first_loss", "final_loss", "tokens_per_second")
-
-
-def log_metrics(metrics, values: dict[str, float]) -> None:
-    """`values` into a KFP Metrics output (`metrics`: its artifact), and as JSON into the artifact's
-    file: kfp.local reuses a cached task only if every output file exists, and log_metric alone
-    writes none (the values travel in the executor's output)."""
-    for key, value in values.items():
-        metrics.log_metric(key, value)
-    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics.path).write_text(json.dumps(values, indent=2, sort_keys=True))
-
-
-def stage_outputs(stage: str, result: dict, out_dir: Path, metadata: dict, metrics, report_path: Path) -> None:
-    """A stage task's KFP outputs from its result: the model's metadata, the Metrics, the HTML report."""
-    metadata["stage"] = stage
-    log_metrics(metrics, {key: result[key] for key in STAGE_METRICS if key in result})
-    if (out_dir / "report.html").is_file() and not result.get("skipped"):
-        shutil.copy(out_dir / "report.html", report_path)
-    else:
-        write_report(report_path, f"<html><body><p>Stage {stage} was skipped (run.skip_stages): its input "
-                                  "checkpoint was passed on.</p></body></html>")
-
-
-def _train_stream(cfg: OmniConfig, tasks: list[str], data_dir: Path | str, sft_filter_dir: Path | None) -> ShardStream:
+def _train_stream(cfg: TaskConfig, tasks: list[str], data_dir: Path | str, sft_filter_dir: Path | None) -> ShardStream:
     """Data prep's train shards (local or s3://) as a stream: rank/worker split, resumable position."""
     return ShardStream(data_dir, "train", tasks, exclude_ids=read_filtered_out(sft_filter_dir),
                        shuffle_buffer=cfg.data.shuffle_buffer, cache_bytes=int(cfg.data.reader_cache_mb * 2**20),
@@ -140,12 +91,12 @@ def _train_stream(cfg: OmniConfig, tasks: list[str], data_dir: Path | str, sft_f
 FILTER_FILE = "sft_filter.json"
 
 
-def sft_filter(cfg: OmniConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict:
+def sft_filter(cfg: TaskConfig, data_dir: Path, model_dir: Path, out_dir: Path, progress: bool = True) -> dict:
     """Loss-based SFT filter: score the SFT samples with `model_dir` (the checkpoint SFT starts
     from), drop those outside mean +- k std of their group; writes sft_filter.json + report.html."""
     out_dir.mkdir(parents=True, exist_ok=True)
     fcfg, tasks = cfg.sft_filter, sft_filter_tasks(cfg)
-    if not fcfg.enabled or tasks is None or "sft" in cfg.run.skip_stages:
+    if not fcfg.enabled or tasks is None or FILTERED_STAGE in cfg.run.skip_stages:
         summary = {"enabled": False, "kept": None, "dropped": []}
         (out_dir / FILTER_FILE).write_text(json.dumps(summary, indent=2))
         write_report(out_dir / "report.html", "<html><body><p>SFT loss filter disabled.</p></body></html>")
@@ -190,31 +141,3 @@ def write_losses(model_dir: Path, curves: dict[str, list[float]]) -> None:
     (model_dir / "losses.json").write_text(json.dumps(curves))
 
 
-def run_evaluation(cfg: OmniConfig, data_root: str | None, model_dir: Path, out_dir: Path,
-                   before_dir: Path | None = None, progress: bool = True) -> dict | None:
-    """Score `model_dir` on the configured benchmarks (`benchmark:`; relative data paths resolve
-    against evaluation.data_root or `data_root`, the pipeline's data input), next to `before_dir`'s
-    results (the initial checkpoint's, evaluated by its own task) when given; write metrics.json,
-    predictions.jsonl, report.html and the record register logs to MLflow into `out_dir`."""
-    summary = evaluate_checkpoint(cfg, model_dir, out_dir, data_root=data_root, progress=progress)
-    if summary is None:  # not the primary rank
-        return None
-    before = json.loads((before_dir / "metrics.json").read_text()) if before_dir else None
-    summary["before"] = None if before is None else {
-        "source": "initial checkpoint", "benchmarks": before["benchmarks"], "overall": before["overall"]}
-    meta = {"model": cfg.model.name, "benchmarks": ", ".join(summary["benchmarks"]),
-            "before": "initial checkpoint" if before else "none"}
-    write_report(out_dir / "report.html", evaluation_report("Evaluation", summary, read_losses(model_dir), meta))
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    values, data_tags = eval_record(summary)
-    signatures = {f"{n}.bleu_signature": r["signature"] for n, r in summary["benchmarks"].items() if r.get("signature")}
-    params = {"evaluation": cfg.evaluation.model_dump(),
-              "benchmark": {n: b.model_dump() for n, b in cfg.benchmark.items()}}
-    write_record(out_dir, "evaluate", params, values, tags=signatures | data_tags,
-                 files=["metrics.json", "predictions.jsonl", "report.html"])
-    return summary
-
-
-def export(model_dir: Path, out_dir: Path) -> dict:
-    repo = write_triton_repository(model_dir, out_dir)
-    return json.loads((repo / "export_report.json").read_text())

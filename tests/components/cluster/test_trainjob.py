@@ -44,7 +44,7 @@ def test_trainjob_carries_stage_image_resources_and_placement(cfg) -> None:
     }
     t = spec["trainer"]
     assert t["image"] == cfg.cluster.images.ref("gpu")
-    assert t["command"] == ["torchrun", "-m", "components.cluster.train_entry"]
+    assert t["command"] == ["torchrun", "-m", "components.train_entry"]
     assert t["args"] == ["--staging", "s3://b/trainjobs/omni-sft-abc", "--stage", "sft",
                          "--checkpoints", "/checkpoints/omni-sft-abc"]
     assert t["numNodes"] == 2 and t["numProcPerNode"] == 8
@@ -207,7 +207,7 @@ def test_the_dag_launches_a_trainjob_only_for_stages_that_need_one(cfg, tmp_path
 
 
 def test_train_entry_runs_the_stage_and_uploads_rank0_output(multi, monkeypatch, tmp_path) -> None:
-    from components.cluster import train_entry
+    from components import train_entry
     from components.steps import training as steps
 
     cfg, data, init = multi

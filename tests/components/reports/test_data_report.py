@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from components.reports.data_prep import data_report
-from components.steps.training import data_prep_metrics
+from components.steps.data import data_prep_metrics
 from model.config import DataConfig
 from model.data.prep import prepare
 from tests.components.raw_corpus import chat_record, write_media

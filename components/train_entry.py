@@ -1,6 +1,6 @@
 """The command inside a stage's TrainJob: one process per GPU, started by torchrun.
 
-    torchrun -m components.cluster.train_entry --staging s3://bucket/trainjobs/JOB --stage sft
+    torchrun -m components.train_entry --staging s3://bucket/trainjobs/JOB --stage sft
 
 Reads what `components.cluster.trainjob.run_stage` staged (config.json, inputs/data, inputs/init and any
 extra inputs), runs the very same `components.steps.training.train` as a single-machine task (DeepSpeed
@@ -44,7 +44,7 @@ def _fetch_inputs(store: Store, dest: Path, local_rank: int, timeout_s: float = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m components.cluster.train_entry", description=__doc__.split("\n\n")[0])
+        prog="python -m components.train_entry", description=__doc__.split("\n\n")[0])
     parser.add_argument("--staging", required=True, help="the job's staging URI (s3://... or a shared path)")
     parser.add_argument("--stage", required=True, help="stage name, e.g. sft")
     parser.add_argument("--checkpoints", type=Path, help="shared folder for the resumable DeepSpeed state "
