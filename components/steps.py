@@ -20,6 +20,7 @@ from model.data.loading import to_chat_input
 from model.data.prep import prepare
 from model.data.shards import ShardStream
 from model.export.triton import write_triton_repository
+from model.media.limits import MediaLimits
 from model.nn.checkpoint import TOKENIZER_DIR
 from model.nn.compose import compose
 from model.nn.omni import OmniModel
@@ -30,6 +31,7 @@ from model.text.tokenizer import load_tokenizer
 from model.training.loading import build_for_stage
 from model.training.recipe import train_stage
 from model.training.sft_filter import loss_filter, sample_losses
+from serving.config import ServingLimits
 
 
 def data_prep(cfg: OmniConfig, inputs: list[str | Path], out_dir: Path, progress: bool = True) -> dict:
@@ -215,6 +217,8 @@ def run_evaluation(cfg: OmniConfig, data_root: str | None, model_dir: Path, out_
     return summary
 
 
-def export(model_dir: Path, out_dir: Path) -> dict:
-    repo = write_triton_repository(model_dir, out_dir)
+def export(model_dir: Path, out_dir: Path, limits: ServingLimits | None = None) -> dict:
+    """The Triton repository, refusing media as the endpoint does (default: the endpoint's default limits)."""
+    limits = MediaLimits.of("serving.limits", limits or ServingLimits())
+    repo = write_triton_repository(model_dir, out_dir, limits=limits)
     return json.loads((repo / "export_report.json").read_text())
