@@ -76,3 +76,24 @@ def test_data_prep_does_not_import_the_network_or_deepspeed():
     # Prep tokenises (a transformers tokenizer, which loads torch), but never builds the model.
     loaded = _loads("import model.data.prep")
     assert not {"model.nn.omni", "deepspeed", "model.training"} & {m for m in loaded if "." in m or m == "deepspeed"}
+
+
+# Media become model input in one place (`model.media.inputs.MediaReader`): its decoders are imported
+# nowhere else in the shipped code. The demo generator resamples the audio it writes to disk, which
+# is making data, not reading it.
+DECODERS = {"read_image", "read_video", "read_audio", "load_image", "load_video_frames", "load_audio"}
+DECODER_USERS = {"model/data/demo.py"}
+
+
+def _imported_names(path: Path) -> set[str]:
+    return {alias.name for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("model.media")
+            for alias in node.names}
+
+
+def test_media_reach_the_model_only_through_the_media_reader():
+    shipped = [p for top in ("model", "serving", "components", "pipelines") for p in sorted((REPO / top).rglob("*.py"))]
+    outside = [p for p in shipped if "media" not in p.relative_to(REPO).parts[:2]]
+    offenders = {str(p.relative_to(REPO)): sorted(_imported_names(p) & DECODERS) for p in outside
+                 if _imported_names(p) & DECODERS and str(p.relative_to(REPO)) not in DECODER_USERS}
+    assert not offenders, f"decode media with model.media.inputs.MediaReader instead: {offenders}"
