@@ -45,7 +45,8 @@ from PIL import Image
 
 from benchmarks.bench_data import machine_info
 from model.config import ModelConfig
-from model.media.limits import read_image
+from model.media.inputs import MediaReader, RawMedia
+from model.media.limits import MediaLimits
 from model.nn.engine import GenerationEngine, Sequence
 from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
@@ -134,10 +135,12 @@ def in_process_worker(checkpoint: Path, tokens: int) -> None:
     torch.set_num_threads(1)
     chat = OmniChat.load(checkpoint)
     engine = GenerationEngine(chat)
-    limits, data = _media_limits(ServingConfig().limits), png(7)
+    reader = MediaReader(chat.model.cfg, MediaLimits.of("serving.limits", ServingConfig().limits))
+    data = png(7)
 
     def item() -> ChatInput:  # as the endpoint does: decode with the limits, tokenise, generate
-        return ChatInput([{"role": "user", "content": f"<image>{LATENCY_PROMPT}"}], images=[read_image(data, limits)])
+        return reader.chat_input([{"role": "user", "content": f"<image>{LATENCY_PROMPT}"}],
+                                 [RawMedia("image", data, "image[0]")])
 
     calls = {
         "generate": lambda: chat.generate([item()], max_new_tokens=tokens)[0],
@@ -185,13 +188,6 @@ def latency(server: LiveServer, checkpoint: Path, reps: int, tokens: int) -> dic
                 p50_ms={k: round(v * 1000, 2) for k, v in p50.items()},
                 ratio_endpoint_over_generate=round(p50["endpoint"] / p50["generate"], 3),
                 ratio_endpoint_over_engine=round(p50["endpoint"] / p50["engine"], 3))
-
-
-def _media_limits(limits):
-    from model.media.limits import MediaLimits
-
-    return MediaLimits(source="bench", max_image_pixels=limits.max_image_pixels,
-                       max_video_seconds=limits.max_video_seconds, max_audio_seconds=limits.max_audio_seconds)
 
 
 # -------------------------------------------------------------------------------------------- load

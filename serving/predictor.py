@@ -32,14 +32,15 @@ from pathlib import Path
 import kserve
 
 from model.media.decode import MediaError
-from model.media.limits import LimitExceeded, MediaLimits, read_audio, read_image, read_video
+from model.media.inputs import MediaReader, RawMedia
+from model.media.limits import MediaLimits
 from model.nn.checkpoint import CONFIG_FILE
 from model.nn.engine import Event, GenerationEngine, QueueFull, Sequence
 from model.nn.generation import OmniChat
 from model.nn.sampling import SamplingParams, TokenLogprob
 from model.text.processor import ChatInput, Encoded
 from serving.config import ServingConfig, resolve_storage_uri
-from serving.conversation import BadRequest, Completion, Conversation, MediaItem
+from serving.conversation import BadRequest, Completion, Conversation
 from serving.http import client_gone
 from serving.metrics import PrometheusObserver
 from serving.protocol import v2
@@ -161,43 +162,17 @@ class OmniPredictor(kserve.Model):
             raise BadRequest(f"{param}: {requested} exceeds this server's limit of {self.cfg.limits.max_tokens}", param)
         return requested
 
-    def check_counts(self, conv: Conversation) -> None:
-        """Refuse too many media items before decoding any of them."""
-        limits = self.cfg.limits
-        caps = {"image": limits.max_images, "video": limits.max_videos, "audio": limits.max_audios}
-        for kind, cap in caps.items():
-            items = [m for m in conv.media if m.kind == kind]
-            if len(items) > cap:
-                raise BadRequest(f"{len(items)} {kind}s in one conversation; the limit is {cap}", items[cap].field)
-
-    def media_limits(self) -> MediaLimits:
-        limits = self.cfg.limits
-        return MediaLimits(source="serving.limits", max_image_pixels=limits.max_image_pixels,
-                           max_video_seconds=limits.max_video_seconds, max_audio_seconds=limits.max_audio_seconds)
+    def media_reader(self) -> MediaReader:
+        """Media -> model input under `serving.limits` (the same limits the Triton export carries)."""
+        return MediaReader(self.chat.model.cfg, MediaLimits.of("serving.limits", self.cfg.limits))
 
     def build_chat(self, conv: Conversation) -> ChatInput:
         """Decode and check every media item (blocking: call from a worker thread)."""
-        self.check_counts(conv)
-        item = ChatInput(messages=conv.messages)
-        for media in conv.media:
-            try:
-                self._decode(media, item)
-            except MediaError as e:
-                sep = " " if isinstance(e, LimitExceeded) else ": "
-                raise BadRequest(f"{media.field}{sep}{e}", media.field) from e
-        return item
-
-    def _decode(self, media: MediaItem, item: ChatInput) -> None:
-        model_cfg, limits = self.chat.model.cfg, self.media_limits()
-        if media.kind == "image":
-            item.images.append(read_image(media.data, limits))
-        elif media.kind == "video":
-            frames = min(model_cfg.video.max_frames, self.cfg.limits.max_video_frames)
-            video = read_video(media.data, limits, model_cfg.video.fps, frames)
-            item.videos.append(video.frames)
-            item.video_times.append(video.times)
-        else:
-            item.audios.append(read_audio(media.data, limits, model_cfg.audio.sampling_rate))
+        media = [RawMedia(m.kind, m.data, m.field) for m in conv.media]
+        try:
+            return self.media_reader().chat_input(conv.messages, media)
+        except MediaError as e:  # its message names the field: "image[0] is 5000x5000 = ..."
+            raise BadRequest(str(e), e.item) from e
 
     def _encode(self, item: ChatInput, max_new_tokens: int, param: str) -> Encoded:
         """Tokenise (checks tags vs media, audio length) and check the context window."""

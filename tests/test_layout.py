@@ -141,3 +141,24 @@ def test_the_stage_list_is_written_once():
                if "\"omni_align\"" in path.read_text() and module not in ("components.stages",
                                                                           "components.pipeline_components")]
     assert not spelled, f"{spelled} spell out a stage name; read components.stages instead"
+
+
+# Media become model input in one place (`model.media.inputs.MediaReader`): its decoders are imported
+# nowhere else in the shipped code. The demo generator resamples the audio it writes to disk, which
+# is making data, not reading it.
+DECODERS = {"read_image", "read_video", "read_audio", "load_image", "load_video_frames", "load_audio"}
+DECODER_USERS = {"model/data/demo.py"}
+
+
+def _imported_names(path: Path) -> set[str]:
+    return {alias.name for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("model.media")
+            for alias in node.names}
+
+
+def test_media_reach_the_model_only_through_the_media_reader():
+    shipped = [p for top in ("model", "serving", "components", "pipelines") for p in sorted((REPO / top).rglob("*.py"))]
+    outside = [p for p in shipped if "media" not in p.relative_to(REPO).parts[:2]]
+    offenders = {str(p.relative_to(REPO)): sorted(_imported_names(p) & DECODERS) for p in outside
+                 if _imported_names(p) & DECODERS and str(p.relative_to(REPO)) not in DECODER_USERS}
+    assert not offenders, f"decode media with model.media.inputs.MediaReader instead: {offenders}"

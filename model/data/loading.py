@@ -10,8 +10,11 @@ from torch.utils.data import Dataset
 
 from model.config import ModelConfig
 from model.data.records import Record
-from model.media.decode import Source, load_audio, load_image, load_video_frames
-from model.text.processor import ChatInput, Encoded, OmniProcessor
+from model.media.decode import Source
+from model.media.inputs import ChatInput, MediaReader, RawMedia
+from model.media.limits import MediaLimits
+from model.media.tags import MEDIA_KINDS
+from model.text.processor import Encoded, OmniProcessor
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -26,6 +29,10 @@ def resolve(uri: str, base_dir: Path) -> str | Path:
     return base_dir / uri
 
 
+# Prepared media passed the data limits and the kind check in prep (`model.data.normalise`).
+PREPARED = MediaLimits(source="prepared data")
+
+
 def to_chat_input(record: Record, base_dir: Path | None, cfg: ModelConfig, include_answer: bool = True,
                   fetch: Callable[[str], Source] | None = None) -> ChatInput:
     """Load a record's media (paths relative to `base_dir`) into a ChatInput.
@@ -33,17 +40,10 @@ def to_chat_input(record: Record, base_dir: Path | None, cfg: ModelConfig, inclu
     # `fetch(uri)` gives a path or the bytes (e.g. from object storage: the shard reader).
     get = fetch or (lambda uri: resolve(uri, base_dir))
     messages = record.messages if include_answer else record.prompt_messages
-    sample = ChatInput(messages=[m.model_dump() for m in messages])
-    used = {k: sum(m.content.count(f"<{k}>") for m in messages) for k in ("image", "video", "audio")}
-    for uri in record.images[: used["image"]]:
-        sample.images.append(load_image(get(uri)))
-    for uri in record.videos[: used["video"]]:
-        frames, times = load_video_frames(get(uri), cfg.video.fps, cfg.video.max_frames)
-        sample.videos.append(frames)
-        sample.video_times.append(times)
-    for uri in record.audios[: used["audio"]]:
-        sample.audios.append(load_audio(get(uri), cfg.audio.sampling_rate))
-    return sample
+    used = {k: sum(m.content.count(f"<{k}>") for m in messages) for k in MEDIA_KINDS}
+    media = [RawMedia(kind, get(uri), repr(uri)) for kind in MEDIA_KINDS
+             for uri in getattr(record, kind + "s")[: used[kind]]]
+    return MediaReader(cfg, PREPARED).chat_input([m.model_dump() for m in messages], media)
 
 
 class EncodedDataset(Dataset):

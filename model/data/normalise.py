@@ -14,22 +14,19 @@ import numpy as np
 
 from model.config import DataConfig, ModelConfig
 from model.data.inputs import fetch_media
-from model.data.quarantine import Rejected, media_message
+from model.data.quarantine import Rejected
 from model.data.records import Record
 from model.data.shards import sha256
 from model.media.decode import MediaError
-from model.media.limits import LimitExceeded, MediaLimits, read_audio, read_image, read_video
+from model.media.inputs import MediaReader, RawMedia
+from model.media.limits import MediaLimits
 from model.storage import StorageError
 
 STATS = ("image_pixels", "video_seconds", "video_frames", "audio_seconds")
 
 
 def data_limits(data: DataConfig) -> MediaLimits:
-    return MediaLimits(
-        source="data", max_image_pixels=data.max_image_pixels, min_image_side=data.min_image_side,
-        max_image_aspect=data.max_image_aspect, max_video_seconds=data.max_video_seconds,
-        min_audio_seconds=data.min_audio_seconds, max_audio_seconds=data.max_audio_seconds,
-        min_audio_sample_rate=data.min_audio_sample_rate)
+    return MediaLimits.of("data", data)
 
 
 @dataclass
@@ -49,38 +46,35 @@ def wav_bytes(wave_f32: np.ndarray, rate: int) -> bytes:
     return buf.getvalue()
 
 
-def _normalise(kind: str, blob: bytes, data: DataConfig, model: ModelConfig, stats: dict) -> tuple[bytes, str]:
+def _normalise(item: RawMedia, reader: MediaReader, stats: dict) -> tuple[bytes, str]:
     """(normalised bytes, extension) of one item; raises MediaError with the problem's kind."""
-    limits = data_limits(data)
-    if kind == "image":
-        img = read_image(blob, limits)
-        stats["image_pixels"].append(img.width * img.height)
+    decoded = reader.read(item)
+    if item.kind == "image":
+        stats["image_pixels"].append(decoded.width * decoded.height)
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        decoded.save(buf, format="PNG")
         return buf.getvalue(), ".png"
-    if kind == "video":
-        video = read_video(blob, limits, model.video.fps, model.video.max_frames)
-        stats["video_seconds"].append(video.seconds)
-        stats["video_frames"].append(len(video.frames))
-        return blob, ".mp4"
-    samples = read_audio(blob, limits, model.audio.sampling_rate)
-    stats["audio_seconds"].append(samples.size / model.audio.sampling_rate)
-    return wav_bytes(samples, model.audio.sampling_rate), ".wav"
+    if item.kind == "video":
+        stats["video_seconds"].append(decoded.seconds)
+        stats["video_frames"].append(len(decoded.frames))
+        return item.data, ".mp4"
+    rate = reader.cfg.audio.sampling_rate
+    stats["audio_seconds"].append(decoded.size / rate)
+    return wav_bytes(decoded, rate), ".wav"
 
 
 def normalise_media(record: Record, base: str, out_dir: Path, data: DataConfig, model: ModelConfig) -> NormalisedMedia:
     """Fetch, check and normalise a record's media into `out_dir/media/<sha256>.<ext>`. The new
     references per kind keep list order (media_order() pairs the n-th <image> tag with images[n])."""
-    out = NormalisedMedia()
+    out, reader = NormalisedMedia(), MediaReader(model, data_limits(data))
     for kind, uri in record.media_order():
         blob = fetch_media(uri, base, data)
         if not blob:
             raise Rejected(f"bad {kind}", f"{uri!r} is an empty file (0 bytes)")
         try:
-            norm, ext = _normalise(kind, blob, data, model, out.stats)
-        except MediaError as err:
-            sep = " " if isinstance(err, LimitExceeded) else ": "
-            raise Rejected(err.kind or f"bad {kind}", f"{uri!r}{sep}{media_message(err)}") from None
+            norm, ext = _normalise(RawMedia(kind, blob, repr(uri)), reader, out.stats)
+        except MediaError as err:  # its message names the item: "'a.png' is 9000x20, ..."
+            raise Rejected(err.kind or f"bad {kind}", str(err)) from None
         digest = sha256(norm)
         name = f"media/{digest}{ext}"  # content-addressed: stored once however often it is used
         if not (out_dir / name).exists():

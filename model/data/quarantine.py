@@ -6,8 +6,6 @@ image or change the data.*image* limits)". The kinds are also what MediaError.ki
 
 from __future__ import annotations
 
-import re
-
 FIXES = {
     "not UTF-8": "save the file as UTF-8",
     "NUL character": "remove the NUL characters: tools that read the data set take them for the end of a string",
@@ -42,10 +40,3 @@ class Rejected(Exception):
         super().__init__(f"{kind}: {detail} ({FIXES[kind]})")
         self.kind = kind
 
-
-def media_message(err: Exception) -> str:
-    """A MediaError's text without its "<N bytes>: " source prefix (the record's path says more)
-    and without FFmpeg's "[Errno N]" noise."""
-    msg = str(err)
-    msg = msg.split(": ", 1)[1] if msg.startswith("<") and ": " in msg else msg
-    return re.sub(r"\[Errno -?\d+\] ", "", msg)

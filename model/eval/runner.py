@@ -12,7 +12,6 @@ generation, or option log-likelihood) -> scored rows.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -26,9 +25,10 @@ from model.eval.loglik import pick_by_loglik
 from model.eval.mcq import rotations
 from model.eval.readers import BenchData
 from model.media.decode import MediaError
-from model.media.limits import MediaLimits, read_audio, read_image, read_video
+from model.media.inputs import ChatInput, MediaReader, RawMedia
+from model.media.limits import MediaLimits
+from model.media.tags import MEDIA_KINDS
 from model.nn.generation import OmniChat
-from model.text.processor import ChatInput
 
 
 @dataclass
@@ -62,24 +62,16 @@ def prompt_text(item: BenchItem, spec: BenchmarkConfig) -> str:
 
 
 def limits_of(name: str, spec: BenchmarkConfig) -> MediaLimits:
-    lim = spec.limits
-    return MediaLimits(source=f"benchmark.{name}.limits", max_image_pixels=lim.max_image_pixels,
-                       max_video_seconds=lim.max_video_seconds or math.inf,
-                       max_audio_seconds=lim.max_audio_seconds or math.inf)
+    return MediaLimits.of(f"benchmark.{name}.limits", spec.limits)
 
 
 def chat_input(item: BenchItem, spec: BenchmarkConfig, chat: OmniChat, limits: MediaLimits) -> ChatInput:
     """The conversation for `item` with its media decoded under the benchmark's limits (MediaError if not)."""
-    cfg = chat.model.cfg
     messages = ([{"role": "system", "content": spec.prompt.system}] if spec.prompt.system else [])
-    sample = ChatInput(messages=[*messages, {"role": "user", "content": prompt_text(item, spec)}])
-    sample.images = [read_image(src, limits) for src in item.images]
-    for src in item.videos:
-        video = read_video(src, limits, cfg.video.fps, cfg.video.max_frames)
-        sample.videos.append(video.frames)
-        sample.video_times.append(video.times)
-    sample.audios = [read_audio(src, limits, cfg.audio.sampling_rate) for src in item.audios]
-    return sample
+    media = [RawMedia(kind, src, f"{kind}s[{i}]") for kind in MEDIA_KINDS
+             for i, src in enumerate(getattr(item, kind + "s"))]
+    return MediaReader(chat.model.cfg, limits).chat_input(
+        [*messages, {"role": "user", "content": prompt_text(item, spec)}], media)
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

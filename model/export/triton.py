@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from model.export.onnx import AUDIO, TOLERANCE, VIDEO, VISION, check_inputs, export_onnx, onnx_files, verify_onnx
+from model.media.limits import MediaLimits
 from model.nn import checkpoint as ckpt
 from model.nn.omni import OmniModel
 
@@ -113,7 +114,7 @@ def _onnx_config(name: str, onnx_path: Path, max_batch_size: int, backend: str =
     return config
 
 
-def _entry_config(max_new_tokens: int, encoder_max_batch: int):
+def _entry_config(max_new_tokens: int, encoder_max_batch: int, limits: MediaLimits):
     from tritonclient.grpc import model_config_pb2 as mc
 
     config = mc.ModelConfig(name=ENTRY, backend="python", max_batch_size=0)
@@ -128,6 +129,7 @@ def _entry_config(max_new_tokens: int, encoder_max_batch: int):
     config.parameters["checkpoint"].string_value = "checkpoint"  # relative to omni/1/: the repo is movable
     config.parameters["max_new_tokens"].string_value = str(max_new_tokens)
     config.parameters["encoder_max_batch"].string_value = str(encoder_max_batch)
+    config.parameters["media_limits"].string_value = limits.to_json()  # the endpoint's, so both refuse alike
     return config
 
 
@@ -161,10 +163,12 @@ def _bundle_code(dst: Path) -> None:
             shutil.copy2(src, dst / name)
 
 
-def write_triton_repository(checkpoint_dir: str | Path, out_dir: str | Path, max_batch_size: int = 8,
-                            max_new_tokens: int = 64, dynamo: bool = True,
+def write_triton_repository(checkpoint_dir: str | Path, out_dir: str | Path, *, limits: MediaLimits,
+                            max_batch_size: int = 8, max_new_tokens: int = 64, dynamo: bool = True,
                             encoder_backend: str = "onnxruntime") -> Path:
     """Build a Triton model repository at `out_dir` from an HF-format checkpoint and return its path.
+    The entry model refuses media outside `limits` (the KServe endpoint's `serving.limits`), with the
+    endpoint's words.
 
     Re-running replaces the models this function writes; nothing else in `out_dir` is touched.
     Raises OnnxMismatchError if an ONNX graph disagrees with torch beyond TOLERANCE."""
@@ -200,7 +204,7 @@ def write_triton_repository(checkpoint_dir: str | Path, out_dir: str | Path, max
     shutil.copy2(TEMPLATES / "omni_model.py", version / "model.py")
     _write_llm_checkpoint(checkpoint_dir, model, version / "checkpoint")
     _bundle_code(version / "omni_code" / "model")
-    _write_config(_entry_config(max_new_tokens, max_batch_size), repo / ENTRY)
+    _write_config(_entry_config(max_new_tokens, max_batch_size, limits), repo / ENTRY)
 
     report["exporter"] = {name: e["exporter"] for name, e in report["onnx"].items()}
     (repo / REPORT_FILE).write_text(json.dumps(report, indent=2))

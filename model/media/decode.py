@@ -27,14 +27,17 @@ Source = str | Path | bytes
 class MediaError(ValueError):
     """A media item that cannot be decoded (empty, truncated, wrong format, no usable stream) or
     that breaks a limit (`model.media.limits`). `kind` names the class of problem ("bad image",
-    "image size", "video too long", ...): data prep quarantines under it, the predictor answers 400."""
+    "image size", "video too long", ...): data prep quarantines under it, the predictor answers 400.
+    `item` is the name the caller gave the item (`model.media.inputs.RawMedia.name`), once known."""
 
     def __init__(self, message: str, kind: str | None = None):
         super().__init__(message)
         self.kind = kind
+        self.item: str | None = None
 
 
-def _describe(src: Source) -> str:
+def describe(src: Source) -> str:
+    """How messages name a source: its path, or its size for bytes."""
     return f"<{len(src)} bytes>" if isinstance(src, bytes) else str(src)
 
 
@@ -69,12 +72,12 @@ def load_image(src: Source) -> Image.Image:
                 return Image.alpha_composite(background, rgba).convert("RGB")
             return img.convert("RGB")
     except UnidentifiedImageError as e:
-        raise MediaError(f"{_describe(src)}: not a recognised image format") from e
+        raise MediaError(f"{describe(src)}: not a recognised image format") from e
     except Image.DecompressionBombError as e:
-        raise MediaError(f"{_describe(src)}: image too large ({e})", "image size") from e
+        raise MediaError(f"{describe(src)}: image too large ({e})", "image size") from e
     except (OSError, SyntaxError, ValueError) as e:
         # Pillow reports truncated/corrupt data as OSError ("image file is truncated") or SyntaxError.
-        raise MediaError(f"{_describe(src)}: corrupt or truncated image ({e})") from e
+        raise MediaError(f"{describe(src)}: corrupt or truncated image ({e})") from e
 
 
 # ---------------------------------------------------------------------------------------- videos
@@ -85,7 +88,25 @@ def _open(src: Source) -> av.container.InputContainer:
     try:
         return av.open(handle, mode="r")
     except av.FFmpegError as e:
-        raise MediaError(f"{_describe(src)}: cannot open container ({e})") from e
+        raise MediaError(f"{describe(src)}: cannot open container ({e})") from e
+
+
+def _is_still_image(container: av.container.InputContainer) -> bool:
+    """ffmpeg opens pictures with its image demuxers: `image2` (files) and one `<codec>_pipe` per
+    image format (png_pipe, jpeg_pipe, ...). No video container opens with them, so a picture given
+    as a video (a PNG named clip.mp4) is recognised here, whatever its name says."""
+    name = container.format.name
+    return name in ("image2", "image2pipe") or name.endswith("_pipe")
+
+
+def _video_stream(container: av.container.InputContainer, src: Source) -> av.stream.Stream:
+    """The first video stream of a real video: a still image or a file without video is refused."""
+    streams = container.streams.video
+    if not streams:
+        raise MediaError(f"{describe(src)}: no video stream")
+    if _is_still_image(container):
+        raise MediaError(f"{describe(src)}: a still {streams[0].codec_context.name} image, not a video")
+    return streams[0]
 
 
 def _stream_duration(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
@@ -120,10 +141,7 @@ def load_video_frames(
     """
     container = _open(src)
     try:
-        streams = container.streams.video
-        if not streams:
-            raise MediaError(f"{_describe(src)}: no video stream")
-        stream = streams[0]
+        stream = _video_stream(container, src)
         stream.thread_type = "AUTO"
         tb = stream.time_base
         start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
@@ -141,9 +159,9 @@ def load_video_frames(
                         frames.append(frame.to_image())
                         times.append(float(frame.time) - start)
         except av.FFmpegError as e:
-            raise MediaError(f"{_describe(src)}: corrupt video ({e})") from e
+            raise MediaError(f"{describe(src)}: corrupt video ({e})") from e
         if not frames:
-            raise MediaError(f"{_describe(src)}: no decodable video frames")
+            raise MediaError(f"{describe(src)}: no decodable video frames")
         return frames, times
     finally:
         container.close()
@@ -212,7 +230,7 @@ def load_audio(src: Source, sampling_rate: int = 16000) -> np.ndarray:
     container = _open(src)
     try:
         if not container.streams.audio:
-            raise MediaError(f"{_describe(src)}: no audio stream")
+            raise MediaError(f"{describe(src)}: no audio stream")
         stream = container.streams.audio[0]
         # Packed float mono output: one contiguous array per frame, no per-format scaling needed.
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sampling_rate)
@@ -224,11 +242,11 @@ def load_audio(src: Source, sampling_rate: int = 16000) -> np.ndarray:
             for out in resampler.resample(None):  # flush the resampler's buffered tail
                 chunks.append(out.to_ndarray().reshape(-1))
         except av.FFmpegError as e:
-            raise MediaError(f"{_describe(src)}: corrupt audio ({e})") from e
+            raise MediaError(f"{describe(src)}: corrupt audio ({e})") from e
     finally:
         container.close()
     if not chunks or sum(len(c) for c in chunks) == 0:
-        raise MediaError(f"{_describe(src)}: audio stream has no samples")
+        raise MediaError(f"{describe(src)}: audio stream has no samples")
     wave = np.concatenate(chunks).astype(np.float32, copy=False)
     return np.clip(wave, -1.0, 1.0)
 
@@ -247,13 +265,13 @@ def probe(src: Source, kind: str) -> Header:
     """Header facts of the first `kind` ("video" or "audio") stream; decodes nothing."""
     container = _open(src)
     try:
-        streams = container.streams.video if kind == "video" else container.streams.audio
-        if not streams:
-            raise MediaError(f"{_describe(src)}: no {kind} stream")
-        stream = streams[0]
         if kind == "video":
+            stream = _video_stream(container, src)
             ctx = stream.codec_context
             return Header(_stream_duration(container, stream), width=ctx.width or 0, height=ctx.height or 0)
+        if not container.streams.audio:
+            raise MediaError(f"{describe(src)}: no audio stream")
+        stream = container.streams.audio[0]
         return Header(_stream_duration(container, stream), sample_rate=stream.sample_rate or 0)
     finally:
         container.close()
@@ -265,10 +283,10 @@ def media_duration(src: Source) -> float:
     try:
         streams = list(container.streams.video) + list(container.streams.audio)
         if not streams:
-            raise MediaError(f"{_describe(src)}: no audio or video stream")
+            raise MediaError(f"{describe(src)}: no audio or video stream")
         duration = _stream_duration(container, streams[0])
         if duration is None:
-            raise MediaError(f"{_describe(src)}: duration unknown")
+            raise MediaError(f"{describe(src)}: duration unknown")
         return duration
     finally:
         container.close()

@@ -1,19 +1,24 @@
 """Media limits, checked once for every edge: read the header, refuse what is out of bounds, then decode.
 
-Data prep and the predictor both call `read_image` / `read_video` / `read_audio`; a violation or an
-undecodable item raises `MediaError` with its `kind`, which each edge maps to its own answer (a
-quarantine reason in prep, a 400 naming the request field in the predictor). A 30000x30000 "image"
-or a ten-hour "clip" is refused from its header, before a pixel or a sample is decoded.
+`model.media.inputs.MediaReader` calls `read_image` / `read_video` / `read_audio` for data prep,
+training, evaluation, the KServe predictor and the Triton entry model; a violation or an undecodable
+item raises `MediaError` with its `kind`, which each edge maps to its own answer (a quarantine
+reason in prep, a failed row in evaluation, a 400 naming the request field in serving). A
+30000x30000 "image" or a ten-hour "clip" is refused from its header, before a pixel or a sample is
+decoded.
 
-`MediaLimits.source` names where the limits come from ("data" or "serving.limits"), so a message
-says which setting to change: "is 5000x5000 = 25000000 pixels, over data.max_image_pixels=16777216".
+`MediaLimits.source` names where the limits come from ("data", "serving.limits",
+"benchmark.X.limits"), and its fields carry those sections' key names, so a message says which
+setting to change: "is 5000x5000 = 25000000 pixels, over data.max_image_pixels=16777216", and
+`MediaLimits.of` reads a section by those names (the one rule every edge uses).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image
@@ -23,18 +28,45 @@ from model.media.decode import MediaError, Source, load_audio, load_image, load_
 
 @dataclass(frozen=True)
 class MediaLimits:
+    """Bounds on one conversation's media; the defaults bound nothing (None: no cap)."""
+
     source: str  # the config section the limits come from, for messages
-    max_image_pixels: int
+    max_image_pixels: float = math.inf
     min_image_side: int = 1
     max_image_aspect: float = math.inf
     max_video_seconds: float = math.inf
+    max_video_frames: int | None = None  # frames sampled per video, below the model's video.max_frames
     min_audio_seconds: float = 0.0
     max_audio_seconds: float = math.inf
     min_audio_sample_rate: int = 0
+    max_images: int | None = None  # items per conversation
+    max_videos: int | None = None
+    max_audios: int | None = None
 
     def name(self, key: str) -> str:
         """`data.max_image_pixels=16777216`: the setting to change, with its value."""
         return f"{self.source}.{key}={getattr(self, key)}"
+
+    @classmethod
+    def of(cls, source: str, section) -> MediaLimits:
+        """The limits a config section sets (a pydantic model or a dict), read by field name;
+        keys the section lacks, or sets to None ("no limit"), keep their default."""
+        values = section if isinstance(section, dict) else {k: getattr(section, k, None) for k in cls.keys()}
+        return cls(source, **{k: values[k] for k in cls.keys() if values.get(k) is not None})
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "source"]
+
+    def to_json(self) -> str:
+        """The limits as JSON (no limit: null), e.g. to travel inside an exported model repository."""
+        values = {k: None if getattr(self, k) == math.inf else getattr(self, k) for k in self.keys()}
+        return json.dumps({"source": self.source, **values}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> MediaLimits:
+        values = json.loads(text)
+        return cls.of(values.pop("source"), values)
 
 
 class LimitExceeded(MediaError):

@@ -29,6 +29,7 @@ from transformers import WhisperFeatureExtractor
 
 from model.config import ModelConfig
 from model.media.anyres import tile_image
+from model.media.inputs import ChatInput
 from model.media.tags import TAG_PATTERN
 from model.text.tokenizer import IMG_ROW_SEP, IMG_TILE_SEP, MEDIA_SPECIAL
 
@@ -47,17 +48,6 @@ class Encoded:
     pixel_values: list[torch.Tensor] = field(default_factory=list)  # one (3, H, W) per image tile
     video_pixel_values: list[torch.Tensor] = field(default_factory=list)  # one (3, H, W) per frame
     audio_mel: list[torch.Tensor] = field(default_factory=list)  # one (bins, T) per 30 s window
-
-
-@dataclass
-class ChatInput:
-    """A conversation to answer: `messages` may contain <image>/<video>/<audio> tags matching the lists."""
-
-    messages: list[dict]
-    images: list[Image.Image] = field(default_factory=list)
-    videos: list[list[Image.Image]] = field(default_factory=list)
-    video_times: list[list[float]] = field(default_factory=list)  # per video, frame times in s; default i / fps
-    audios: list[np.ndarray] = field(default_factory=list)
 
 
 class OmniProcessor:

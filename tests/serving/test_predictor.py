@@ -199,6 +199,13 @@ BAD_REQUESTS = {
         "image",
         "messages[0].content[0].image_url.url",
     ),
+    "picture given as a video": (
+        {"messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": data_uri("video/mp4", png_bytes())}}]}]},
+        400,
+        "messages[0].content[0].video_url.url: a still png image, not a video",
+        "messages[0].content[0].video_url.url",
+    ),
     "bad audio": (
         {
             "messages": [

@@ -17,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
 
 from model.export.triton import write_triton_repository
+from model.media.limits import MediaLimits
+from serving.config import ServingLimits
 from serving.local import start_server
 from serving.triton import start_tritonserver
 from tests.serving.test_predictor import mp4_bytes, png_bytes, wav_bytes
@@ -26,6 +29,16 @@ from tests.serving.test_predictor import mp4_bytes, png_bytes, wav_bytes
 REPO = Path(__file__).resolve().parents[2]
 MODELS_VENV = REPO / ".cache" / "triton-venv"
 MAX_NEW = 6
+# One source for both servers' media limits, as in the pipeline: the endpoint's serving.limits, written
+# into the repository at export. Every case below is inside them; OVER_LIMIT is not.
+LIMITS = {"max_image_pixels": 48 * 48, "max_video_seconds": 3.0}
+OVER_LIMIT = {
+    "image": ("describe", {"image": png_bytes(49)},
+              "image[0] is 49x49 = 2401 pixels, over serving.limits.max_image_pixels=2304"),
+    "video": ("<video> which way", {"video": mp4_bytes(seconds=4, fps=1)},
+              "video[0] is 4.0 s, over serving.limits.max_video_seconds=3.0"),
+    "picture as video": ("<video> which way", {"video": png_bytes()}, "video[0]: a still png image, not a video"),
+}
 CASES = {
     "text": ("what color is the shape", {}),
     "image": ("describe", {"image": png_bytes()}),
@@ -59,7 +72,9 @@ print(json.dumps(answers))
 
 @pytest.fixture(scope="module")
 def tritonserver(checkpoint):
-    repo = write_triton_repository(checkpoint, checkpoint.parent / "repository", encoder_backend="python")
+    limits = MediaLimits.of("serving.limits", ServingLimits(**LIMITS))
+    repo = write_triton_repository(checkpoint, checkpoint.parent / "repository", limits=limits,
+                                   encoder_backend="python")
     server = start_tritonserver(repo, MODELS_VENV, checkpoint.parent / "triton-run")
     yield server
     server.stop()
@@ -67,7 +82,7 @@ def tritonserver(checkpoint):
 
 @pytest.fixture(scope="module")
 def kserve_endpoint(checkpoint):
-    server = start_server(checkpoint, checkpoint.parent / "kserve", {"default_temperature": 0.0})
+    server = start_server(checkpoint, checkpoint.parent / "kserve", {"default_temperature": 0.0, "limits": LIMITS})
     yield server
     server.stop()
 
@@ -141,3 +156,25 @@ def test_bad_media_is_a_client_error(tritonserver):
         assert getattr(err.value, "status", lambda: None)() in ("400", None)
     finally:
         client.close()
+
+
+def _refusal(url: str, text: str, media: dict[str, bytes], triton: bool) -> tuple[str, str]:
+    """(HTTP status, message) of a request the server must refuse."""
+    client = triton_http.InferenceServerClient(url)
+    try:
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("omni", _http_inputs(text, media, triton),
+                         parameters=None if triton else {"max_new_tokens": 2})
+        return err.value.status(), err.value.message()
+    finally:
+        client.close()
+
+
+def test_media_over_the_limits_is_refused_alike_by_triton_and_kserve(tritonserver, kserve_endpoint):
+    """The Triton entry model reads the limits the export wrote and refuses with the endpoint's words."""
+    print("\nrefusals (status, message):")
+    for name, (text, media, reason) in OVER_LIMIT.items():
+        kserve = _refusal(kserve_endpoint.base.removeprefix("http://"), text, media, triton=False)
+        triton = _refusal(tritonserver.http_url, text, media, triton=True)
+        print(f"  {name}\n    KServe v2: {kserve}\n    Triton:    {triton}")
+        assert kserve == triton == ("400", reason)

@@ -21,6 +21,9 @@ Response:
     text_output     TYPE_STRING [1]    the greedy answer
 
 Media without a matching tag in the text are placed before the text (images, videos, audios).
+Media are checked against the KServe endpoint's limits, which the export writes into config.pbtxt
+(parameter `media_limits`), by the same code (`model.media.inputs.MediaReader`): a request the
+endpoint refuses is refused here with the same reason.
 Requests that Triton hands over together are answered in one batched `generate` call.
 Encoder calls are cut into pieces of at most the encoders' max_batch_size (`encoder_max_batch`).
 
@@ -51,19 +54,16 @@ def _use_bundled_code() -> None:
         sys.path.insert(0, str(BUNDLED_CODE))
 
 
-def chat_input(text: str, media: dict[str, list[bytes]], cfg):
-    """One user turn as a ChatInput: media bytes decoded, tags added for media the text lacks."""
-    from model.media.decode import load_audio, load_image, load_video_frames
+def chat_input(text: str, media: dict[str, list[bytes]], reader):
+    """One user turn as a ChatInput: media bytes checked and decoded by `reader` (a
+    `model.media.inputs.MediaReader` under the exported limits), tags added for media the text lacks.
+    The n-th item of input `image` is called "image[n]" in a refusal, as the KServe endpoint calls it."""
+    from model.media.inputs import RawMedia
     from model.media.tags import tag_missing_media
-    from model.text.processor import ChatInput
 
     content = tag_missing_media(text, {kind: len(items) for kind, items in media.items()})
-    images = [load_image(b) for b in media.get("image", [])]
-    sampled = [load_video_frames(b, cfg.video.fps, cfg.video.max_frames) for b in media.get("video", [])]
-    audios = [load_audio(b, cfg.audio.sampling_rate) for b in media.get("audio", [])]
-    return ChatInput(messages=[{"role": "user", "content": content}], images=images,
-                     videos=[frames for frames, _ in sampled], video_times=[times for _, times in sampled],
-                     audios=audios)
+    items = [RawMedia(kind, data, f"{kind}[{i}]") for kind in MEDIA_KINDS for i, data in enumerate(media.get(kind, []))]
+    return reader.chat_input([{"role": "user", "content": content}], items)
 
 
 class Encoders:
@@ -155,10 +155,16 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         checkpoint = Path(params.get("checkpoint", "checkpoint"))
-        self.load(checkpoint if checkpoint.is_absolute() else HERE / checkpoint,
+        if "media_limits" not in params:  # a repository written before the entry model checked media
+            raise ValueError("config.pbtxt has no media_limits parameter; export the repository again")
+        self.load(checkpoint if checkpoint.is_absolute() else HERE / checkpoint, params["media_limits"],
                   int(params.get("max_new_tokens", "64")), int(params.get("encoder_max_batch", "8")))
 
-    def load(self, checkpoint: str | Path, max_new_tokens: int = 64, encoder_max_batch: int = 8) -> None:
+    def load(self, checkpoint: str | Path, media_limits: str, max_new_tokens: int = 64,
+             encoder_max_batch: int = 8) -> None:
+        """`media_limits`: `MediaLimits.to_json()`, as the export wrote it into config.pbtxt."""
+        from model.media.inputs import MediaReader
+        from model.media.limits import MediaLimits
         from model.nn.checkpoint import TOKENIZER_DIR
         from model.nn.generation import OmniChat
         from model.text.processor import OmniProcessor
@@ -168,6 +174,7 @@ class TritonPythonModel:
         model = EncodedModel(checkpoint, Encoders(HERE.parents[1], encoder_max_batch))
         self.chat = OmniChat(model, OmniProcessor(load_tokenizer(checkpoint / TOKENIZER_DIR), model.cfg))
         self.cfg = model.cfg
+        self.media = MediaReader(model.cfg, MediaLimits.from_json(media_limits))
         self.max_new_tokens = max_new_tokens
 
     def answer(self, items: list[tuple[str, dict[str, list[bytes]], int | None]]) -> list[str | Exception]:
@@ -178,7 +185,7 @@ class TritonPythonModel:
         groups: dict[int, list[tuple[int, object]]] = {}
         for i, (text, media, budget) in enumerate(items):
             try:
-                groups.setdefault(budget or self.max_new_tokens, []).append((i, chat_input(text, media, self.cfg)))
+                groups.setdefault(budget or self.max_new_tokens, []).append((i, chat_input(text, media, self.media)))
             except ValueError as e:  # MediaError and bad tags are ValueErrors: the client's fault
                 results[i] = e
         for budget, group in groups.items():

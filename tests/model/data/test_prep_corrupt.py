@@ -132,6 +132,9 @@ def _cases() -> dict[str, tuple[bytes, str, list[str]]]:
         "video_too_long": (line(_rec("video_too_long", user="<video>What moves?", videos=["long.mp4"])),
                            "video too long", ["'long.mp4' is 4.0 s, over data.max_video_seconds=3.0",
                                               "cut the video"]),
+        "image_given_as_video": (line(_rec("image_given_as_video", user="<video>What moves?",
+                                           videos=["still.mp4"])), "bad video",
+                                 ["'still.mp4': a still png image, not a video", "readable video"]),
         "video_without_video_stream": (line(_rec("video_without_video_stream", user="<video>What moves?",
                                                  videos=["sound_only.mp4"])), "bad video",
                                        ["'sound_only.mp4'", "no video stream"]),
@@ -200,6 +203,7 @@ def prepared(tmp_path_factory, tiny_cfg):
     (src / "sound_only.mp4").write_bytes(_audio_only_mp4())
     (src / "no_frames.nut").write_bytes(_video_track_without_frames())
     (src / "long.mp4").write_bytes(_long_mp4(4))
+    Image.new("RGB", (32, 32), "green").save(src / "still.mp4", format="PNG")  # a picture named as a clip
     (src / "empty.mp4").write_bytes(b"")
     (src / "empty.wav").write_bytes(b"")
     _wav(src / "short.wav", 0.05)

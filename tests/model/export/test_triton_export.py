@@ -29,6 +29,7 @@ from model.config import ModelConfig
 from model.export.onnx import AUDIO, VIDEO, VISION, OnnxMismatchError, export_onnx, verify_onnx
 from model.export.triton import ENTRY, REPORT_FILE, write_triton_repository
 from model.media.decode import load_audio, load_image
+from model.media.limits import MediaLimits
 from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
 from model.text.processor import ChatInput, OmniProcessor
@@ -36,6 +37,8 @@ from model.text.tokenizer import train_tokenizer
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[3]
+# The endpoint's limits, as the export step hands them over: _png() (40x48) passes, a 60x60 image does not.
+LIMITS = MediaLimits("serving.limits", max_image_pixels=2500, max_video_seconds=120.0, max_images=4)
 
 
 @dataclass
@@ -60,7 +63,7 @@ def exported(tmp_path_factory) -> Exported:
     model, tok, cfg = _tiny_model()
     checkpoint = model.save_pretrained(root / "checkpoint", tok)
     start = time.perf_counter()
-    repo = write_triton_repository(checkpoint, root / "triton")
+    repo = write_triton_repository(checkpoint, root / "triton", limits=LIMITS)
     return Exported(cfg, checkpoint, repo, time.perf_counter() - start)
 
 
@@ -211,6 +214,7 @@ def test_entry_config_parses(exported):
     assert {inputs[k].data_type for k in ("text", "image", "video", "audio")} == {mc.TYPE_STRING}
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("text_output", mc.TYPE_STRING, [1])]
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]
+    assert MediaLimits.from_json(config.parameters["media_limits"].string_value) == LIMITS
     checkpoint = exported.repo / ENTRY / "1" / config.parameters["checkpoint"].string_value
     assert (checkpoint / "omni_config.json").is_file() and (checkpoint / "model.safetensors").is_file()
     from safetensors import safe_open
@@ -227,8 +231,8 @@ def test_python_model_compiles(exported):
     py_compile.compile(str(exported.repo / ENTRY / "1" / "model.py"), doraise=True)
 
 
-def _png() -> bytes:
-    y, x = np.mgrid[0:48, 0:40]
+def _png(height: int = 48, width: int = 40) -> bytes:
+    y, x = np.mgrid[0:height, 0:width]
     buf = io.BytesIO()
     Image.fromarray(np.stack([x * 6, y * 5, (x + y) * 3], -1).astype(np.uint8)).save(buf, "PNG")
     return buf.getvalue()
@@ -274,6 +278,7 @@ def test_python_model_answers_like_omnichat(exported, tmp_path):
         ("<image> then <audio>", {"image": [png], "audio": [wav]}, 4),
         ("plain text", {}, None),
         ("broken picture", {"image": [b"not an image"]}, 6),
+        ("too big", {"image": [png, _png(60, 60)]}, 6),
     ]
     version = exported.repo / ENTRY / "1"
     config_json = json.dumps(json_format.MessageToDict(_config(exported.repo, ENTRY), preserving_proto_field_name=True))
@@ -309,3 +314,5 @@ def test_python_model_answers_like_omnichat(exported, tmp_path):
     expected += chat.generate([ChatInput([{"role": "user", "content": "plain text"}])], 64)
     assert result["answers"][:4] == expected
     assert result["answers"][4].startswith("ERROR") and "image" in result["answers"][4].lower()
+    # The exported limits hold: named by the request input, as the KServe endpoint names it.
+    assert result["answers"][5] == "ERROR image[1] is 60x60 = 3600 pixels, over serving.limits.max_image_pixels=2500"
