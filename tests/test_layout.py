@@ -76,3 +76,30 @@ def test_data_prep_does_not_import_the_network_or_deepspeed():
     # Prep tokenises (a transformers tokenizer, which loads torch), but never builds the model.
     loaded = _loads("import model.data.prep")
     assert not {"model.nn.omni", "deepspeed", "model.training"} & {m for m in loaded if "." in m or m == "deepspeed"}
+
+
+# serving/: the protocols (serving/protocol/) parse requests into the predictor's neutral types and
+# format its answers; the predictor and the modules below it never know which protocol asked. Only
+# the server, which wires them together, imports both; nothing in serving/ imports the server.
+def _serving_modules() -> list[tuple[str, Path]]:
+    return [(".".join(p.relative_to(REPO).with_suffix("").parts), p) for p in sorted((REPO / "serving").rglob("*.py"))]
+
+
+def _serving_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    extra = [f"serving.{a.name}" for node in ast.walk(tree)  # from serving import protocol
+             if isinstance(node, ast.ImportFrom) and node.module == "serving" for a in node.names]
+    return _imports(path) + extra
+
+
+@pytest.mark.parametrize("module,path", _serving_modules(), ids=lambda x: x if isinstance(x, str) else "")
+def test_serving_arrows_run_from_the_protocols_to_the_predictor(module, path):
+    for imported in _serving_imports(path):
+        assert not imported.startswith("serving.server"), f"{module} imports {imported}: nothing imports the server"
+        if not module.startswith(("serving.protocol", "serving.server")):
+            assert not imported.startswith("serving.protocol"), (
+                f"{module} imports {imported}: only the protocols and the server know a protocol")
+
+
+def test_the_predictor_is_among_the_checked_serving_modules():
+    assert "serving.predictor" in dict(_serving_modules())
