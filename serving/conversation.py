@@ -1,17 +1,25 @@
-"""What every protocol's request becomes before the model sees it: conversations with media tags and
-the still-encoded media, and the client errors found on the way (`BadRequest`: a 400 naming the field).
+"""What every protocol's request becomes before the model sees it, and what comes back: the
+protocol-neutral types between `serving.protocol` and the predictor.
 
-The v2/v1 tensors (`serving.protocol.v2`) and the OpenAI messages (`serving.protocol.openai`) both
-build `Conversation`s; `OmniPredictor.preprocess` decodes their media and tokenises them.
+A protocol (the v2/v1 tensors in `serving.protocol.v2`, the OpenAI messages in
+`serving.protocol.openai`) parses its request into a `GenerateRequest`: conversations with media
+tags and the still-encoded media, the sampling settings, and `respond`, the protocol's own way of
+formatting the `Completion`s back. `OmniPredictor` decodes the media, tokenises, generates and hands
+the completions to `respond`, never knowing which protocol asked. Client errors found on the way
+are `BadRequest`s (a 400 naming the field).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import kserve
+
+from model.nn.sampling import SamplingParams
 
 
 class BadRequest(kserve.errors.InvalidInput):
@@ -45,6 +53,20 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
     logprobs: list | None = None  # model.nn.sampling.TokenLogprob per token, when asked for
+
+
+def _completions_as_they_are(completions: list[Completion]) -> list[Completion]:
+    return completions
+
+
+@dataclass
+class GenerateRequest:
+    """One request of any protocol: the conversations to answer (a v2 batch has one per row), how to
+    sample the answers, and how the protocol formats the finished completions as its response."""
+
+    conversations: list[Conversation]
+    params: SamplingParams
+    respond: Callable[[list[Completion]], Any] = _completions_as_they_are
 
 
 def decode_base64(text: str, field: str) -> bytes:

@@ -1,19 +1,23 @@
-"""The KServe predictor: loads a checkpoint and answers conversations, in KServe's request phases.
+"""The KServe predictor: loads a checkpoint and answers requests, in KServe's request phases.
 
-    preprocess   a request (v2 `InferRequest`, v1 dict, or `ChatRequest` from the OpenAI route) ->
-                 conversations -> media decoded and checked against the serving limits -> tokenised
+    preprocess   a `GenerateRequest` (serving.conversation) -> media decoded and checked against the
+                 serving limits -> tokenised
     predict      one `Sequence` per conversation, submitted to the generation engine, awaited
-    postprocess  the protocol's response: a v2 `InferResponse`, v1 `{"predictions"}`, or the
-                 `Completion`s the OpenAI route renders
+    postprocess  the request's own `respond` turns the `Completion`s into its protocol's response
+
+The predictor knows no protocol. A protocol parses its request into a `GenerateRequest` and formats
+the results back (`serving.protocol`): the OpenAI route calls the predictor with one; KServe's own
+v1/v2 routes hand it their raw payloads, which the `PayloadProtocol` given at construction reads.
 
 `OmniPredictor` is a `kserve.Model`, so KServe gives it health, metadata, Prometheus latency
-metrics per phase and the v1/v2 REST endpoints (`serving.protocol.v2` has the tensor layout).
+metrics per phase and the v1/v2 REST endpoints.
 
 Generation is `model.nn.engine.GenerationEngine` in its own thread: requests that arrive together
 are decoded as one batch, a newcomer joining between decode steps (continuous batching). Its queue
 is bounded (`batching.max_queue`): beyond it a request gets `Overloaded` (429 with Retry-After).
 Every request has a deadline (`limits.request_timeout_s`: `DeadlineExceeded`, 503), and a client
-that disconnects cancels its sequences (`serving.http.client_gone`).
+that disconnects cancels its sequences (`serving.http.client_gone`). Every call into the engine is
+in this file.
 
 Every client mistake raises `BadRequest` (kserve's `InvalidInput`, so the routes answer 400) with a
 message naming the field. Media decoding and tokenising run in worker threads, so the event loop
@@ -25,9 +29,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import kserve
 
@@ -37,14 +42,13 @@ from model.media.limits import MediaLimits
 from model.nn.checkpoint import CONFIG_FILE
 from model.nn.engine import Event, GenerationEngine, QueueFull, Sequence
 from model.nn.generation import OmniChat
-from model.nn.sampling import SamplingParams, TokenLogprob
+from model.nn.sampling import SamplingParams
 from model.text.processor import ChatInput, Encoded
 from serving.config import ServingConfig, resolve_storage_uri
-from serving.conversation import BadRequest, Completion, Conversation
+from serving.conversation import BadRequest, Completion, Conversation, GenerateRequest
 from serving.http import client_gone
 from serving.metrics import PrometheusObserver
-from serving.protocol import v2
-from serving.protocol.v2 import V2_INPUTS, V2_OUTPUT
+from serving.tokens import token_bytes
 
 RETRY_AFTER_S = 1
 
@@ -61,23 +65,28 @@ class ClientGone(Exception):
     """The client disconnected; its generation was cancelled and nobody reads the answer."""
 
 
-@dataclass
-class ChatRequest:
-    """What the OpenAI route hands to the predictor: one conversation and how to sample its answer."""
+class PayloadProtocol(Protocol):
+    """How the payloads of KServe's own v1/v2 routes (which reach `preprocess` as they are) become
+    `GenerateRequest`s, and what the model's v2 metadata says it takes and returns."""
 
-    conversation: Conversation
-    params: SamplingParams
+    def read(self, payload: object, predictor: OmniPredictor) -> GenerateRequest: ...
+
+    def input_types(self) -> list[dict]: ...
+
+    def output_types(self) -> list[dict]: ...
 
 
 @dataclass
 class Prepared:
     """A request after preprocess: decoded, tokenised, ready to generate."""
 
-    protocol: str  # "v2" | "v1" | "chat"
+    request: GenerateRequest
     encoded: list[Encoded]
-    params: SamplingParams
-    request: object = None  # the v2 InferRequest, for the response's id and output settings
     completions: list[Completion] = field(default_factory=list)  # filled by predict
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
 
     @property
     def prompt_tokens(self) -> list[int]:
@@ -85,10 +94,12 @@ class Prepared:
 
 
 class OmniPredictor(kserve.Model):
-    def __init__(self, name: str, storage_uri: str | Path, cfg: ServingConfig | None = None):
+    def __init__(self, name: str, storage_uri: str | Path, cfg: ServingConfig | None = None,
+                 payloads: PayloadProtocol | None = None):
         super().__init__(name)
         self.storage_uri = storage_uri
         self.cfg = cfg or ServingConfig(model_name=name)
+        self.payloads = payloads  # None: only GenerateRequests are answered
         self.chat: OmniChat | None = None
         self.engine: GenerationEngine | None = None
         self.text_lock = threading.Lock()  # the tokenizer, shared by request threads and the engine
@@ -113,25 +124,32 @@ class OmniPredictor(kserve.Model):
         super().stop()
 
     def get_input_types(self) -> list[dict]:
-        return [{"name": name, "datatype": "BYTES", "shape": [-1]} for name in V2_INPUTS]
+        return self.payloads.input_types() if self.payloads else []
 
     def get_output_types(self) -> list[dict]:
-        return [{"name": V2_OUTPUT, "datatype": "BYTES", "shape": [-1]}]
+        return self.payloads.output_types() if self.payloads else []
+
+    # ---------------------------------------------------------------- what the protocols ask of it
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may name (OpenAI's logit_bias keys) are below this."""
+        return self.chat.model.llm.config.vocab_size
+
+    def token_texts(self, token_ids: Iterable[int]) -> dict[int, tuple[str, list[int]]]:
+        """Each token's text and exact UTF-8 bytes (read under the tokenizer lock: the engine shares it)."""
+        with self.text_lock:
+            return {t: token_bytes(self.chat.tok, t) for t in set(token_ids)}
 
     # ------------------------------------------------------------------------------ the phases
     async def preprocess(self, payload, headers: dict | None = None) -> Prepared:
-        if isinstance(payload, ChatRequest):
-            protocol, convs, params, request = "chat", [payload.conversation], payload.params, None
-        elif isinstance(payload, kserve.InferRequest):
-            params = self.greedy(v2.parameters(payload.parameters))
-            protocol, convs, request = "v2", v2.rows(v2.v2_columns(payload), self.cfg.limits.max_batch_size), payload
-        elif isinstance(payload, dict):
-            params = self.greedy(v2.parameters(payload.get("parameters")))
-            protocol, convs, request = "v1", v2.rows(v2.v1_columns(payload), self.cfg.limits.max_batch_size), None
+        if isinstance(payload, GenerateRequest):
+            request = payload
+        elif self.payloads is not None:
+            request = self.payloads.read(payload, self)
         else:
             raise BadRequest(f"unsupported request type {type(payload).__name__}")
-        encoded = await asyncio.to_thread(self._prepare_sync, convs, params.max_new_tokens)
-        return Prepared(protocol, encoded, params, request)
+        encoded = await asyncio.to_thread(self._prepare_sync, request.conversations, request.params.max_new_tokens)
+        return Prepared(request, encoded)
 
     async def predict(self, payload: Prepared, headers: dict | None = None, response_headers: dict | None = None
                       ) -> Prepared:
@@ -141,19 +159,12 @@ class OmniPredictor(kserve.Model):
         return payload
 
     async def postprocess(self, result: Prepared, headers: dict | None = None, response_headers: dict | None = None):
-        texts = [c.text for c in result.completions]
-        if result.protocol == "v2":
-            return v2.infer_response(result.request, self.name, texts)
-        if result.protocol == "v1":
-            return {"predictions": texts}
-        return result.completions
+        return result.request.respond(result.completions)
 
     # ------------------------------------------------------------------------- request checks
-    def greedy(self, params: dict) -> SamplingParams:
-        """v1/v2 requests: greedy, with the `max_new_tokens` parameter (Triton's entry model does the same)."""
-        return SamplingParams(max_new_tokens=self.max_new_tokens(params.get("max_new_tokens"), "max_new_tokens"))
-
     def max_new_tokens(self, requested, param: str) -> int:
+        """The tokens to generate: `requested` (from the request field `param`) within this server's
+        limit, or the configured default when the request does not say."""
         if requested is None:
             return self.cfg.max_new_tokens
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
@@ -238,10 +249,6 @@ class OmniPredictor(kserve.Model):
         _raise_failures(seqs)
         return seqs
 
-    def logprob_entries(self, logprobs: list[TokenLogprob]) -> list[dict]:
-        with self.text_lock:
-            return [token_entry(self.chat.tok, lp) for lp in logprobs]
-
     def _cancel(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             seq.cancel()
@@ -259,16 +266,24 @@ class OmniPredictor(kserve.Model):
         return seq, events
 
     async def stream(self, seq: Sequence, events: asyncio.Queue) -> AsyncIterator[Event]:
-        """The sequence's events until "done"; closing the iterator early (the client went away) cancels it."""
+        """The sequence's events until "done"; closing the iterator early (the client went away) cancels it.
+        A stream that finishes is timed as KServe's predict phase, as a request that goes through the phases is."""
+        latency = kserve.metrics.PREDICT_HIST_TIME.labels(**kserve.metrics.get_labels(self.name))
+        started = time.perf_counter()
         try:
             while True:
                 event = await events.get()
+                if event.kind == "done" and event.finish_reason not in _FAILED:
+                    latency.observe(time.perf_counter() - started)
                 yield event
                 if event.kind == "done":
                     return
         finally:
             if not seq.done.is_set():
                 self._cancel([seq])
+
+
+_FAILED = ("timeout", "error", "cancelled")  # finish reasons of a generation that gave no answer
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -282,39 +297,3 @@ def _raise_failures(seqs: list[Sequence]) -> None:
             raise DeadlineExceeded("the request did not finish within the server's deadline (limits.request_timeout_s)")
         if seq.finish_reason == "error":
             raise RuntimeError("generation failed") from seq.error
-
-
-def _byte_decoder() -> dict[str, int]:
-    """Byte-level BPE's printable stand-ins for the 256 bytes (GPT-2's table), reversed."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    codes, extra = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, codes, strict=True)}
-
-
-_BYTES = _byte_decoder()
-
-
-def token_bytes(tok, token_id: int) -> tuple[str, list[int]]:
-    """A token's text and its exact UTF-8 bytes (a byte-level token may hold part of a character)."""
-    piece = tok.convert_ids_to_tokens(token_id) or ""
-    if piece and all(ch in _BYTES for ch in piece):
-        raw = bytes(_BYTES[ch] for ch in piece)
-        return raw.decode("utf-8", errors="replace"), list(raw)
-    text = tok.decode([token_id])
-    return text, list(text.encode("utf-8"))
-
-
-def token_entry(tok, lp: TokenLogprob) -> dict:
-    """OpenAI's logprobs.content item for one generated token: text, logprob, bytes, the top list."""
-
-    def one(token_id: int, logprob: float) -> dict:
-        text, raw = token_bytes(tok, token_id)
-        return {"token": text, "logprob": logprob, "bytes": raw}
-
-    return {**one(lp.token_id, lp.logprob), "top_logprobs": [one(t, p) for t, p in lp.top]}

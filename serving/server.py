@@ -22,6 +22,13 @@ Prometheus metrics (serving/metrics.py) and the access log (serving/http.py) cov
 
 With OMNI_API_TOKEN_FILE (a mounted Secret, the chart's default) or OMNI_API_TOKEN set, every route
 but health and /metrics requires `Authorization: Bearer <token>` (serving/auth.py).
+
+This file wires the parts: the predictor (which knows no protocol), the protocols that parse
+requests for it and format its answers (serving/protocol/), and KServe. KServe is extended as its
+own custom-model example does: routes, exception handlers and middleware go on
+`kserve.model_server.app`, the FastAPI app that `ModelServer.start` serves and adds its own routes
+to. The one piece KServe offers no public hook for is how its v2 route parses a request body
+(`_parse_v2_bodies_binary_safe`).
 """
 
 from __future__ import annotations
@@ -41,23 +48,23 @@ from serving.http import RequestObserver, configure_access_log
 from serving.predictor import RETRY_AFTER_S, DeadlineExceeded, OmniPredictor, Overloaded
 from serving.protocol import repository
 from serving.protocol.openai.routes import build_router
-from serving.protocol.v2 import OmniDataPlane
+from serving.protocol.v2 import BinarySafeDataPlane, TensorProtocol
 
 
 def build_server(model_dir: str | Path, cfg: ServingConfig, load: bool = True,
                  **server_args) -> tuple[kserve.ModelServer, OmniPredictor]:
     """Assemble the server (not started), loading the checkpoint first unless `load` is False.
     `server_args` go to kserve.ModelServer (workers, max_threads, ...)."""
-    predictor = OmniPredictor(cfg.model_name, model_dir, cfg)
+    predictor = OmniPredictor(cfg.model_name, model_dir, cfg, TensorProtocol())
     if load:
         predictor.load()
     server = kserve.ModelServer(**{"workers": 1, **server_args, "http_port": cfg.http_port, "enable_grpc": False,
                                    "grace_period": cfg.shutdown_grace_s})
-    # The REST server is built in start() from these: swap in our data plane, add our routes.
-    server.dataplane = OmniDataPlane(server.registered_models, cfg.limits.max_request_bytes)
-    app = kserve.model_server.app
+    _parse_v2_bodies_binary_safe(server, cfg.limits.max_request_bytes)
+    app = kserve.model_server.app  # what ModelServer.start serves, adding KServe's own routes after ours
     app.include_router(build_router(predictor))
-    # Before KServe's own routes (added in start()): repository control is a 403, model versions a 404.
+    # Before KServe's own routes: readiness waits for the model, repository control is a 403.
+    app.include_router(repository.readiness_router(predictor))
     app.include_router(repository.build_router(cfg.model_name))
     # KServe's v1/v2 routes raise these from the predictor; the OpenAI route answers them itself.
     app.add_exception_handler(Overloaded, _retry_later(429))
@@ -70,6 +77,14 @@ def build_server(model_dir: str | Path, cfg: ServingConfig, load: bool = True,
     app.add_middleware(RequestObserver)
     configure_access_log()
     return server, predictor
+
+
+def _parse_v2_bodies_binary_safe(server: kserve.ModelServer, max_request_bytes: int) -> None:
+    """KServe 0.21's own v2 body parser turns binary BYTES elements into str, so raw PNG/WAV/MP4
+    bytes fail with a 500, and it knows no body size limit. ModelServer takes no data plane (nor any
+    parser) as an argument: it builds one in its constructor and hands `server.dataplane` to its REST
+    server in start(). Replacing that attribute before start() is the only way in."""
+    server.dataplane = BinarySafeDataPlane(server.registered_models, max_request_bytes)
 
 
 def _retry_later(status: int):

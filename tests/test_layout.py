@@ -162,3 +162,30 @@ def test_media_reach_the_model_only_through_the_media_reader():
     offenders = {str(p.relative_to(REPO)): sorted(_imported_names(p) & DECODERS) for p in outside
                  if _imported_names(p) & DECODERS and str(p.relative_to(REPO)) not in DECODER_USERS}
     assert not offenders, f"decode media with model.media.inputs.MediaReader instead: {offenders}"
+
+
+# serving/: the protocols (serving/protocol/) parse requests into the predictor's neutral types and
+# format its answers; the predictor and the modules below it never know which protocol asked. Only
+# the server, which wires them together, imports both; nothing in serving/ imports the server.
+def _serving_modules() -> list[tuple[str, Path]]:
+    return [(".".join(p.relative_to(REPO).with_suffix("").parts), p) for p in sorted((REPO / "serving").rglob("*.py"))]
+
+
+def _serving_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    extra = [f"serving.{a.name}" for node in ast.walk(tree)  # from serving import protocol
+             if isinstance(node, ast.ImportFrom) and node.module == "serving" for a in node.names]
+    return _imports(path) + extra
+
+
+@pytest.mark.parametrize("module,path", _serving_modules(), ids=lambda x: x if isinstance(x, str) else "")
+def test_serving_arrows_run_from_the_protocols_to_the_predictor(module, path):
+    for imported in _serving_imports(path):
+        assert not imported.startswith("serving.server"), f"{module} imports {imported}: nothing imports the server"
+        if not module.startswith(("serving.protocol", "serving.server")):
+            assert not imported.startswith("serving.protocol"), (
+                f"{module} imports {imported}: only the protocols and the server know a protocol")
+
+
+def test_the_predictor_is_among_the_checked_serving_modules():
+    assert "serving.predictor" in dict(_serving_modules())

@@ -1,4 +1,4 @@
-"""What this server answers to KServe's model-version and model-repository routes.
+"""What this server answers to KServe's server-readiness, model-version and model-repository routes.
 
 A predictor serves one model, fixed when it starts: the checkpoint under the InferenceService's
 `storageUri`. The registry version it came from is a label of the InferenceService
@@ -12,7 +12,13 @@ served model, after which the pod answers 503 to everyone until it restarts. Her
   message names the route to use instead;
 - repository load/unload are a 403 for everyone: which model serves is decided by rolling out an
   InferenceService (`omni promote`, `omni rollback`), which the registry records; a client of the
-  endpoint, even one holding the token, cannot change it.
+  endpoint, even one holding the token, cannot change it;
+- the server is ready (`/v2/health/ready`) only once the served model has loaded: KServe's own answer
+  is always yes, which would send traffic to a replica still loading its weights (the server loads
+  the checkpoint after its port binds).
+
+These routes are added to KServe's app before KServe adds its own (in `ModelServer.start`), so
+they answer first.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import re
 from http import HTTPStatus
 from urllib.parse import parse_qs
 
+import kserve
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
@@ -73,4 +80,17 @@ def build_router(served_model: str) -> APIRouter:
 
     for action in ("load", "unload"):
         router.add_api_route(f"/repository/models/{{model_name}}/{action}", repository, methods=["POST"])
+    return router
+
+
+def readiness_router(model: kserve.Model) -> APIRouter:
+    """`/v2/health/ready`: 200 once `model` has loaded; before, KServe's own 503 (ServerNotReady)."""
+    router = APIRouter(prefix="/v2", include_in_schema=False)
+
+    async def ready() -> dict:
+        if not await model.healthy():
+            raise kserve.errors.ServerNotReady()
+        return {"ready": True}
+
+    router.add_api_route("/health/ready", ready, methods=["GET"])
     return router

@@ -10,18 +10,26 @@
 Binary-mode tensors carry raw media bytes; JSON-mode BYTES tensors are strings, so media there are
 base64. A row with media but no tag gets the tag prepended. v1 is the same rows as
 `{"instances": [{"text": ..., "image": base64}], "parameters": {...}}` -> `{"predictions": [...]}`.
+v1/v2 requests are answered greedily (Triton's entry model does the same).
+
+KServe's own v1/v2 routes hand the predictor their payloads as they are: `TensorProtocol` is how it
+reads them (one single-turn conversation per row) and how their answers are formatted back.
+`BinarySafeDataPlane` is how KServe's v2 route reads a request body.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from functools import partial
 
 import kserve
 import numpy as np
 
 from model.media.tags import MEDIA_KINDS, TAG_PATTERN, tag_missing_media
-from serving.conversation import BadRequest, Conversation, MediaItem, decode_base64
+from model.nn.sampling import SamplingParams
+from serving.conversation import BadRequest, Completion, Conversation, GenerateRequest, MediaItem, decode_base64
+from serving.predictor import OmniPredictor
 
 V2_INPUTS = ("text", *MEDIA_KINDS)
 V2_OUTPUT = "text_output"
@@ -133,12 +141,46 @@ def _place_tags(text: str, kinds: set[str], field: str) -> str:
 
 
 # ------------------------------------------------------------------------------ outputs
-def infer_response(request: kserve.InferRequest, model_name: str, texts: list[str]) -> kserve.InferResponse:
+def infer_response(request: kserve.InferRequest, model_name: str, completions: list[Completion]
+                   ) -> kserve.InferResponse:
+    texts = [c.text for c in completions]
     output = kserve.InferOutput(V2_OUTPUT, [len(texts)], "BYTES",
                                 data=np.array([t.encode() for t in texts], dtype=np.object_))
     return kserve.InferResponse(response_id=request.id or uuid.uuid4().hex, model_name=model_name,
                                 infer_outputs=[output], use_binary_outputs=request.use_binary_outputs,
                                 requested_outputs=request.request_outputs)
+
+
+def v1_response(completions: list[Completion]) -> dict:
+    return {"predictions": [c.text for c in completions]}
+
+
+# ------------------------------------------------------------------------------ the predictor's reader
+class TensorProtocol:
+    """What the predictor needs to answer KServe's own routes: a v2 `InferRequest` or a v1 dict in,
+    its `GenerateRequest` (greedy, `max_new_tokens` from the parameters) and the v2 metadata."""
+
+    def read(self, payload: object, predictor: OmniPredictor) -> GenerateRequest:
+        max_rows = predictor.cfg.limits.max_batch_size
+        if isinstance(payload, kserve.InferRequest):
+            params = _greedy(parameters(payload.parameters), predictor)
+            convs, respond = rows(v2_columns(payload), max_rows), partial(infer_response, payload, predictor.name)
+        elif isinstance(payload, dict):
+            params = _greedy(parameters(payload.get("parameters")), predictor)
+            convs, respond = rows(v1_columns(payload), max_rows), v1_response
+        else:
+            raise BadRequest(f"unsupported request type {type(payload).__name__}")
+        return GenerateRequest(convs, params, respond)
+
+    def input_types(self) -> list[dict]:
+        return [{"name": name, "datatype": "BYTES", "shape": [-1]} for name in V2_INPUTS]
+
+    def output_types(self) -> list[dict]:
+        return [{"name": V2_OUTPUT, "datatype": "BYTES", "shape": [-1]}]
+
+
+def _greedy(params: dict, predictor: OmniPredictor) -> SamplingParams:
+    return SamplingParams(max_new_tokens=predictor.max_new_tokens(params.get("max_new_tokens"), "max_new_tokens"))
 
 
 # ------------------------------------------------------------------------------ binary bodies
@@ -215,7 +257,7 @@ def parse_v2_body(body: bytes, json_length: int, model_name: str) -> kserve.Infe
     )
 
 
-class OmniDataPlane(kserve.protocol.dataplane.DataPlane):
+class BinarySafeDataPlane(kserve.protocol.dataplane.DataPlane):
     """KServe's data plane with a binary-safe v2 body parser and a body size limit. A body without
     the inference-header-content-length header is all JSON (tritonclient's JSON mode sends no
     Content-Type, which KServe would otherwise treat as binary and refuse)."""
@@ -223,13 +265,6 @@ class OmniDataPlane(kserve.protocol.dataplane.DataPlane):
     def __init__(self, model_registry, max_request_bytes: int):
         super().__init__(model_registry=model_registry)
         self.max_request_bytes = max_request_bytes
-
-    async def ready(self) -> bool:
-        """Ready only once every registered model has loaded: KServe's own answer is always True,
-        which would send traffic to a replica still loading its weights (serving/server.py loads
-        after the port binds)."""
-        models = list(self.model_registry.get_models().values())
-        return bool(models) and all([await m.healthy() for m in models])
 
     def decode_inference_request(self, body, headers, model_name):
         if not isinstance(body, bytes):

@@ -246,7 +246,7 @@ def test_predictor_probes_and_deadlines_fit_a_cold_start(cfg, charts) -> None:
         # A startupProbe holds liveness off until the port answers, for the whole startup budget.
         assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/live", name
         assert _probe_budget_s(container["startupProbe"]) >= ep.startup_timeout_s, name
-        # Readiness is the model-aware route (serving.protocol.v2.OmniDataPlane.ready).
+        # Readiness is the model-aware route (serving.protocol.repository.readiness_router).
         assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready", name
         for isvc in [d for d in docs if d["kind"] == "InferenceService"] or [cluster.champion_example(cfg, {})]:
             deadline = isvc["metadata"]["annotations"]["serving.knative.dev/progress-deadline"]
