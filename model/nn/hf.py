@@ -12,6 +12,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig, Qwen2Config, SiglipVisionConfig, WhisperConfig
 
 from model.config import FRESH_DEFAULTS, ModelConfig
+from model.nn import attention
 from model.runtime import attention_kernel
 
 # What each part's config.json fixes in ours (model.<part>.<field>).
@@ -55,6 +56,7 @@ def hf_configs(cfg: ModelConfig, rows: int) -> tuple[SiglipVisionConfig, Whisper
         tie_word_embeddings=m["tie_word_embeddings"], rms_norm_eps=m["rms_norm_eps"], **FIXED["llm"])
     for c in (vision, audio):
         c._attn_implementation = "sdpa"  # the audio path hands its layers a 4D additive mask
+    attention.install()  # torch's varlen and flex kernels, by name, before a model asks for them
     llm._attn_implementation = attention_kernel(cfg.attn_implementation)
     return vision, audio, llm
 

@@ -83,7 +83,8 @@ def stage_data(model: OmniModel, processor: OmniProcessor, dataset, stage: Stage
                generator: torch.Generator) -> StageData:
     """Bind `dataset` (a ShardStream or a list of Encoded samples) to the stage's batching."""
     if stage.packing:
-        collate = partial(collate_packed, processor, explicit_mask=not model.varlen)
+        collate = partial(collate_packed, processor, explicit_mask=not model.varlen,
+                          kernel=model.llm.config._attn_implementation)
     else:
         collate = processor.collate
     if isinstance(dataset, ShardStream):
