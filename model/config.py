@@ -241,8 +241,10 @@ class StageConfig(Strict):
     gpus_per_node: int = Field(0, ge=0)
     packing: bool = Field(False, description="pack several samples per row up to model.max_seq_len, "
                                              "attention isolated per sample; micro_batch_size counts rows")
-    activation_checkpointing: bool = Field(
-        False, description="recompute LLM and encoder layer activations in backward: less memory, ~30% more compute")
+    activation_checkpointing: bool | Literal["auto"] = Field(
+        False, description="recompute LLM and encoder layer activations in backward: less memory, ~30% more "
+                            "compute. auto: on where the memory plan (omni model plan) says the stage does not "
+                            "fit the GPU without it; off on a CPU")
     lora: LoraConfig | None = Field(None, description="train the LLM through LoRA adapters (needs llm in trainable)")
 
     @model_validator(mode="after")
