@@ -53,10 +53,11 @@ from model.nn.plan import adapter_parameters, plan_stage  # noqa: E402
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), by name fragment:
 # the first fragment found in the device name wins.
 DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.1))
-# Qwen2-1.5B's shape (its config.json) on the paper's encoders (conf/model/omni-7b.yaml).
+# Qwen2-1.5B's shape (its config.json) on the paper's encoders (conf/model/omni-7b.yaml): 2.91B
+# parameters with the LM head untied from the embedding, as the baseline figures were measured.
 QWEN2_1_5B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
               "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-              "vocab_size": 151936, "tie_word_embeddings": True}
+              "vocab_size": 151936, "tie_word_embeddings": False}
 PROJECTORS = ["vision_projector", "audio_projector"]  # the mixture has no video: its projector would idle
 
 
