@@ -20,8 +20,11 @@ the mask transformers built, so a checkpoint trained with either kernel serves a
 What else plans per shape: sdpa with a mask picks cuDNN's attention on Hopper, which builds an
 execution plan for every new shape (11-16 ms of host time each). `install` switches that backend
 off (`torch.backends.cuda.enable_cudnn_sdp(False)`): sdpa then takes flash or memory-efficient
-attention, which plan nothing. The encoders (SigLIP's tiles: a fixed patch count, no mask;
-Whisper's padded windows) keep sdpa.
+attention, which plan nothing.
+
+The encoders: SigLIP's tiles all have the same patch count and no mask, so they keep sdpa. Whisper's
+audio windows differ in length: with the `varlen` LLM kernel the audio encoder takes the same
+kernel and runs its windows unpadded, end to end (model.nn.audio), instead of padded with a mask.
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ def _bounds(kwargs: dict) -> torch.Tensor | None:
     if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
         raise ValueError("packed attention: cu_seq_lens_k differs from cu_seq_lens_q (self-attention needs one set)")
     return cu_q
+
+
+def _causal(module: torch.nn.Module) -> bool:
+    """The LLM's attention is causal; an encoder's (Whisper: `is_causal = False`) is not."""
+    return bool(getattr(module, "is_causal", True))
 
 
 def _check(module: torch.nn.Module, query: torch.Tensor, dropout: float, kwargs: dict) -> None:
@@ -90,13 +98,14 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     longest = int(kwargs.get("max_length_q") or query.shape[2])
     out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                       cu.to(query.device, torch.int32), cu.to(query.device, torch.int32), longest, longest,
-                      scale=scaling, window_size=(-1, 0), **gqa)  # (-1, 0): causal
+                      scale=scaling, window_size=(-1, 0) if _causal(module) else (-1, -1), **gqa)
     return out.unsqueeze(0), None
 
 
-def document_block_mask(cu_seq_lens: torch.Tensor, length: int, device: torch.device):
+def document_block_mask(cu_seq_lens: torch.Tensor, length: int, device: torch.device, causal: bool = True):
     """FlexAttention's BlockMask for documents `cu_seq_lens` bound in a row of `length` tokens, each
-    causal within itself. Built on the device (compiled there on CUDA), once per batch."""
+    causal within itself (or, `causal=False`, seeing all of itself). Built on the device (compiled
+    there on CUDA), once per batch."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     cu = cu_seq_lens.to(device)
@@ -107,21 +116,24 @@ def document_block_mask(cu_seq_lens: torch.Tensor, length: int, device: torch.de
     def causal_document(b, h, q, kv):
         return (document[q] == document[kv]) & (q >= kv)
 
-    return create_block_mask(causal_document, None, None, length, length, device=device,
-                             _compile=device.type == "cuda")
+    def whole_document(b, h, q, kv):
+        return document[q] == document[kv]
+
+    return create_block_mask(causal_document if causal else whole_document, None, None, length, length,
+                             device=device, _compile=device.type == "cuda")
 
 
 class _LastMask:
     """The BlockMask of the batch in flight: every layer (and activation checkpointing's recompute)
     receives the same `cu_seq_lens_q` tensor object, so the mask is built once per forward."""
 
-    bounds: torch.Tensor | None = None
+    key: tuple | None = None
     mask = None
 
     @classmethod
-    def get(cls, cu: torch.Tensor, length: int, device: torch.device):
-        if cls.bounds is not cu or cls.mask is None or cls.mask.shape[-1] != length:
-            cls.bounds, cls.mask = cu, document_block_mask(cu, length, device)
+    def get(cls, cu: torch.Tensor, length: int, device: torch.device, causal: bool):
+        if cls.key is None or cls.key[0] is not cu or cls.key[1:] != (length, causal):
+            cls.key, cls.mask = (cu, length, causal), document_block_mask(cu, length, device, causal)
         return cls.mask
 
 
@@ -143,10 +155,18 @@ def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     _check(module, query, dropout, kwargs)
     from torch.nn.attention.flex_attention import flex_attention
 
-    block_mask = _LastMask.get(cu, query.shape[2], query.device)
+    block_mask = _LastMask.get(cu, query.shape[2], query.device, _causal(module))
     kernel = _compiled_flex() if query.is_cuda else flex_attention
     out = kernel(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def unpadded_bounds(lengths: torch.Tensor) -> dict:
+    """The kernels' keyword arguments for items of `lengths` (a tensor on the device) laid end to end;
+    one host sync for the longest."""
+    bounds = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    longest = int(lengths.max())
+    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
 def pad_to_bucket(tokens: int, kernel: str) -> int:

@@ -158,3 +158,50 @@ def test_gpu_kernel_forward_and_backward_equal_the_block_mask_route(tiny_cfg, pa
     for name, grad in grads[0].items():
         cos = torch.nn.functional.cosine_similarity(grad.flatten().float(), grads[1][name].flatten().float(), dim=0)
         assert cos > 0.99, f"{kernel}: gradient of {name} differs (cosine {cos:.4f})"
+
+
+def _audio_windows(tiny_cfg):
+    """Three windows of different valid lengths, padded to the longest, and an encoder per kernel."""
+    from model.nn.audio import AudioEncoder
+    from model.nn.hf import hf_configs
+
+    torch.manual_seed(0)
+    mel = torch.randn(3, tiny_cfg.audio.num_mel_bins, 200)
+    frames = torch.tensor([200, 130, 57])
+    mel[1, :, 130:] = 0
+    mel[2, :, 57:] = 0
+    config = hf_configs(tiny_cfg, 64)[1]
+    padded = AudioEncoder(config).eval()
+    assert padded.encoder.config._attn_implementation == "sdpa"  # the LLM runs sdpa on a CPU
+    return mel, frames, padded
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_audio_windows_unpadded_equal_the_masked_windows(tiny_cfg):
+    """Whisper's windows laid end to end through a packed-row kernel (flex: it runs on a CPU; the
+    trainer uses varlen there on a GPU) give each window's valid positions what the mask gave."""
+    mel, frames, padded = _audio_windows(tiny_cfg)
+    unpadded = type(padded)(padded.encoder.config.__class__(**padded.encoder.config.to_dict())).eval()
+    unpadded.load_state_dict(padded.state_dict())
+    unpadded.encoder.config._attn_implementation = "flex"
+    with torch.no_grad():
+        want, got = padded(mel, frames), unpadded(mel, frames)
+    for w, n in enumerate(((frames + 1) // 2).tolist()):
+        torch.testing.assert_close(got[w, :n], want[w, :n], atol=1e-5, rtol=1e-4)
+    assert got.shape == want.shape
+
+
+@CUDA
+def test_gpu_audio_windows_through_varlen_equal_the_masked_windows(tiny_cfg):
+    mel, frames, padded = _audio_windows(tiny_cfg)
+    padded = padded.to("cuda", torch.bfloat16)
+    unpadded = type(padded)(padded.encoder.config.__class__(**padded.encoder.config.to_dict()))
+    unpadded.load_state_dict(padded.state_dict())
+    unpadded = unpadded.to("cuda", torch.bfloat16).train()
+    unpadded.encoder.config._attn_implementation = "varlen"
+    mel, frames = mel.cuda(), frames.cuda()
+    want, got = padded.train()(mel, frames), unpadded(mel, frames)
+    for w, n in enumerate(((frames + 1) // 2).tolist()):
+        torch.testing.assert_close(got[w, :n].float(), want[w, :n].float(), atol=3e-2, rtol=3e-2)
+    sum(o[w, :n].float().square().mean() for o in (got,) for w, n in enumerate(((frames + 1) // 2).tolist())).backward()
+    assert all(p.grad is not None for p in unpadded.encoder.layers.parameters())
