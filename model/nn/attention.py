@@ -43,10 +43,12 @@ FLEX_BLOCK = 128  # FlexAttention's default block: a bucket is a whole number of
 
 
 @functools.cache
-def _varlen_has_gqa() -> bool:
+def _varlen_parameters() -> frozenset[str]:
+    """varlen_attn's keyword arguments in this torch: 2.10 says `is_causal`, later ones `window_size`
+    and `scale`; `enable_gqa` came in 2.13."""
     from torch.nn.attention.varlen import varlen_attn
 
-    return "enable_gqa" in inspect.signature(varlen_attn).parameters  # torch 2.13 has it, 2.11 does not
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _bounds(kwargs: dict) -> torch.Tensor | None:
@@ -83,23 +85,35 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if cu is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     _check(module, query, dropout, kwargs)
-    if not query.is_cuda:
-        raise ValueError("model.attn_implementation=varlen runs on CUDA only (torch's varlen_attn); "
-                         "use sdpa (or flex, forward only) on a CPU")
+    _require_cuda(query)
     from torch.nn.attention.varlen import varlen_attn
 
-    gqa = {}
+    accepts, options = _varlen_parameters(), {}
     if query.shape[1] != key.shape[1]:
-        if _varlen_has_gqa():
-            gqa["enable_gqa"] = True
+        if "enable_gqa" in accepts:
+            options["enable_gqa"] = True
         else:  # older torch: share the kv heads by repeating them
             groups = query.shape[1] // key.shape[1]
             key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if "window_size" in accepts:
+        options["window_size"] = (-1, 0) if _causal(module) else (-1, -1)  # (-1, 0): causal
+    else:
+        options["is_causal"] = _causal(module)
+    if "scale" in accepts:
+        options["scale"] = scaling
+    elif scaling is not None:  # the kernel's own scale is 1/sqrt(head_dim)
+        query = query * (scaling * query.shape[-1] ** 0.5)
     longest = int(kwargs.get("max_length_q") or query.shape[2])
-    out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                      cu.to(query.device, torch.int32), cu.to(query.device, torch.int32), longest, longest,
-                      scale=scaling, window_size=(-1, 0) if _causal(module) else (-1, -1), **gqa)
+    bounds = cu.to(query.device, torch.int32)
+    out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), bounds, bounds,
+                      longest, longest, **options)
     return out.unsqueeze(0), None
+
+
+def _require_cuda(query: torch.Tensor) -> None:
+    if not query.is_cuda:
+        raise ValueError("model.attn_implementation=varlen runs on CUDA only (torch's varlen_attn); "
+                         "use sdpa (or flex, forward only) on a CPU")
 
 
 def document_block_mask(cu_seq_lens: torch.Tensor, length: int, device: torch.device, causal: bool = True):

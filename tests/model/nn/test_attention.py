@@ -136,6 +136,54 @@ def test_varlen_on_a_cpu_is_refused_clearly(tiny_cfg, packed):
         varlen.eval()(**collate_packed(processor, bins, explicit_mask=False, kernel="varlen"))
 
 
+def _reference_varlen(query, key, value, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=None,
+                      enable_gqa=False, is_causal=None):
+    """varlen_attn's contract computed document by document with sdpa: (tokens, heads, dim) in and out."""
+    causal = tuple(window_size) == (-1, 0) if window_size is not None else bool(is_causal)
+    assert key.shape[1] == query.shape[1] or enable_gqa, "kv heads differ without enable_gqa"
+    bounds = cu_q.tolist()
+    assert max_q == max_k == max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    out = [torch.nn.functional.scaled_dot_product_attention(
+        *(t[a:b].transpose(0, 1)[None] for t in (query, key, value)), is_causal=causal, scale=scale,
+        enable_gqa=enable_gqa)[0].transpose(0, 1) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return torch.cat(out)
+
+
+def _torch_2_10_varlen(query, key, value, cu_q, cu_k, max_q, max_k, *, is_causal=False):
+    """The oldest signature: no window_size, scale or enable_gqa."""
+    return _reference_varlen(query, key, value, cu_q, cu_k, max_q, max_k, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("signature", [_reference_varlen, _torch_2_10_varlen], ids=["torch-2.13", "torch-2.10"])
+def test_varlen_arguments_match_the_block_mask_route(tiny_cfg, packed, monkeypatch, signature):
+    """The varlen wrapper's layout, GQA, causality and scale, on a CPU: torch's kernel (CUDA-only)
+    replaced by its contract computed per document, for the newest and the oldest signature."""
+    import inspect
+
+    import torch.nn.attention.varlen as torch_varlen
+
+    from model.nn import attention
+
+    processor, bins = packed
+    monkeypatch.setattr(attention, "_require_cuda", lambda query: None)
+    monkeypatch.setattr(torch_varlen, "varlen_attn", signature)
+    monkeypatch.setattr(attention, "_varlen_parameters", lambda: frozenset(inspect.signature(signature).parameters))
+    reference, varlen = _models(tiny_cfg, processor, "varlen")
+    with torch.no_grad():
+        want = reference.eval()(**collate_packed(processor, bins)).logits
+        got = varlen.eval()(**collate_packed(processor, bins, explicit_mask=False, kernel="varlen")).logits
+    for (r, span), flat in _spans(bins):
+        torch.testing.assert_close(got[0, flat], want[r, span], atol=2e-5, rtol=1e-4)
+    mel, frames, padded = _audio_windows(tiny_cfg)  # Whisper: not causal, its own scale
+    unpadded = type(padded)(padded.encoder.config.__class__(**padded.encoder.config.to_dict())).eval()
+    unpadded.load_state_dict(padded.state_dict())
+    unpadded.encoder.config._attn_implementation = "varlen"
+    with torch.no_grad():
+        want, got = padded(mel, frames), unpadded(mel, frames)
+    for w, n in enumerate(((frames + 1) // 2).tolist()):
+        torch.testing.assert_close(got[w, :n], want[w, :n], atol=1e-5, rtol=1e-4)
+
+
 @CUDA
 @pytest.mark.parametrize("kernel", ["varlen", "flex"])
 def test_gpu_kernel_forward_and_backward_equal_the_block_mask_route(tiny_cfg, packed, kernel):
