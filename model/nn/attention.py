@@ -40,6 +40,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 KERNELS = ("varlen", "flex")  # what this module registers, by model.attn_implementation's names
 PACKED_KERNELS = ("flash_attention_2", *KERNELS)  # the LLM kernels that take one unpadded packed row
 FLEX_BLOCK = 128  # FlexAttention's default block: a bucket is a whole number of blocks
+# Compiled specialisations allowed per code object for flex (its kernel and its block mask): one per
+# length bucket, and torch's default of 8 would silently fall back to the unfused O(s^2) path.
+FLEX_RECOMPILE_LIMIT = 64
 
 
 @functools.cache
@@ -52,12 +55,9 @@ def _varlen_parameters() -> frozenset[str]:
 
 
 def _bounds(kwargs: dict) -> torch.Tensor | None:
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None:
-        return None
-    if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
-        raise ValueError("packed attention: cu_seq_lens_k differs from cu_seq_lens_q (self-attention needs one set)")
-    return cu_q
+    """The documents' bounds: self-attention, so the query's (cu_seq_lens_k, the same values, is not
+    compared: on a GPU that would be a host sync in every layer)."""
+    return kwargs.get("cu_seq_lens_q")
 
 
 def _causal(module: torch.nn.Module) -> bool:
@@ -133,8 +133,16 @@ def document_block_mask(cu_seq_lens: torch.Tensor, length: int, device: torch.de
     def whole_document(b, h, q, kv):
         return document[q] == document[kv]
 
-    return create_block_mask(causal_document if causal else whole_document, None, None, length, length,
-                             device=device, _compile=device.type == "cuda")
+    with _flex_recompile_limit():
+        return create_block_mask(causal_document if causal else whole_document, None, None, length, length,
+                                 device=device, _compile=device.type == "cuda")
+
+
+def _flex_recompile_limit():
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    return dynamo.patch(**{name: max(FLEX_RECOMPILE_LIMIT, getattr(dynamo, name))})
 
 
 class _LastMask:
@@ -161,8 +169,8 @@ def _compiled_flex():
 def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """As `varlen_attention_forward`, through FlexAttention with a causal document mask; compiled on
-    CUDA, eager on a CPU (forward only: FlexAttention has no CPU backward)."""
+    """As `varlen_attention_forward`, through FlexAttention with a document mask (causal for the LLM);
+    compiled on CUDA, eager on a CPU (forward only: FlexAttention has no CPU backward)."""
     cu = _bounds(kwargs)
     if cu is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -171,7 +179,9 @@ def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
 
     block_mask = _LastMask.get(cu, query.shape[2], query.device, _causal(module))
     kernel = _compiled_flex() if query.is_cuda else flex_attention
-    out = kernel(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    with _flex_recompile_limit():
+        out = kernel(query, key, value, block_mask=block_mask, scale=scaling,
+                     enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -186,8 +196,8 @@ def unpadded_bounds(lengths: torch.Tensor) -> dict:
 def pad_to_bucket(tokens: int, kernel: str) -> int:
     """The row length a packed row of `tokens` is padded to for `kernel`. The compiled flex kernel:
     up to a multiple of an eighth of the enclosing power of two (at least FLEX_BLOCK), so each
-    doubling of length holds 8 shapes and padding adds less than an eighth (or one block). Kernels that plan nothing per
-    length: unchanged."""
+    doubling of length holds 8 shapes and padding adds less than an eighth (or one block).
+    Kernels that plan nothing per length: unchanged."""
     if kernel != "flex":
         return tokens
     step = max(FLEX_BLOCK, 1 << max(0, (tokens - 1).bit_length() - 4))
