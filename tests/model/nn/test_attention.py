@@ -94,6 +94,12 @@ def test_kernels_without_bounds_fall_back_to_sdpa_with_the_mask(tiny_cfg, packed
     batch = processor.collate([s for b in bins for s in b])  # padded, with a 2D mask
     with torch.no_grad():
         torch.testing.assert_close(flex.eval()(**batch).logits, reference.eval()(**batch).logits)
+    pad = processor.tok.pad_token_id
+    ids = batch["input_ids"][:, :12].clone()
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = pad, 0  # left padding, with the KV cache
+    greedy = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": pad}
+    assert torch.equal(flex.llm.generate(ids, **greedy), reference.llm.generate(ids, **greedy))
 
 
 def test_flex_row_padding_is_a_sample_of_its_own(packed):
