@@ -31,6 +31,8 @@ from torch.utils.data import RandomSampler  # noqa: E402
 
 from model.config import ModelConfig, StageConfig  # noqa: E402
 from model.data.packing import pack  # noqa: E402
+from model.nn.attention import pad_to_bucket  # noqa: E402
+from model.nn.hf import embedding_rows  # noqa: E402
 from model.nn.omni import OmniModel  # noqa: E402
 from model.text.processor import ChatInput, Encoded, OmniProcessor  # noqa: E402
 from model.text.tokenizer import train_tokenizer  # noqa: E402
@@ -38,6 +40,7 @@ from model.training.recipe import train_stage  # noqa: E402
 
 # The modules that run on this data (no video), all trained, as in the sft / omni_align stages.
 TRAINABLE = ["vision_tower", "vision_projector", "audio_encoder", "audio_projector", "llm"]
+TOKENIZER_CAP = 8192
 SYLLABLES = [c + v for c in "bdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
 
 
@@ -152,6 +155,11 @@ class FlopModel:
     bidirectional, ctx = the sequence length.
 
     Not counted (small): norms, activations, softmax, RoPE, the loss, the optimizer step.
+
+    Stages that freeze modules do less (`passes_for`): a frozen module that gradients must still pass
+    through (something upstream of it trains) costs 4·N·D (forward + activation gradients), one that
+    only runs forward 2·N·D; attention costs 3x its forward where backward passes, else 1x. LoRA
+    adapters are counted apart (`adapter_flops`).
     """
 
     llm: int
@@ -191,18 +199,47 @@ class FlopModel:
             audio_multiple=processor.audio_multiple,
         )
 
-    def sample(self, s: Encoded) -> float:
+    def sample(self, s: Encoded, passes: dict[str, int] | None = None) -> float:
+        """Training FLOPs of one sample; `passes` = N·D multiplier per module (default: 6, all train)."""
+        k = {m: 6 for m in UPSTREAM} | (passes or {})
+        attn = {m: 12 if k[m] > 2 else 4 for m in k}  # attention has no weights: 3x forward iff backward runs
         n = len(s.input_ids)
-        flops = 6 * self.llm * n + 12 * self.llm_attn * n * (n + 1) / 2
+        flops = k["llm"] * self.llm * n + attn["llm"] * self.llm_attn * n * (n + 1) / 2
         for _ in s.pixel_values:
-            flops += 6 * self.vision * self.patches + 12 * self.vision_attn * self.patches**2
-            flops += 6 * self.vision_projector * self.image_tokens
+            flops += k["vision_tower"] * self.vision * self.patches
+            flops += attn["vision_tower"] * self.vision_attn * self.patches**2
+            flops += k["vision_projector"] * self.vision_projector * self.image_tokens
         for w in s.audio_mel:
             frames = w.shape[1]
             positions = (frames + 1) // 2
-            flops += 6 * self.audio_conv1 * frames + 6 * self.audio * positions + 12 * self.audio_attn * positions**2
-            flops += 6 * self.audio_projector * (frames // self.audio_multiple)
+            flops += k["audio_encoder"] * (self.audio_conv1 * frames + self.audio * positions)
+            flops += attn["audio_encoder"] * self.audio_attn * positions**2
+            flops += k["audio_projector"] * self.audio_projector * (frames // self.audio_multiple)
         return flops
+
+
+# Which modules feed which: a frozen module passes gradients on when anything upstream of it trains.
+UPSTREAM = {"vision_tower": (), "vision_projector": ("vision_tower",), "audio_encoder": (),
+            "audio_projector": ("audio_encoder",),
+            "llm": ("vision_tower", "vision_projector", "video_projector", "audio_encoder", "audio_projector")}
+
+
+def passes_for(stage: StageConfig) -> dict[str, int]:
+    """N·D multiplier per module in `stage`: 6 trains its weights, 4 only passes gradients through
+    (frozen, something upstream trains; the LLM under LoRA too), 2 runs forward only."""
+    trains = set(stage.trainable) - ({"llm"} if stage.lora else set())
+    out = {}
+    for module, upstream in UPSTREAM.items():
+        if module in trains:
+            out[module] = 6
+        else:
+            out[module] = 4 if (trains & set(upstream)) or (module == "llm" and stage.lora) else 2
+    return out
+
+
+def adapter_flops(adapter_params: int, tokens: int) -> float:
+    """LoRA adapters train at every LLM token: 6·N·D of their own."""
+    return 6 * adapter_params * tokens
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -219,9 +256,10 @@ def step_batches(items: list, stage: StageConfig) -> list[list]:
     return [order[k : k + per_step] for k in range(0, len(order), per_step)]
 
 
-def layout(stage: StageConfig, steps: list[list], max_seq_len: int) -> list[dict]:
+def layout(stage: StageConfig, steps: list[list], max_seq_len: int, one_row_kernel: str | None = None) -> list[dict]:
     """Per step: real tokens, positions computed (padded width x rows) and the samples, from the
-    batches as collated (`collate` pads to the longest sample, `collate_packed` to the fullest row)."""
+    batches as collated (`collate` pads to the longest sample, `collate_packed` to the fullest row,
+    or, for a kernel that takes packed rows as one row, to that kernel's bucket)."""
     out = []
     for step in steps:
         real = positions = 0
@@ -235,7 +273,10 @@ def layout(stage: StageConfig, steps: list[list], max_seq_len: int) -> list[dict
                 lengths = [len(s.input_ids) for s in micro]
                 samples += micro
             real += sum(lengths)
-            positions += max(lengths) * len(lengths)
+            if stage.packing and one_row_kernel:
+                positions += pad_to_bucket(sum(lengths), one_row_kernel)
+            else:
+                positions += max(lengths) * len(lengths)
         out.append({"real": real, "positions": positions, "samples": samples})
     return out
 
@@ -252,12 +293,19 @@ def timed_run(
     """Train from `init_state`; throughput over the steps after the first `skip` (the first step
     also pays for the loader start-up), timed between on_step callbacks."""
     model.load_state_dict(init_state)
+    return measured_run(model, processor, samples, stage, flop_model, skip)
+
+
+def measured_run(model: OmniModel, processor: OmniProcessor, samples: list[Encoded], stage: StageConfig,
+                 flop_model: FlopModel | None, skip: int = 1, passes: dict[str, int] | None = None) -> dict:
+    """`train_stage` on `model` as it is, timed as `timed_run` says; FLOPs with `passes` (FlopModel)."""
     stamps: list[float] = []
     result = train_stage(
         model, processor, samples, stage, progress=False, on_step=lambda step, loss: stamps.append(time.perf_counter())
     )
     items = pack(samples, model.cfg.max_seq_len) if stage.packing else samples
-    steps = layout(stage, step_batches(items, stage), model.cfg.max_seq_len)
+    kernel = model.llm.config._attn_implementation if model.varlen else None
+    steps = layout(stage, step_batches(items, stage), model.cfg.max_seq_len, kernel)
     real_total = sum(s["real"] for s in steps)
     if real_total != result.tokens:
         raise RuntimeError(f"replayed batches hold {real_total} real tokens, train_stage counted {result.tokens}")
@@ -284,8 +332,8 @@ def timed_run(
         "loss_last": result.losses[-1],
     }
     if flop_model is not None:
-        flops = sum(flop_model.sample(x) for s in timed for x in s["samples"])
-        out.update(train_flops=flops, achieved_flops_per_s=flops / seconds)
+        flops = sum(flop_model.sample(x, passes) for s in timed for x in s["samples"])
+        out.update(train_flops=flops, achieved_flops_per_s=flops / seconds, timed_real_tokens=real)
     return out
 
 
@@ -305,16 +353,22 @@ def stage_for(name: str, packing: bool, steps: int, micro_batch_size: int) -> St
 
 
 def setup(model_name: str, pool: int, seed: int = 0):
-    cfg = load_cfg(model_name)
+    cfg, processor, words = data_setup(load_cfg(model_name), seed)
+    torch.manual_seed(seed)
+    model = OmniModel(cfg, embedding_rows(cfg, len(processor.tok)), processor.placeholder_ids)
+    samples = build_samples(processor, cfg, words, pool, seed)
+    return cfg, processor, model, samples
+
+
+def data_setup(cfg: ModelConfig, seed: int = 0) -> tuple[ModelConfig, OmniProcessor, list[str]]:
+    """The config, a processor whose BPE tokenizer is trained on random pseudo-words (at most
+    TOKENIZER_CAP entries: a corpus this small has no more merges; the LLM's embedding keeps the
+    config's vocabulary, `embedding_rows`) and the words the samples are made of."""
     rng = np.random.default_rng(seed)
     words = make_words(rng, 4000)
     corpus = [" ".join(rng.choice(words, 50)) for _ in range(2000)]
-    tok = train_tokenizer(corpus, cfg.tokenizer.vocab_size)
-    processor = OmniProcessor(tok, cfg)
-    torch.manual_seed(seed)
-    model = OmniModel(cfg, len(tok), processor.placeholder_ids)
-    samples = build_samples(processor, cfg, words, pool, seed)
-    return cfg, processor, model, samples
+    tok = train_tokenizer(corpus, min(cfg.tokenizer.vocab_size, TOKENIZER_CAP))
+    return cfg, OmniProcessor(tok, cfg), words
 
 
 def packed_rows_for(samples: list[Encoded], max_seq_len: int, padded_batch: int) -> tuple[int, float]:

@@ -170,10 +170,12 @@ class ModelConfig(Strict):
         None, ge=0, description="target tokens per chunk of the LM-head loss, which then never holds the full "
                                 "logits (model.nn.loss); 0 = the plain loss; null = 1024 when the vocabulary has "
                                 "more than 32768 entries, else the plain loss")
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
-        "auto", description="the LLM's attention kernel. auto: flash_attention_2 on a bf16 GPU with the "
-                            "flash-attn package (packed rows then train through its varlen kernel), else sdpa. "
-                            "The encoders always use sdpa.")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "varlen", "flex", "eager"] = Field(
+        "auto", description="the LLM's attention kernel. varlen: torch's FlashAttention varlen kernel (CUDA); "
+                            "flex: FlexAttention with a document mask (compiled on CUDA; forward only on a CPU). "
+                            "auto: flash_attention_2 on a bf16 GPU with the flash-attn package, else varlen on a "
+                            "bf16 GPU, else sdpa. With flash_attention_2, varlen or flex, packed rows train as one "
+                            "unpadded row bounded by sample (model.nn.attention). The encoders always use sdpa.")
 
     def loss_chunk(self, vocab_size: int) -> int:
         """`loss_chunk_tokens` resolved for a vocabulary: the one place the default is decided."""
@@ -239,8 +241,10 @@ class StageConfig(Strict):
     gpus_per_node: int = Field(0, ge=0)
     packing: bool = Field(False, description="pack several samples per row up to model.max_seq_len, "
                                              "attention isolated per sample; micro_batch_size counts rows")
-    activation_checkpointing: bool = Field(
-        False, description="recompute LLM and encoder layer activations in backward: less memory, ~30% more compute")
+    activation_checkpointing: bool | Literal["auto"] = Field(
+        False, description="recompute LLM and encoder layer activations in backward: less memory, ~30% more "
+                            "compute. auto: on where the memory plan (omni model plan) says the stage does not "
+                            "fit the GPU without it; off on a CPU")
     lora: LoraConfig | None = Field(None, description="train the LLM through LoRA adapters (needs llm in trainable)")
 
     @model_validator(mode="after")

@@ -86,8 +86,23 @@ def place(module: torch.nn.Module) -> torch.nn.Module:
     return module.to(device=device(), dtype=dtype())
 
 
+def varlen_available() -> bool:
+    """torch's own FlashAttention varlen kernel (`torch.nn.attention.varlen`, torch >= 2.10) on a
+    half-precision GPU."""
+    import torch
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return dtype() in (torch.bfloat16, torch.float16)
+
+
 def attention_kernel(choice: str) -> str:
-    """Resolve `model.attn_implementation`: "auto" takes flash-attention where it can run, else sdpa."""
+    """Resolve `model.attn_implementation`. "auto": the flash-attn package where it can run, else
+    torch's varlen kernel on a bf16 GPU (model.nn.attention), else sdpa (every CPU)."""
     if choice != "auto":
         return choice
-    return "flash_attention_2" if flash_attention_available() else "sdpa"
+    if flash_attention_available():
+        return "flash_attention_2"
+    return "varlen" if varlen_available() else "sdpa"

@@ -18,18 +18,21 @@ The padding after a row's last sample is a block of its own (causal within itsel
 row is empty: fully masked rows give NaN in some SDPA kernels), with label -100.
 
 GPU alternative (varlen): with `explicit_mask=False` all bins are laid end to end in ONE row with no
-padding and no attention mask; the sample boundaries are carried by the restarting `position_ids`
-alone. With `attn_implementation="flash_attention_2"` transformers turns those into `cu_seqlens` for
-flash-attention's varlen kernel (``_is_packed_sequence``: it only does so for a single flattened row,
-hence one row), so no seq x seq mask exists at all. With SDPA it builds the block mask from the same
-position ids (``find_packed_sequence_indices``), which is how the CPU tests check this layout. The
-trainer picks this route when the LLM runs flash-attention (`OmniModel.varlen`).
+attention mask; the sample boundaries are carried by the restarting `position_ids` and by
+`cu_seq_lens_q/k` (cumulative lengths, computed here once per batch). The LLM kernels that read
+them (`flash_attention_2`, torch's `varlen` and `flex`: model.nn.attention) keep each sample to
+itself without any seq x seq mask. A kernel compiled per length (flex) gets the row padded up to a
+bucket (`model.nn.attention.pad_to_bucket`): the padding is one more sample, label -100. With SDPA,
+transformers builds the block mask from the same position ids (``find_packed_sequence_indices``),
+which is how the CPU tests check this layout. The trainer picks this route when the LLM's kernel
+takes it (`OmniModel.varlen`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from model.nn.attention import pad_to_bucket
 from model.text.processor import IGNORE_INDEX, Encoded, OmniProcessor
 
 MEDIA_KEYS = ("pixel_values", "video_pixel_values", "audio_mel", "audio_frames")
@@ -62,14 +65,16 @@ def plan_bins(lengths: list[int], max_seq_len: int) -> list[list[int]]:
 
 
 def collate_packed(
-    processor: OmniProcessor, bins: list[list[Encoded]], explicit_mask: bool = True
+    processor: OmniProcessor, bins: list[list[Encoded]], explicit_mask: bool = True, kernel: str = ""
 ) -> dict[str, torch.Tensor]:
     """One row per bin: input_ids, labels, position_ids, a (rows, 1, seq, seq) bool attention mask
     and the media of all samples in order. With `explicit_mask=False` (the varlen route above): one
-    unpadded row of every bin's samples and no mask."""
+    row of every bin's samples, no mask, padded only to `kernel`'s bucket (none for most kernels)."""
     if not explicit_mask:
         bins = [[s for row in bins for s in row]]
     width = max(sum(len(s.input_ids) for s in row) for row in bins)
+    if not explicit_mask:
+        width = pad_to_bucket(width, kernel)
     ids = torch.full((len(bins), width), processor.tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(bins), width), dtype=torch.long)
@@ -91,7 +96,9 @@ def collate_packed(
         causal = torch.ones((width, width), dtype=torch.bool).tril()
         batch["attention_mask"] = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
     else:
-        batch.update(varlen_bounds([len(s.input_ids) for s in bins[0]]))
+        lengths = [len(s.input_ids) for s in bins[0]]
+        padding = width - sum(lengths)
+        batch.update(varlen_bounds(lengths + [padding] if padding else lengths))
     # Media: exactly what `collate` stacks for the samples read row by row, sample by sample.
     flat = processor.collate([s for row in bins for s in row])
     batch.update({k: flat[k] for k in MEDIA_KEYS if k in flat})

@@ -8,12 +8,16 @@ from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from model.nn import attention
+
 
 class AudioEncoder(nn.Module):
     """Whisper encoder that accepts any number of mel frames (<= 2 * max_source_positions).
 
     The stock forward insists on exactly 30 s of (padded) input; here the positional table is
-    sliced to the input length, so a 2 s clip costs 2 s of compute. Padding inside a batch is masked.
+    sliced to the input length, so a 2 s clip costs 2 s of compute. Padding inside a batch is masked,
+    or, with a packed-row kernel (model.nn.attention), not computed at all: the windows' valid
+    positions run as one row bounded per window.
     """
 
     def __init__(self, cfg: WhisperConfig):
@@ -31,6 +35,8 @@ class AudioEncoder(nn.Module):
         if t > enc.embed_positions.num_embeddings:
             raise ValueError(f"audio window of {t} frames exceeds the encoder's {enc.embed_positions.num_embeddings}")
         x = x + enc.embed_positions.weight[:t]
+        if frames is not None and enc.config._attn_implementation in attention.KERNELS:
+            return enc.layer_norm(self._unpadded_layers(x, (frames + 1) // 2))
         mask = None
         if frames is not None:  # frames: valid mel frames per item -> valid encoder positions
             valid = torch.arange(t, device=x.device)[None, :] < ((frames + 1) // 2)[:, None]
@@ -40,3 +46,14 @@ class AudioEncoder(nn.Module):
             x = layer(x, mask)
             x = x[0] if isinstance(x, tuple) else x
         return enc.layer_norm(x)
+
+    def _unpadded_layers(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The layers over the windows' valid positions laid end to end (one row, bounded per window),
+        scattered back to (windows, positions, dim) with zeros where a window is padding."""
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+        row = x[valid][None]
+        bounds = attention.unpadded_bounds(lengths)
+        for layer in self.encoder.layers:
+            row = layer(row, None, **bounds)
+            row = row[0] if isinstance(row, tuple) else row
+        return torch.zeros_like(x).masked_scatter(valid[..., None], row[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig, Qwen2Config, SiglipVisionConfig, WhisperConfig
 
 from model.config import FRESH_DEFAULTS, ModelConfig
+from model.nn import attention
 from model.runtime import attention_kernel
 
 # What each part's config.json fixes in ours (model.<part>.<field>).
@@ -53,9 +54,12 @@ def hf_configs(cfg: ModelConfig, rows: int) -> tuple[SiglipVisionConfig, Whisper
         use_sliding_window=m["sliding_window"] is not None, sliding_window=m["sliding_window"],
         max_window_layers=m["max_window_layers"] if m["max_window_layers"] is not None else m["num_hidden_layers"],
         tie_word_embeddings=m["tie_word_embeddings"], rms_norm_eps=m["rms_norm_eps"], **FIXED["llm"])
-    for c in (vision, audio):
-        c._attn_implementation = "sdpa"  # the audio path hands its layers a 4D additive mask
+    attention.install()  # torch's varlen and flex kernels, by name, before a model asks for them
     llm._attn_implementation = attention_kernel(cfg.attn_implementation)
+    vision._attn_implementation = "sdpa"  # tiles: one patch count, no mask
+    # Whisper's windows of different lengths: unpadded through varlen where the LLM uses it, else
+    # padded with a 4D additive mask through sdpa (model.nn.audio).
+    audio._attn_implementation = "varlen" if llm._attn_implementation == "varlen" else "sdpa"
     return vision, audio, llm
 
 

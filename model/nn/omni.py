@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model import runtime
 from model.config import MODULES, ModelConfig
-from model.nn import checkpoint
+from model.nn import attention, checkpoint
 from model.nn.audio import AudioEncoder
 from model.nn.hf import hf_configs
 from model.nn.loading import TensorFiles, initialise_missing, load_tensors
@@ -77,8 +77,9 @@ class OmniModel(nn.Module):
 
     @property
     def varlen(self) -> bool:
-        """True when the LLM runs flash-attention: packed rows go unpadded, bounded by position ids."""
-        return self.llm.config._attn_implementation == "flash_attention_2"
+        """True when the LLM's kernel takes packed rows as one unpadded row bounded by cu_seq_lens
+        (flash_attention_2, torch's varlen, flex: model.nn.attention), with no (seq x seq) mask."""
+        return self.llm.config._attn_implementation in attention.PACKED_KERNELS
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each transformer layer's activations in backward (vision tower, audio encoder,
@@ -146,6 +147,8 @@ class OmniModel(nn.Module):
         (flash-attention's cu_seq_lens / max_length from the packing collator). With labels and a
         chunked loss (`model.loss_chunk_tokens`), the output carries the loss and no logits."""
         embeds = self.embed(input_ids, pixel_values, video_pixel_values, audio_mel, audio_frames)
+        if attention_mask is None and self.varlen and "cu_seq_lens_q" in attention_kwargs:  # packed: no mask
+            attention_mask = attention.no_mask(self.llm.config)
         common = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False,
                   **attention_kwargs}
         chunk = self.loss_chunk_tokens

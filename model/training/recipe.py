@@ -24,6 +24,7 @@ from model.config import StageConfig
 from model.data.packing import collate_packed, pack, packed_tokens
 from model.data.shards import ShardStream
 from model.nn.omni import OmniModel
+from model.nn.plan import stage_checkpointing
 from model.text.processor import OmniProcessor
 from model.training import checkpointing, lora
 from model.training.checkpointing import PREEMPTED_EXIT_CODE, Preempted, Progress
@@ -83,7 +84,8 @@ def stage_data(model: OmniModel, processor: OmniProcessor, dataset, stage: Stage
                generator: torch.Generator) -> StageData:
     """Bind `dataset` (a ShardStream or a list of Encoded samples) to the stage's batching."""
     if stage.packing:
-        collate = partial(collate_packed, processor, explicit_mask=not model.varlen)
+        collate = partial(collate_packed, processor, explicit_mask=not model.varlen,
+                          kernel=model.llm.config._attn_implementation)
     else:
         collate = processor.collate
     if isinstance(dataset, ShardStream):
@@ -110,7 +112,7 @@ def train_stage(model: OmniModel, processor: OmniProcessor, dataset, stage: Stag
     set_trainable(model, stage.trainable)
     adapters = lora.attach(model, stage.lora) if stage.lora else None  # the LLM then learns through them only
     result = TrainResult(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    model.set_activation_checkpointing(stage.activation_checkpointing)
+    model.set_activation_checkpointing(stage_checkpointing(model, stage))
     engine = build_engine(model, stage)
     generator = torch.Generator().manual_seed(stage.seed)
     data = stage_data(model, processor, dataset, stage, generator)

@@ -104,3 +104,41 @@ def test_chunked_loss_is_what_lets_the_paper_model_fit():
     assert chunked_plan.loss == "chunked 1024" and plain_plan.loss == "plain"
     assert plain_plan.head_gib > 50 > chunked_plan.head_gib * 10  # ~56 GiB of logits vs ~3
     assert chunked_plan.total_gib < 0.9 * 80 < plain_plan.total_gib
+
+
+def test_auto_checkpointing_is_the_plans_choice_per_stage(paper):
+    """omni-7b on one 141 GiB GPU at 2 x 4096: a frozen-LLM stage fits without checkpointing, full SFT
+    does not; `auto` takes exactly that answer, and a CPU run leaves it off."""
+    from model.nn.plan import FIT, checkpointing_needed, stage_checkpointing
+
+    counts = parameter_counts(paper.model)
+    sft, image_1 = paper.stages["sft"], paper.stages["image_1"]
+    assert sft.activation_checkpointing == image_1.activation_checkpointing == "auto"
+    assert not checkpointing_needed(paper.model, image_1, 2, 1, 141, micro_batch=2, counts=counts)
+    assert checkpointing_needed(paper.model, sft, 2, 1, 141, micro_batch=2, counts=counts)
+    without = plan_stage(paper.model, sft, 2, 1, micro_batch=2, checkpointing=False, counts=counts)
+    assert without.total_gib >= FIT * 141
+    chosen = plan_stage(paper.model, sft, 2, 8, micro_batch=2, counts=counts)  # auto, planned for 80 GiB GPUs
+    needed = checkpointing_needed(paper.model, sft, 2, 8, 80, micro_batch=2, counts=counts)
+    assert chosen == plan_stage(paper.model, sft, 2, 8, micro_batch=2, checkpointing=needed, counts=counts)
+    if not __import__("torch").cuda.is_available():
+        assert stage_checkpointing(None, sft) is False
+    assert stage_checkpointing(None, sft.model_copy(update={"activation_checkpointing": True})) is True
+
+
+def test_packed_kernels_plan_linear_attention_state_and_the_mask_route_quadratic(paper):
+    from model.nn.plan import attention_route, attention_state_bytes
+
+    cfg, sft = paper.model, paper.stages["sft"]
+    packed = sft.model_copy(update={"packing": True})
+    routes = {kernel: attention_route(cfg.model_copy(update={"attn_implementation": kernel}), packed)
+              for kernel in ("varlen", "flex", "flash_attention_2", "sdpa", "eager")}
+    assert routes == {"varlen": "kernel", "flex": "kernel", "flash_attention_2": "kernel", "sdpa": "mask",
+                      "eager": "probs"}
+    assert attention_route(cfg.model_copy(update={"attn_implementation": "varlen"}), sft) == "mask"  # padded
+    kernel = [attention_state_bytes(cfg, s, 2, "kernel") for s in (4096, 8192)]
+    mask = [attention_state_bytes(cfg, s, 2, "mask") for s in (4096, 8192)]
+    assert kernel[1] == (2 * kernel[0][0], 0)  # O(s), nothing held once
+    assert mask[1][1] == 4 * mask[0][1] and mask[1][0] - kernel[1][0] == 4 * (mask[0][0] - kernel[0][0])
+    with pytest.raises(ValueError, match="attention route"):
+        attention_state_bytes(cfg, 16, 1, "dense")
