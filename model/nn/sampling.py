@@ -59,8 +59,8 @@ def adjust(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | 
         return logits
     logits = logits.clone()
     if params.logit_bias:
-        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
-        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=logits.device)
     if counts is not None and (params.presence_penalty or params.frequency_penalty):
         logits -= counts * params.frequency_penalty + (counts > 0).to(logits.dtype) * params.presence_penalty
     return logits
@@ -85,19 +85,26 @@ def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
 
 
 def next_tokens(logits: torch.Tensor, params: list[SamplingParams], counts: list[torch.Tensor | None],
-                generators: list[torch.Generator | None]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """(B, V) last-position logits -> the next token of each row, and its logprobs where asked for."""
+                generators: list[torch.Generator | None], index: list[int] | None = None
+                ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """(N, V) last-position logits -> the next token of each sequence (sequence i reads row `index[i]`,
+    default row i), and its logprobs where asked for.
+
+    The logits stay on their device: plain-greedy rows take one argmax there and one small copy to
+    the host. A sampled row is adjusted on the device and drawn on the host with its own seeded
+    generator, so a seed gives the same answer on any device."""
+    index = list(range(len(params))) if index is None else index
     logits = logits.float()
-    tokens = logits.argmax(-1).tolist()  # right for every plain-greedy row; the others are redone below
-    for i, p in enumerate(params):
+    best = logits.argmax(-1).tolist()  # right for every plain-greedy row; the others are redone below
+    tokens = [best[r] for r in index]
+    for i, (p, r) in enumerate(zip(params, index, strict=True)):
         if not p.plain:
-            tokens[i] = draw(adjust(logits[i], p, counts[i]), p, generators[i])
+            tokens[i] = draw(adjust(logits[r], p, counts[i]).cpu(), p, generators[i])
     logprobs: list[TokenLogprob | None] = [None] * len(params)
-    if any(p.logprobs for p in params):
-        table = torch.log_softmax(logits, dim=-1)
-        for i, p in enumerate(params):
-            if p.logprobs:
-                top = torch.topk(table[i], min(p.top_logprobs, table.shape[-1])) if p.top_logprobs else None
-                pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-                logprobs[i] = TokenLogprob(tokens[i], float(table[i, tokens[i]]), pairs)
+    for i, (p, r) in enumerate(zip(params, index, strict=True)):
+        if p.logprobs:
+            table = torch.log_softmax(logits[r], dim=-1)
+            top = torch.topk(table, min(p.top_logprobs, table.shape[-1])) if p.top_logprobs else None
+            pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            logprobs[i] = TokenLogprob(tokens[i], float(table[tokens[i]]), pairs)
     return tokens, logprobs
