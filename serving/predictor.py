@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import kserve
+import torch
 
 from model.media.decode import MediaError
 from model.media.limits import LimitExceeded, MediaLimits, read_audio, read_image, read_video
 from model.nn.checkpoint import CONFIG_FILE
-from model.nn.engine import Event, GenerationEngine, QueueFull, Sequence
+from model.nn.engine import CapacityError, Event, GenerationEngine, QueueFull, Sequence
 from model.nn.generation import OmniChat
 from model.nn.sampling import SamplingParams, TokenLogprob
 from model.text.processor import ChatInput, Encoded
@@ -54,6 +55,11 @@ class Overloaded(Exception):
 
 class DeadlineExceeded(Exception):
     """The request did not finish within limits.request_timeout_s: 503 with Retry-After."""
+
+
+class OutOfCapacity(DeadlineExceeded):
+    """The engine could not hold the request: it exceeds the KV cache a sequence gets, or the GPU ran out
+    of memory in its step. Answered as a deadline is (503 with Retry-After), with the reason."""
 
 
 class ClientGone(Exception):
@@ -305,6 +311,10 @@ def _raise_failures(seqs: list[Sequence]) -> None:
     for seq in seqs:
         if seq.finish_reason == "timeout":
             raise DeadlineExceeded("the request did not finish within the server's deadline (limits.request_timeout_s)")
+        if seq.finish_reason == "error" and isinstance(seq.error, CapacityError):
+            raise OutOfCapacity(str(seq.error)) from seq.error
+        if seq.finish_reason == "error" and isinstance(seq.error, torch.OutOfMemoryError):
+            raise OutOfCapacity("the server ran out of accelerator memory for this request; retry later") from seq.error
         if seq.finish_reason == "error":
             raise RuntimeError("generation failed") from seq.error
 

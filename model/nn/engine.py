@@ -46,6 +46,7 @@ from model.text.stream import TextStream
 
 log = logging.getLogger(__name__)
 POLICIES = ("continuous", "dynamic")
+MIN_GRAPH_WIDTH = 256  # the narrowest attention a decode graph is captured for (columns)
 
 
 class QueueFull(RuntimeError):
@@ -364,7 +365,7 @@ class GenerationEngine:
             tokens[s.slot], positions[s.slot], cols[s.slot] = s.pending, s.length, s.length
         inputs = torch.tensor([tokens, positions, cols], device=self.device)  # one small copy to the device
         if self.graphs is not None:
-            logits = self.graphs.run(n, inputs)
+            logits = self.graphs.run(n, _bucket(max(max(positions) + 1, MIN_GRAPH_WIDTH), self.kv.capacity), inputs)
         else:
             ids = None if self.embed_device == self.device else torch.tensor(tokens, device=self.embed_device)
             logits = self.decode_forward(inputs, max(positions) + 1, ids)
@@ -440,27 +441,29 @@ class GenerationEngine:
 
 
 class DecodeGraphs:
-    """Decode as CUDA graphs, one per batch bucket, over static inputs and all of a slot's columns:
-    a step is one copy in, one replay, and the logits read from the graph's own output."""
+    """Decode as CUDA graphs, one per (rows, columns) bucket, both powers of two, over static inputs: a
+    step is one copy in, one replay, and the logits read from the graph's own output. A bucket whose
+    capture fails runs eagerly (logged), so a model with an op CUDA graphs cannot hold still serves."""
 
     def __init__(self, engine: GenerationEngine):
         self.engine = engine
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self.failed: set[int] = set()
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.failed: set[tuple[int, int]] = set()
         self.pool = None
 
-    def run(self, n: int, inputs: torch.Tensor) -> torch.Tensor:
-        width = self.engine.kv.capacity
-        if n in self.failed:
+    def run(self, n: int, width: int, inputs: torch.Tensor) -> torch.Tensor:
+        key = (n, width)
+        if key in self.failed:
             return self.engine.decode_forward(inputs, width)
-        if n not in self.graphs:
+        if key not in self.graphs:
             try:
-                self.graphs[n] = self._capture(n, width)
+                self.graphs[key] = self._capture(n, width)
             except Exception:  # e.g. an op that cannot be captured: this bucket runs eagerly
-                log.exception("capturing the decode graph for %d rows failed; running it eagerly", n)
-                self.failed.add(n)
+                log.exception("capturing the decode graph for %d rows x %d columns failed; running it eagerly",
+                              n, width)
+                self.failed.add(key)
                 return self.engine.decode_forward(inputs, width)
-        graph, static_inputs, logits = self.graphs[n]
+        graph, static_inputs, logits = self.graphs[key]
         static_inputs.copy_(inputs)
         graph.replay()
         return logits
