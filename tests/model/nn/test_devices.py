@@ -92,3 +92,15 @@ def test_engine_hands_every_module_its_inputs_on_its_device(split_chat):
     assert [s.finish_reason for s in seqs] == ["length"] * 3, [s.error for s in seqs]
     assert ANSWER not in split_chat.stop_ids
     assert [s.stream.ids for s in seqs] == [[ANSWER] * 4] * 3
+
+
+
+def test_generate_prompt_inputs_land_on_their_modules_devices(split_chat):
+    """The same split for `OmniChat`'s prompt embedding: what `generate`, and so the evaluation
+    runner and the Triton entry model, hand the LLM."""
+    wrong = _audit(split_chat.model)
+    items = [ChatInput([{"role": "user", "content": "<image>describe"}], images=[_image()]),
+             ChatInput([{"role": "user", "content": "<audio>transcribe"}], audios=[np.zeros(16000, dtype=np.float32)])]
+    inputs = split_chat._inputs(items)
+    assert not wrong, wrong[:5]
+    assert inputs["inputs_embeds"].shape[0] == 2 and inputs["inputs_embeds"].device == torch.device("cpu")
