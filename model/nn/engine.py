@@ -234,6 +234,7 @@ class GenerationEngine:
     def step(self) -> None:
         now = time.monotonic()
         self._expire(now)
+        self._retire()
         admitted = self._admit(now)
         if admitted:
             self._embed(admitted)
@@ -246,13 +247,14 @@ class GenerationEngine:
             self._retire()
 
     def _guarded(self, forward: Callable[[], None], seqs: list[Sequence], what: str) -> None:
-        """Run one forward; out of memory fails its sequences (and frees what it held), the rest go on."""
+        """Run one forward; if it fails (out of memory, say) its sequences fail and free their slots,
+        and the others go on: each sequence writes only its own slot, so nobody else's cache is touched."""
         try:
             forward()
-        except torch.OutOfMemoryError as e:
-            log.error("out of memory in %s of %d sequence(s): they fail, the engine goes on", what, len(seqs))
+        except Exception as e:
+            log.exception("%s of %d sequence(s) failed: they fail, the engine goes on", what, len(seqs))
             self._fail(seqs, e)
-            if self.device.type == "cuda":
+            if isinstance(e, torch.OutOfMemoryError) and self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def _expire(self, now: float) -> None:
@@ -417,6 +419,10 @@ class GenerationEngine:
         if seq.finish_reason is not None:
             return
         seq.finish_reason, seq.error = reason, error
+        seq.embeds = None
+        if seq.slot is not None:  # free at once; the sequence leaves the batch lists before the next forward
+            self.kv.release(seq.slot)
+            seq.slot = None
         rest = seq.stream.finish() if seq.stream is not None else ""
         try:
             seq.emit(Event("done", rest, finish_reason=reason, error=error))
@@ -430,14 +436,9 @@ class GenerationEngine:
         self._retire()
 
     def _retire(self) -> None:
-        """Drop finished sequences from the batch and free their slots (nothing is copied)."""
-        for group in (self.prefilling, self.running):
-            for seq in [s for s in group if s.finish_reason is not None]:
-                group.remove(seq)
-                seq.embeds = None
-                if seq.slot is not None:
-                    self.kv.release(seq.slot)
-                    seq.slot = None
+        """Drop finished sequences from the batch (their slots were freed as they finished; nothing is copied)."""
+        self.prefilling[:] = [s for s in self.prefilling if s.finish_reason is None]
+        self.running[:] = [s for s in self.running if s.finish_reason is None]
 
 
 class DecodeGraphs:
