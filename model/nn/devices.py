@@ -9,6 +9,8 @@ table, pixels to the vision tower, log-mel windows to the audio encoder. A model
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -19,11 +21,8 @@ TOWER_INPUTS = {"pixel_values": "vision_tower", "video_pixel_values": "vision_to
 
 def module_device(module: nn.Module | None, default: torch.device | None = None) -> torch.device | None:
     """The device of a module's first parameter (or buffer); `default` when it has neither."""
-    if module is None:
-        return default
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return default
+    first = None if module is None else next(itertools.chain(module.parameters(), module.buffers()), None)
+    return default if first is None else first.device
 
 
 def llm_device(model) -> torch.device:
