@@ -40,7 +40,7 @@ import torch
 
 from model.nn.devices import llm_device, module_device, to_consumers
 from model.nn.kv_cache import SlotCache, plan_slots
-from model.nn.sampling import SamplingParams, TokenLogprob, next_tokens
+from model.nn.sampling import SamplingParams, TokenLogprob, generator_on, next_tokens
 from model.text.processor import Encoded
 from model.text.stream import TextStream
 
@@ -389,6 +389,7 @@ class GenerationEngine:
         for s in rows:
             if s.counts is None and (s.params.presence_penalty or s.params.frequency_penalty):
                 s.counts = torch.zeros(logits.shape[-1], device=logits.device)
+            s.generator = generator_on(s.generator, logits.device)
         tokens, logprobs = next_tokens(logits, [s.params for s in rows], [s.counts for s in rows],
                                        [s.generator for s in rows], index)
         now = time.monotonic()

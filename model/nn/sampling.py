@@ -3,8 +3,8 @@
 Per sequence, in this order (OpenAI's and vLLM's): logit bias, presence / frequency penalties over
 the tokens generated so far, then either argmax (temperature 0: greedy) or temperature, top-k,
 top-p and a draw from the sequence's own seeded generator, so a seed gives the same answer whatever
-batch the sequence shares. Log-probabilities are the model's own (log-softmax of the raw logits),
-as vLLM reports them by default.
+batch the sequence shares (on a given device: the generator lives with the logits). Log-probabilities
+are the model's own (log-softmax of the raw logits), as vLLM reports them by default.
 """
 
 from __future__ import annotations
@@ -46,6 +46,13 @@ class SamplingParams:
         return torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
 
 
+def generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """`generator` on `device`: a fresh one there with the same seed (call before its first draw)."""
+    if generator is None or generator.device == device:
+        return generator
+    return torch.Generator(device=device).manual_seed(generator.initial_seed())
+
+
 @dataclass
 class TokenLogprob:
     token_id: int
@@ -66,10 +73,11 @@ def adjust(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | 
     return logits
 
 
-def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from adjusted (V,) logits: argmax, or temperature / top-k / top-p sampling."""
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token from adjusted (V,) logits, as a 0-dim tensor on their device (no host sync): argmax, or
+    temperature / top-k / top-p sampling with `generator` (on the same device)."""
     if params.greedy:
-        return int(logits.argmax())
+        return logits.argmax()
     scaled = logits / params.temperature
     if 0 < params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k).values[-1]
@@ -79,9 +87,13 @@ def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest set whose mass reaches top_p (the token crossing the line included).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """`sample` as a Python int."""
+    return int(sample(logits, params, generator))
 
 
 def next_tokens(logits: torch.Tensor, params: list[SamplingParams], counts: list[torch.Tensor | None],
@@ -90,16 +102,15 @@ def next_tokens(logits: torch.Tensor, params: list[SamplingParams], counts: list
     """(N, V) last-position logits -> the next token of each sequence (sequence i reads row `index[i]`,
     default row i), and its logprobs where asked for.
 
-    The logits stay on their device: plain-greedy rows take one argmax there and one small copy to
-    the host. A sampled row is adjusted on the device and drawn on the host with its own seeded
-    generator, so a seed gives the same answer on any device."""
+    Everything runs on the logits' device (each sampled row with its own generator, which must live
+    there too) and the chosen tokens come to the host in one small copy."""
     index = list(range(len(params))) if index is None else index
     logits = logits.float()
-    best = logits.argmax(-1).tolist()  # right for every plain-greedy row; the others are redone below
-    tokens = [best[r] for r in index]
+    chosen = logits.argmax(-1)[index]  # right for every plain-greedy row; the others are replaced below
     for i, (p, r) in enumerate(zip(params, index, strict=True)):
         if not p.plain:
-            tokens[i] = draw(adjust(logits[r], p, counts[i]).cpu(), p, generators[i])
+            chosen[i] = sample(adjust(logits[r], p, counts[i]), p, generators[i])
+    tokens = chosen.tolist()
     logprobs: list[TokenLogprob | None] = [None] * len(params)
     for i, (p, r) in enumerate(zip(params, index, strict=True)):
         if p.logprobs:
