@@ -255,3 +255,18 @@ def test_bucketed_decode_pads_rows_and_columns_without_changing_answers(chat):
     seqs = engine.run_until_done([_seq(chat, it, max_new_tokens=7) for it in items[:3]])
     assert [s.text.strip() for s in seqs] == alone
     assert engine.graphs.failed and all(n in (1, 2, 4) and w >= 256 for n, w in engine.graphs.failed)
+
+
+def test_requests_admitted_together_share_one_encoder_call_per_kind(chat, monkeypatch):
+    calls = {"encode_images": 0, "encode_audio": 0}
+    for name in calls:
+        real = getattr(chat.model, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(chat.model, name, counted)
+    items = conversations()  # three with images (one with two), one with audio
+    GenerationEngine(chat, max_batch=8).run_until_done([_seq(chat, it, max_new_tokens=2) for it in items])
+    assert calls == {"encode_images": 1, "encode_audio": 1}
