@@ -19,17 +19,12 @@ import av
 import numpy as np
 import pytest
 import requests
-import torch
 import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from model.nn.engine import CapacityError, Sequence
-from model.nn.sampling import SamplingParams
-from model.text.processor import Encoded
 from serving.config import ServingConfig, resolve_storage_uri
 from serving.local import start_server
-from serving.predictor import DeadlineExceeded, OutOfCapacity, _raise_failures
 
 # Deliberately no `serving.predictor` / `serving.server` import: they import kserve, whose protobuf
 # definitions clash with tritonclient.grpc's, which other test modules may load in this process.
@@ -476,16 +471,3 @@ def _tiny_config():
     from model.config import ModelConfig
 
     return ModelConfig(**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")))
-
-
-@pytest.mark.parametrize("error, needle", [
-    (CapacityError("the prompt is 900 tokens; with max_tokens=200 it exceeds the 1024 tokens"), "1024 tokens"),
-    (torch.OutOfMemoryError("CUDA out of memory"), "ran out of accelerator memory"),
-])
-def test_capacity_and_memory_failures_are_503_with_the_reason(error, needle):
-    """Both routes answer OutOfCapacity as they answer a deadline: 503, Retry-After, the message."""
-    seq = Sequence(Encoded([1], [1]), SamplingParams())
-    seq.finish_reason, seq.error = "error", error
-    with pytest.raises(OutOfCapacity, match=needle) as raised:
-        _raise_failures([seq])
-    assert isinstance(raised.value, DeadlineExceeded)
