@@ -12,9 +12,11 @@ serving.server` on 127.0.0.1 (one torch thread in the server, like the in-proces
 2. p50 latency of one request through the endpoint / the same request answered in-process
    (media decoded, `OmniChat.generate`; and the in-process engine, for the split);
 3. a mixed load: `--load` requests (10,000), 16 concurrent, 20% malformed; every status counted,
-   the server's RSS before and after, alive at the end.
+   the server's RSS before and after, alive at the end;
+4. one image question with 16 new tokens (greedy), from 1 client then from 8 (`scaling_image`).
 
-Prints one JSON object per line (`"kind"`: machine, scaling, latency, load, done), then a table.
+Prints one JSON object per line (`"kind"`: machine, scaling, scaling_image, latency, load, done), then a
+table.
 A benchmark, not a test: it asserts nothing about speed (benchmarks/README.md).
 """
 
@@ -117,6 +119,18 @@ def scaling(server: LiveServer, policy: str, n: int, tokens: int, no_eos: dict) 
                 requests_per_s_1=round(n / one, 2), requests_per_s_8=round(n / eight, 2),
                 tokens_per_s_1=round(n * tokens / one, 1), tokens_per_s_8=round(n * tokens / eight, 1),
                 ratio_8_over_1=round(one / eight, 2), mean_batch_8=round(seqs / max(steps, 1), 2))
+
+
+def image_question_scaling(server: LiveServer, n: int, tokens: int = 16) -> dict:
+    """One image question (greedy, `tokens` new tokens) asked `n` times by 1 client, then by 8 at once."""
+    request = {"model": "omni", "max_tokens": tokens, "temperature": 0, "messages": [
+        {"role": "user", "content": [image_part(png(1)), {"type": "text", "text": "describe the picture"}]}]}
+    with openai.OpenAI(base_url=f"{server.base}/openai/v1", api_key="bench", max_retries=0) as client:
+        _run_clients(client, [request] * 8, 8)  # warm-up
+        one = _run_clients(client, [request] * n, 1)
+        eight = _run_clients(client, [request] * n, 8)
+    return emit("scaling_image", requests=n, max_tokens=tokens, requests_per_s_1=round(n / one, 2),
+                requests_per_s_8=round(n / eight, 2), ratio_8_over_1=round(one / eight, 2))
 
 
 def requests_metrics(server: LiveServer) -> str:
@@ -269,6 +283,9 @@ def table(records: dict) -> str:
         lines.append(f"{r['policy']:11s} {r['requests_per_s_1']:9.2f} {r['requests_per_s_8']:9.2f} "
                      f"{r['tokens_per_s_1']:9.1f} {r['tokens_per_s_8']:9.1f} {r['ratio_8_over_1']:6.2f}x "
                      f"{r['mean_batch_8']:8.2f}")
+    img = records["image"]
+    lines.append(f"one image question, {img['max_tokens']} tokens: {img['requests_per_s_1']} req/s x1, "
+                 f"{img['requests_per_s_8']} req/s x8 ({img['ratio_8_over_1']}x)")
     lat = records["latency"]
     lines.append(f"p50 latency, {lat['completion_tokens']} tokens: endpoint {lat['p50_ms']['endpoint']} ms, "
                  f"in-process generate {lat['p50_ms']['generate']} ms, engine {lat['p50_ms']['engine']} ms; "
@@ -299,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 records["scaling"].append(scaling(server, policy, args.requests, args.tokens, no_eos))
                 if policy == "continuous":
+                    records["image"] = image_question_scaling(server, args.requests)
                     records["latency"] = latency(server, checkpoint, args.reps, args.tokens)
                     if args.load:
                         records["load"] = load(server, args.load, args.concurrency)

@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Protocol
 
 import kserve
+import torch
 
 from model.media.decode import MediaError
 from model.media.inputs import MediaReader, RawMedia
 from model.media.limits import MediaLimits
 from model.nn.checkpoint import CONFIG_FILE
-from model.nn.engine import Event, GenerationEngine, QueueFull, Sequence
+from model.nn.engine import CapacityError, Event, GenerationEngine, QueueFull, Sequence
 from model.nn.generation import OmniChat
 from model.nn.sampling import SamplingParams
 from model.text.processor import ChatInput, Encoded
@@ -59,6 +60,11 @@ class Overloaded(Exception):
 
 class DeadlineExceeded(Exception):
     """The request did not finish within limits.request_timeout_s: 503 with Retry-After."""
+
+
+class OutOfCapacity(DeadlineExceeded):
+    """The engine could not hold the request: it exceeds the KV cache a sequence gets, or the GPU ran out
+    of memory in its step. Answered as a deadline is (503 with Retry-After), with the reason."""
 
 
 class ClientGone(Exception):
@@ -295,5 +301,9 @@ def _raise_failures(seqs: list[Sequence]) -> None:
     for seq in seqs:
         if seq.finish_reason == "timeout":
             raise DeadlineExceeded("the request did not finish within the server's deadline (limits.request_timeout_s)")
+        if seq.finish_reason == "error" and isinstance(seq.error, CapacityError):
+            raise OutOfCapacity(str(seq.error)) from seq.error
+        if seq.finish_reason == "error" and isinstance(seq.error, torch.OutOfMemoryError):
+            raise OutOfCapacity("the server ran out of accelerator memory for this request; retry later") from seq.error
         if seq.finish_reason == "error":
             raise RuntimeError("generation failed") from seq.error

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import torch
 
+from model.nn.devices import to_consumers
 from model.nn.generation import OmniChat
 from model.text.processor import IGNORE_INDEX, ChatInput
 
@@ -22,8 +23,7 @@ def answer_logprobs(chat: OmniChat, prompts: list[ChatInput], answers: list[list
             conv = replace(prompt, messages=[*prompt.messages, {"role": "assistant", "content": text}])
             samples.append(chat.processor.encode(conv))
             owners.append(i)
-    device = next(chat.model.parameters()).device
-    batch = {k: v.to(device) for k, v in chat.processor.collate(samples).items()}
+    batch = to_consumers(chat.model, chat.processor.collate(samples))
     labels = batch.pop("labels")
     logits = chat.model(**batch).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)

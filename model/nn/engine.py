@@ -1,18 +1,27 @@
 """Continuous (iteration-level) batching: concurrent requests share the model one decode step at a time.
 
 transformers' own continuous batching takes token ids only, and our prompts are spliced media
-embeddings, so the engine drives the LLM itself with a KV cache it owns:
+embeddings, so the engine drives the LLM itself, over a KV cache it allocates once
+(`model.nn.kv_cache.SlotCache`: one slot per sequence, `max_batch` slots of the model's context,
+bounded on a GPU by its free memory):
 
-    each step   drop cancelled and expired sequences -> admit waiting ones (up to `max_batch`)
-                -> prefill the newcomers together (media encoders + LLM over their prompts, left-padded)
-                -> merge their cache into the running batch (left-padding the shorter side)
-                -> one decode step for every running sequence -> retire the finished ones
+    each step   drop cancelled and expired sequences
+                -> admit waiting ones while a slot is free (a prompt that can never fit fails with
+                   `CapacityError`; one that must wait for a slot waits, the queue is bounded)
+                -> the newcomers' media through the encoders, one call per kind for all of them
+                -> one prefill chunk: up to `prefill_chunk` prompt tokens of the admitted sequences,
+                   written into their own slots (a long prompt takes several steps, and the running
+                   streams decode between its chunks); a finished prompt yields its first token
+                -> one decode step over the running slots -> retire the finished ones, freeing slots
 
-A new request waits at most one decode step to join, and a finished one leaves at once, so short
-answers are not held back by long ones (the `dynamic` policy, kept for comparison, admits only into
-an empty batch after a short window). Padding is masked and positions count real tokens only, as in
-`generate`, so a greedy answer is the same in any batch as alone (tests/model/nn/test_engine.py).
-Leading columns that no running sequence uses any more are trimmed when sequences leave.
+Admission writes only the newcomer's slot, never the running batch's cache. Decode runs over
+slots[:n] (n bucketed to a power of two on CUDA, where each bucket is replayed as a CUDA graph over
+static buffers; the same code runs eagerly elsewhere), samples on the device and copies the chosen
+tokens to the host once per step. Positions count real tokens only and every row attends to its own
+slot alone, so a greedy answer is the same in any batch as alone (tests/model/nn/test_engine.py).
+
+Every input lands on the device of the module that reads it (`model.nn.devices`). An out-of-memory
+error in a step fails the sequences of that step and the engine goes on.
 
 The engine runs in one thread (`start`); `submit` and `Sequence.cancel` are safe from any thread.
 Events go to each sequence's `sink`, called from the engine thread.
@@ -28,19 +37,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
-from model.nn.sampling import SamplingParams, TokenLogprob, next_tokens
+from model.nn.devices import llm_device, module_device, to_consumers
+from model.nn.kv_cache import SlotCache, plan_slots
+from model.nn.sampling import SamplingParams, TokenLogprob, generator_on, next_tokens
 from model.text.processor import Encoded
 from model.text.stream import TextStream
 
 log = logging.getLogger(__name__)
 POLICIES = ("continuous", "dynamic")
+MIN_GRAPH_WIDTH = 256  # the narrowest attention a decode graph is captured for (columns)
 
 
 class QueueFull(RuntimeError):
     """The engine's waiting queue is at its bound: the caller should retry later."""
+
+
+class CapacityError(RuntimeError):
+    """A request that can never fit the engine's KV cache (prompt + max_new_tokens > a slot's columns)."""
 
 
 @dataclass
@@ -66,6 +80,9 @@ class Sequence:
         self.stream: TextStream | None = None
         self.logprobs: list[TokenLogprob] = []
         self.pending = -1  # the last chosen token, fed to the next decode step
+        self.slot: int | None = None  # its KV-cache slot, from admission to its end
+        self.embeds: torch.Tensor | None = None  # (prompt, hidden) input embeddings until the prompt is prefilled
+        self.length = 0  # columns of its slot holding keys and values
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.cancelled = False
@@ -98,28 +115,56 @@ class EngineObserver:
     def on_finish(self, seq: Sequence) -> None: ...
 
 
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [width - t.shape[dim], 0]
-    return F.pad(t, pad)
+def _bucket(n: int, limit: int) -> int:
+    """The smallest power of two >= n, at most `limit`: the batch sizes decode graphs are captured for."""
+    size = 1
+    while size < n:
+        size *= 2
+    return min(size, limit)
 
 
 class GenerationEngine:
+    """`max_context`: KV columns per slot (default: the LLM's context window); `prefill_chunk`: prompt
+    tokens prefilled per step; `cuda_graphs`: replay decode as CUDA graphs (default: on CUDA)."""
+
     def __init__(self, chat, max_batch: int = 8, max_queue: int = 64, policy: str = "continuous",
-                 window_s: float = 0.0, observer: EngineObserver | None = None, text_lock=None):
+                 window_s: float = 0.0, observer: EngineObserver | None = None, text_lock=None,
+                 max_context: int | None = None, prefill_chunk: int = 512, cuda_graphs: bool | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
         self.model, self.processor, self.tok = chat.model, chat.processor, chat.tok
+        self.llm = self.model.llm
         self.stop_ids = frozenset(chat.stop_ids)
         self.max_batch, self.max_queue, self.policy, self.window_s = max_batch, max_queue, policy, window_s
+        self.prefill_chunk = prefill_chunk
         self.observer = observer or EngineObserver()
         self.text_lock = text_lock or threading.Lock()  # the tokenizer is not thread-safe
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # (running, cache length): 1 where a row has a real token
+        self.prefilling: list[Sequence] = []  # admitted, prompt not fully in the cache yet
+        self.running: list[Sequence] = []  # decoding
+        self.embed_device = llm_device(self.model)  # where token ids are looked up
+        self.device = module_device(self.llm.model.layers[0])  # the decoder layers': cache, masks, positions
+        self.kv = self._allocate(max_context)
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graphs = DecodeGraphs(self) if use_graphs and self.embed_device == self.device else None
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+
+    def _allocate(self, max_context: int | None) -> SlotCache:
+        config = self.llm.config
+        if config._attn_implementation not in ("sdpa", "eager"):
+            # Slots attend through an explicit mask, which flash-attention's kernels do not take.
+            self.llm.set_attn_implementation("sdpa")
+        context = max_context or config.max_position_embeddings
+        dtype = next(self.llm.parameters()).dtype
+        slots, capacity = plan_slots(config, dtype, self.device, self.max_batch, context)
+        if slots < self.max_batch or capacity < context:
+            log.warning("KV cache: %d slot(s) of %d tokens fit in GPU memory (asked for %d of %d)",
+                        slots, capacity, self.max_batch, context)
+        return SlotCache(config, slots, capacity, self.device, dtype)
 
     # ----------------------------------------------------------------------------- from any thread
     def submit(self, seq: Sequence) -> Sequence:
@@ -168,17 +213,20 @@ class GenerationEngine:
                 self.step()
             except Exception as e:  # never let the thread die: fail what was running and go on
                 log.exception("generation step failed")
-                self._fail(list(self.running), e)
+                self._fail([*self.prefilling, *self.running], e)
+
+    def _active(self) -> bool:
+        return bool(self.running or self.prefilling)
 
     def _ready_to_step(self) -> bool:
-        return bool(self.running) or bool(self.waiting) and self._window_left(time.monotonic()) <= 0
+        return self._active() or bool(self.waiting) and self._window_left(time.monotonic()) <= 0
 
     def _idle_wait(self) -> float | None:
         return max(self._window_left(time.monotonic()), 1e-3) if self.waiting else None
 
     def _window_left(self, now: float) -> float:
         """Seconds the dynamic policy still waits for more arrivals before it starts a batch."""
-        if self.policy != "dynamic" or self.running or len(self.waiting) >= self.max_batch or not self.waiting:
+        if self.policy != "dynamic" or self._active() or len(self.waiting) >= self.max_batch or not self.waiting:
             return 0.0
         return self.waiting[0].submitted + self.window_s - now
 
@@ -186,19 +234,33 @@ class GenerationEngine:
     def step(self) -> None:
         now = time.monotonic()
         self._expire(now)
+        self._retire()
         admitted = self._admit(now)
         if admitted:
-            self._prefill(admitted)
+            self._embed(admitted)
+        if self.prefilling:
+            self._guarded(self._prefill_chunk, list(self.prefilling), "prefill")
         self._retire()
         if self.running:
             self.observer.on_step(len(self.running), len(self.waiting))
-            self._decode()
+            self._guarded(self._decode, list(self.running), "decode")
             self._retire()
+
+    def _guarded(self, forward: Callable[[], None], seqs: list[Sequence], what: str) -> None:
+        """Run one forward; if it fails (out of memory, say) its sequences fail and free their slots,
+        and the others go on: each sequence writes only its own slot, so nobody else's cache is touched."""
+        try:
+            forward()
+        except Exception as e:
+            log.exception("%s of %d sequence(s) failed: they fail, the engine goes on", what, len(seqs))
+            self._fail(seqs, e)
+            if isinstance(e, torch.OutOfMemoryError) and self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _expire(self, now: float) -> None:
         with self._cond:
             waiting = list(self.waiting)
-        for seq in [*waiting, *self.running]:
+        for seq in [*waiting, *self.prefilling, *self.running]:
             if seq.cancelled:
                 self._finish(seq, "cancelled")
             elif seq.deadline is not None and now > seq.deadline:
@@ -207,12 +269,21 @@ class GenerationEngine:
             self.waiting = deque(s for s in self.waiting if s.finish_reason is None)
 
     def _admit(self, now: float) -> list[Sequence]:
-        if self.policy == "dynamic" and self.running or self._window_left(now) > 0:
+        """Waiting sequences that get a slot, in arrival order; one that can never fit fails at once."""
+        if self.policy == "dynamic" and self._active() or self._window_left(now) > 0:
             return []
+        admitted, refused = [], []
         with self._cond:
-            room = self.max_batch - len(self.running)
-            admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            room = min(self.max_batch - len(self.running) - len(self.prefilling), len(self.kv.free))
+            while self.waiting and len(admitted) < room:
+                seq = self.waiting.popleft()
+                (refused if seq.prompt_tokens + seq.params.max_new_tokens > self.kv.capacity else admitted).append(seq)
+        for seq in refused:
+            self._finish(seq, "error", CapacityError(
+                f"the prompt is {seq.prompt_tokens} tokens; with max_tokens={seq.params.max_new_tokens} it exceeds "
+                f"the {self.kv.capacity} tokens this server keeps per sequence"))
         for seq in admitted:
+            seq.slot = self.kv.allocate()
             seq.stream = TextStream(self._decode_text, seq.params.stop)
         return admitted
 
@@ -221,51 +292,106 @@ class GenerationEngine:
             return self.tok.decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        """The newcomers' prompts through the encoders and the LLM, in one left-padded batch."""
+    def _embed(self, seqs: list[Sequence]) -> None:
+        """The newcomers' input embeddings: every image, frame and audio window of all of them through
+        its encoder in one call per kind (the collated batch), spliced into the token embeddings."""
         try:
-            tensors = self.processor.collate([s.encoded for s in seqs], left_pad=True)
+            tensors = self.processor.collate([s.encoded for s in seqs])  # right-padded: prompts start at 0
             tensors.pop("labels")
-            ids, mask = tensors.pop("input_ids"), tensors.pop("attention_mask")
-            embeds = self.model.embed(ids, **tensors)
-            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-            cache = DynamicCache(config=self.model.llm.config)
-            out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
-                                 use_cache=True, logits_to_keep=1)
-        except Exception as e:  # e.g. out of memory: these requests fail, the running ones go on
-            log.exception("prefill of %d sequence(s) failed", len(seqs))
+            tensors.pop("attention_mask")
+            tensors = to_consumers(self.model, tensors)
+            embeds = self.model.embed(tensors.pop("input_ids"), **tensors)
+        except Exception as e:  # e.g. out of memory or a broken medium: these requests fail, the running ones go on
+            log.exception("encoding %d prompt(s) failed", len(seqs))
             self._fail(seqs, e)
             return
-        self._merge(cache, mask, seqs)
-        self._choose(out.logits[:, -1], seqs)
+        for i, seq in enumerate(seqs):
+            seq.embeds = embeds[i, : seq.prompt_tokens].to(self.kv.dtype)
+        self.prefilling.extend(seqs)
 
-    def _merge(self, cache: DynamicCache, mask: torch.Tensor, seqs: list[Sequence]) -> None:
-        if not self.running:
-            self.cache, self.mask, self.running = cache, mask, list(seqs)
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, width, -2), _pad_left(new.keys, width, -2)])
-            old.values = torch.cat([_pad_left(old.values, width, -2), _pad_left(new.values, width, -2)])
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
-        self.running.extend(seqs)
+    def _attend(self, positions: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
+        """The LLM's attention masks, (rows, 1, tokens, width): a query sees its slot's columns up to its
+        own position (additive: 0 or the dtype's minimum, as transformers builds them)."""
+        columns = torch.arange(width, device=positions.device)
+        seen = columns[None, None, :] <= positions[:, :, None]
+        mask = torch.zeros(seen.shape, dtype=self.kv.dtype, device=positions.device)
+        mask = mask.masked_fill(~seen, torch.finfo(self.kv.dtype).min)[:, None]
+        return dict.fromkeys(set(self.llm.config.layer_types), mask)
+
+    @torch.no_grad()
+    def _prefill_chunk(self) -> None:
+        """Up to `prefill_chunk` prompt tokens of the admitted sequences, in arrival order, as one
+        right-padded batch writing into their own slots; a prompt that completes yields its first token."""
+        budget, parts = self.prefill_chunk, []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            n = min(seq.prompt_tokens - seq.length, budget)
+            parts.append((seq, seq.length, n))
+            budget -= n
+        width, tokens = max(start + n for _, start, n in parts), max(n for _, _, n in parts)
+        embeds = torch.zeros(len(parts), tokens, parts[0][0].embeds.shape[-1], dtype=self.kv.dtype, device=self.device)
+        for i, (seq, start, n) in enumerate(parts):
+            embeds[i, :n] = seq.embeds[start : start + n]
+        meta = torch.tensor([[seq.slot, start, n] for seq, start, n in parts], device=self.device)  # one copy in
+        rows, starts, counts = meta.unbind(1)
+        offsets = torch.arange(tokens, device=self.device)
+        positions = starts[:, None] + offsets
+        cols = torch.where(offsets < counts[:, None], positions, self.kv.trash)  # padding writes the trash column
+        self.kv.set_forward(rows, cols, width)
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=self._attend(positions, width),
+                                position_ids=positions, cache=self.kv, use_cache=False).last_hidden_state
+        done = [(i, seq) for i, (seq, start, n) in enumerate(parts) if start + n == seq.prompt_tokens]
+        for seq, start, n in parts:
+            seq.length = start + n
+        if done:
+            last = torch.tensor([parts[i][2] - 1 for i, _ in done], device=self.device)
+            which = torch.tensor([i for i, _ in done], device=self.device)
+            logits = self.llm.lm_head(hidden[which, last])
+            seqs = [seq for _, seq in done]
+            for seq in seqs:
+                seq.embeds = None
+                self.prefilling.remove(seq)
+            self.running.extend(seqs)
+            self._choose(logits, seqs, list(range(len(seqs))))
 
     @torch.no_grad()
     def _decode(self) -> None:
+        """One token for every running sequence: the LLM over slots[:n], each row writing its own column."""
         rows = self.running
-        tokens = torch.tensor([[s.pending] for s in rows])
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(rows), 1)], dim=1)
-        positions = self.mask.sum(-1, keepdim=True) - 1
-        out = self.model.llm(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
-                             cache=self.cache, use_cache=True)
-        self._choose(out.logits[:, -1], rows)
+        n = max(s.slot for s in rows) + 1
+        if self.graphs is not None:
+            n = _bucket(n, self.kv.slots)
+        tokens, positions, cols = [0] * n, [0] * n, [self.kv.trash] * n
+        for s in rows:
+            tokens[s.slot], positions[s.slot], cols[s.slot] = s.pending, s.length, s.length
+        inputs = torch.tensor([tokens, positions, cols], device=self.device)  # one small copy to the device
+        if self.graphs is not None:
+            logits = self.graphs.run(n, _bucket(max(max(positions) + 1, MIN_GRAPH_WIDTH), self.kv.capacity), inputs)
+        else:
+            ids = None if self.embed_device == self.device else torch.tensor(tokens, device=self.embed_device)
+            logits = self.decode_forward(inputs, max(positions) + 1, ids)
+        for s in rows:
+            s.length += 1
+        self._choose(logits, rows, [s.slot for s in rows])
 
-    def _choose(self, logits: torch.Tensor, rows: list[Sequence]) -> None:
+    def decode_forward(self, inputs: torch.Tensor, width: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(3, n) tokens, positions, columns -> (n, vocab) logits; `width` columns attended. `ids`: the
+        tokens again on the embedding table's device, when that is not the decoder layers' one."""
+        tokens, positions, cols = inputs[0, :, None], inputs[1, :, None], inputs[2, :, None]
+        self.kv.set_forward(slice(0, inputs.shape[1]), cols, width)
+        embeds = self.llm.get_input_embeddings()(tokens if ids is None else ids[:, None]).to(self.device)
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=self._attend(positions, width),
+                                position_ids=positions, cache=self.kv, use_cache=False).last_hidden_state
+        return self.llm.lm_head(hidden[:, -1])
+
+    def _choose(self, logits: torch.Tensor, rows: list[Sequence], index: list[int]) -> None:
         for s in rows:
             if s.counts is None and (s.params.presence_penalty or s.params.frequency_penalty):
-                s.counts = torch.zeros(logits.shape[-1])
+                s.counts = torch.zeros(logits.shape[-1], device=logits.device)
+            s.generator = generator_on(s.generator, logits.device)
         tokens, logprobs = next_tokens(logits, [s.params for s in rows], [s.counts for s in rows],
-                                       [s.generator for s in rows])
+                                       [s.generator for s in rows], index)
         now = time.monotonic()
         for seq, token, logprob in zip(rows, tokens, logprobs, strict=True):
             if seq.first_token_at is None:
@@ -294,6 +420,10 @@ class GenerationEngine:
         if seq.finish_reason is not None:
             return
         seq.finish_reason, seq.error = reason, error
+        seq.embeds = None
+        if seq.slot is not None:  # free at once; the sequence leaves the batch lists before the next forward
+            self.kv.release(seq.slot)
+            seq.slot = None
         rest = seq.stream.finish() if seq.stream is not None else ""
         try:
             seq.emit(Event("done", rest, finish_reason=reason, error=error))
@@ -304,21 +434,54 @@ class GenerationEngine:
     def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
         for seq in seqs:
             self._finish(seq, "error", error)
-        if any(s in self.running for s in seqs):
-            self._retire()
+        self._retire()
 
     def _retire(self) -> None:
-        """Drop finished rows from the batch, and the leading cache columns nobody uses any more."""
-        keep = [i for i, s in enumerate(self.running) if s.finish_reason is None]
-        if len(keep) == len(self.running):
-            return
-        self.running = [self.running[i] for i in keep]
-        if not keep:
-            self.cache = self.mask = None
-            return
-        index = torch.tensor(keep)
-        used = self.mask[index].any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
-        self.mask = self.mask[index, start:]
+        """Drop finished sequences from the batch (their slots were freed as they finished; nothing is copied)."""
+        self.prefilling[:] = [s for s in self.prefilling if s.finish_reason is None]
+        self.running[:] = [s for s in self.running if s.finish_reason is None]
+
+
+class DecodeGraphs:
+    """Decode as CUDA graphs, one per (rows, columns) bucket, both powers of two, over static inputs: a
+    step is one copy in, one replay, and the logits read from the graph's own output. A bucket whose
+    capture fails runs eagerly (logged), so a model with an op CUDA graphs cannot hold still serves."""
+
+    def __init__(self, engine: GenerationEngine):
+        self.engine = engine
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.failed: set[tuple[int, int]] = set()
+        self.pool = None
+
+    def run(self, n: int, width: int, inputs: torch.Tensor) -> torch.Tensor:
+        key = (n, width)
+        if key in self.failed:
+            return self.engine.decode_forward(inputs, width)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(n, width)
+            except Exception:  # e.g. an op that cannot be captured: this bucket runs eagerly
+                log.exception("capturing the decode graph for %d rows x %d columns failed; running it eagerly",
+                              n, width)
+                self.failed.add(key)
+                return self.engine.decode_forward(inputs, width)
+        graph, static_inputs, logits = self.graphs[key]
+        static_inputs.copy_(inputs)
+        graph.replay()
+        return logits
+
+    def _capture(self, n: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        engine = self.engine
+        static_inputs = torch.zeros(3, n, dtype=torch.long, device=engine.device)
+        static_inputs[2] = engine.kv.trash  # warm-up and capture write only the trash column
+        stream = torch.cuda.Stream(engine.device)
+        stream.wait_stream(torch.cuda.current_stream(engine.device))
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):
+                engine.decode_forward(static_inputs, width)
+        torch.cuda.current_stream(engine.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
+            logits = engine.decode_forward(static_inputs, width)
+        self.pool = graph.pool()
+        return graph, static_inputs, logits

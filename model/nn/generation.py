@@ -12,6 +12,7 @@ from transformers import TextIteratorStreamer
 
 from model import runtime
 from model.nn.checkpoint import TOKENIZER_DIR
+from model.nn.devices import to_consumers
 from model.nn.omni import OmniModel
 from model.text.processor import ChatInput, OmniProcessor
 from model.text.tokenizer import load_tokenizer, stop_ids
@@ -33,8 +34,8 @@ class OmniChat:
 
     def _inputs(self, batch: list[ChatInput]) -> dict:
         encoded = [self.processor.encode(item, add_generation_prompt=True) for item in batch]
-        device = next(self.model.llm.parameters()).device  # the LLM's: encoders may live outside (Triton)
-        tensors = {k: v.to(device) for k, v in self.processor.collate(encoded, left_pad=True).items()}
+        # Each on the device of the module that reads it: encoders may live elsewhere (Triton).
+        tensors = to_consumers(self.model, self.processor.collate(encoded, left_pad=True))
         tensors.pop("labels")
         ids, mask = tensors.pop("input_ids"), tensors.pop("attention_mask")
         with torch.no_grad():

@@ -37,7 +37,8 @@ def build_llm(cfg: ModelConfig, vocab_size: int) -> Qwen2ForCausalLM:
 def splice_media(embeds: torch.Tensor, input_ids: torch.Tensor, features: dict[str, torch.Tensor | None],
                  media_token_ids: dict[str, int]) -> torch.Tensor:
     """Token embeddings with each kind's placeholder tokens replaced, in order, by its encoder's
-    (tokens, dim) output; the counts must match exactly."""
+    (tokens, dim) output, moved to the embeddings' device (an encoder may live elsewhere); the counts must
+    match exactly."""
     for kind, feats in features.items():
         slots = input_ids == media_token_ids[kind]
         n_slots = int(slots.sum())
@@ -45,7 +46,7 @@ def splice_media(embeds: torch.Tensor, input_ids: torch.Tensor, features: dict[s
         if n_slots != n_feats:
             raise ValueError(f"{n_slots} {kind} placeholder tokens but the {kind} encoder produced {n_feats}")
         if n_feats:
-            embeds = embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
+            embeds = embeds.masked_scatter(slots[..., None], feats.to(embeds.device, embeds.dtype))
     return embeds
 
 

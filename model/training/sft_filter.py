@@ -20,6 +20,7 @@ from itertools import islice
 import torch
 
 from model.config import SftFilterConfig
+from model.nn.devices import to_consumers
 from model.text.processor import Encoded, OmniProcessor
 
 
@@ -62,8 +63,7 @@ def sample_losses(model: torch.nn.Module, processor: OmniProcessor, samples: Ite
     it = iter(samples)
     with tqdm(total=total, desc="scoring SFT samples", unit="sample", disable=not progress) as bar:
         while batch_samples := list(islice(it, batch_size)):
-            device = next(model.parameters()).device
-            batch = {k: v.to(device) for k, v in processor.collate(batch_samples).items()}
+            batch = to_consumers(model, processor.collate(batch_samples))
             losses += model.sample_losses(**batch).tolist()
             bar.update(len(batch_samples))
     model.train(was_training)

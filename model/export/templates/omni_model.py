@@ -112,6 +112,7 @@ class EncodedModel:
     def __init__(self, checkpoint: Path, encoders: Encoders):
         import torch
 
+        from model import runtime
         from model.config import ModelConfig
         from model.nn import checkpoint as ckpt
         from model.nn.loading import TensorFiles
@@ -127,7 +128,15 @@ class EncodedModel:
         if unexpected or [k for k in missing if k != "lm_head.weight" or not self.cfg.llm.tie_word_embeddings]:
             raise ValueError(f"{checkpoint}: LLM weights do not match (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]})")
+        self.llm = runtime.place(self.llm)  # the LLM on this node's GPU in bf16 when it has one
         self.torch = torch
+
+    def input_devices(self) -> dict:
+        """Token ids to the LLM's device; pixels and log-mel stay on the host, where the ONNX encoders read them."""
+        from model.nn.devices import LLM_INPUTS, TOWER_INPUTS, llm_device
+
+        host = self.torch.device("cpu")
+        return {**dict.fromkeys(LLM_INPUTS, llm_device(self)), **dict.fromkeys(TOWER_INPUTS, host)}
 
     def eval(self) -> EncodedModel:
         self.llm.eval()
@@ -136,8 +145,8 @@ class EncodedModel:
     def embed(self, input_ids, pixel_values=None, video_pixel_values=None, audio_mel=None, audio_frames=None):
         from model.nn.omni import splice_media
 
-        def run(name: str, x):
-            return self.torch.from_numpy(self.encoders(name, x.numpy()))
+        def run(name: str, x):  # host arrays in; the features join the LLM's device in splice_media
+            return self.torch.from_numpy(self.encoders(name, x.detach().cpu().numpy()))
 
         features = {
             "image": run("vision_encoder", pixel_values).flatten(0, 1) if pixel_values is not None else None,

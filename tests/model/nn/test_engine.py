@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.nn.engine import Event, GenerationEngine, QueueFull, Sequence
+from model.nn.engine import CapacityError, Event, GenerationEngine, QueueFull, Sequence
 from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
 from model.nn.sampling import SamplingParams, adjust, draw
@@ -63,7 +63,7 @@ def test_greedy_answers_in_a_batch_equal_each_alone(chat):
 
 
 def test_requests_joining_and_leaving_mid_flight_get_the_same_answers(chat):
-    """Short answers leave, newcomers join between decode steps: the cache is merged and trimmed."""
+    """Short answers leave, newcomers join between decode steps: slots are taken and freed."""
     items = conversations()
     budgets = [3, 14, 6, 10, 8]
     alone = [chat.generate([it], max_new_tokens=n)[0] for it, n in zip(items, budgets, strict=True)]
@@ -81,7 +81,7 @@ def test_requests_joining_and_leaving_mid_flight_get_the_same_answers(chat):
     while not all(s.done.is_set() for s in seqs):
         engine.step()
         sizes.append(len(engine.running))
-    assert max(sizes) == 3 and engine.cache is None and engine.mask is None
+    assert max(sizes) == 3 and engine.kv.used == 0 and not engine.running and not engine.prefilling
     assert [s.text.strip() for s in seqs] == alone
 
 
@@ -187,3 +187,86 @@ def test_engine_thread_serves_concurrent_submissions(chat):
     finally:
         engine.stop()
     assert [s.text.strip() for s in seqs] == alone
+
+
+def test_chunked_prefill_gives_the_same_answers_and_running_streams_go_on(chat):
+    """A long prompt prefilled a few tokens per step while another stream decodes between its chunks."""
+    items = conversations()
+    alone = [chat.generate([it], max_new_tokens=8)[0] for it in items[:2]]
+    engine = GenerationEngine(chat, max_batch=4, prefill_chunk=5)
+    short, long_ = _seq(chat, items[0], max_new_tokens=8), _seq(chat, items[1], max_new_tokens=8)
+    engine.run_until_done([short])  # warm: the short one alone first
+    short = _seq(chat, items[0], max_new_tokens=8)
+    engine.submit(short)
+    while not engine.running:
+        engine.step()
+    engine.submit(long_)
+    engine.step()
+    assert long_ in engine.prefilling and short.completion_tokens >= 2  # decoding went on beside the chunk
+    while not (short.done.is_set() and long_.done.is_set()):
+        engine.step()
+    assert [short.text.strip(), long_.text.strip()] == alone
+
+
+def test_a_request_that_cannot_fit_the_cache_fails_alone_with_a_message(chat):
+    engine = GenerationEngine(chat, max_batch=2, max_context=40)
+    item = conversations()[0]
+    fits, too_long = _seq(chat, item, max_new_tokens=4), _seq(chat, item, max_new_tokens=39)
+    engine.run_until_done([fits, too_long])
+    assert fits.finish_reason == "length" and too_long.finish_reason == "error"
+    assert isinstance(too_long.error, CapacityError) and "40 tokens" in str(too_long.error)
+    assert engine.kv.used == 0
+
+
+def test_out_of_memory_in_a_step_fails_those_requests_and_the_engine_goes_on(chat, monkeypatch):
+    items = conversations()
+    engine = GenerationEngine(chat, max_batch=4)
+    try:
+        real = engine.decode_forward
+        calls = {"n": 0}
+
+        def once_out_of_memory(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "decode_forward", once_out_of_memory)
+        first = [engine.submit(_seq(chat, it, max_new_tokens=6)) for it in items[:2]]
+        engine.start()  # both admitted together: the second decode step holds both
+        assert all(s.done.wait(60) for s in first)
+        assert {s.finish_reason for s in first} == {"error"}
+        assert all(isinstance(s.error, torch.OutOfMemoryError) for s in first)
+        later = engine.submit(_seq(chat, items[2], max_new_tokens=6))
+        assert later.done.wait(60) and later.finish_reason in ("stop", "length")
+        assert engine._thread.is_alive()
+    finally:
+        engine.stop()
+    assert engine.kv.used == 0  # every slot back (checked once the engine thread has finished its step)
+
+
+def test_bucketed_decode_pads_rows_and_columns_without_changing_answers(chat):
+    """The CUDA-graph path's shapes (rows and columns rounded up to powers of two, idle rows writing
+    the trash column) on the CPU: capture is impossible here, so each bucket runs eagerly."""
+    items = conversations()
+    alone = [chat.generate([it], max_new_tokens=7)[0] for it in items[:3]]
+    engine = GenerationEngine(chat, max_batch=4, cuda_graphs=True)
+    assert engine.graphs is not None
+    seqs = engine.run_until_done([_seq(chat, it, max_new_tokens=7) for it in items[:3]])
+    assert [s.text.strip() for s in seqs] == alone
+    assert engine.graphs.failed and all(n in (1, 2, 4) and w >= 256 for n, w in engine.graphs.failed)
+
+
+def test_requests_admitted_together_share_one_encoder_call_per_kind(chat, monkeypatch):
+    calls = {"encode_images": 0, "encode_audio": 0}
+    for name in calls:
+        real = getattr(chat.model, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(chat.model, name, counted)
+    items = conversations()  # three with images (one with two), one with audio
+    GenerationEngine(chat, max_batch=8).run_until_done([_seq(chat, it, max_new_tokens=2) for it in items])
+    assert calls == {"encode_images": 1, "encode_audio": 1}
