@@ -99,6 +99,10 @@ class VideoConfig(Strict):
     max_frames: int = Field(48, gt=0, description="upper bound on sampled frames (paper: 48)")
     timestamps: bool = Field(True, description="write each frame's time ('3s') before its tokens, so the "
                                                "prompt can refer to moments in the video")
+    use_audio_in_video: bool = Field(
+        False, description="feed a video's own sound track with its frames, interleaved by time (each sampled "
+                           "frame's tokens, then the sound up to the next frame); a record's or request's "
+                           "`use_audio_in_video` overrides it, and a video without a sound track is frames only")
 
 
 class AudioConfig(Strict):
