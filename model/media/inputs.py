@@ -83,6 +83,11 @@ class RawMedia:
     use_audio_in_video: bool | None = None  # a video's: read its sound too; None: the model's default
 
 
+def use_audio_in_video(own: bool | None, cfg: ModelConfig) -> bool:
+    """The switch for a video's sound: a record's or request's own setting, else the model's default."""
+    return own if own is not None else cfg.video.use_audio_in_video
+
+
 def named(err: MediaError, item: RawMedia) -> MediaError:
     """The same error in the item's own name: the name, then what is wrong, without the decoder's
     name for the source (its path, or "<123 bytes>") or FFmpeg's "[Errno N]" noise. A limit's
@@ -132,9 +137,8 @@ class MediaReader:
             raise named(err, item) from None
 
     def with_sound(self, item: RawMedia) -> bool:
-        """Whether a video item is read with its sound: its own switch, else the model's default."""
-        own = item.use_audio_in_video
-        return item.kind == "video" and (own if own is not None else self.cfg.video.use_audio_in_video)
+        """Whether a video item is read with its sound."""
+        return item.kind == "video" and use_audio_in_video(item.use_audio_in_video, self.cfg)
 
     def chat_input(self, messages: list[dict], items: Sequence[RawMedia]) -> ChatInput:
         """The conversation with its media decoded, in the order given (per kind, the n-th item fills
