@@ -367,6 +367,9 @@ class BenchmarkConfig(Strict):
     data: str | None = Field(None, description="file or folder (local or s3://); relative paths resolve against "
                                                "evaluation.data_root")
     options: dict[str, str] = Field(default_factory=dict, description="reader options (image_dir, audio_dir, ...)")
+    use_audio_in_video: bool | None = Field(
+        None, description="feed each video's sound track with its frames (Video-MME, WorldSense, Daily-Omni "
+                          "questions that need the sound); null: the model's video.use_audio_in_video")
     metric: Literal[BENCHMARK_METRICS]  # type: ignore[valid-type]
     lang: str | None = Field(None, description="text normalisation language of the answers (en, zh, ...)")
     scoring: Literal["generate", "loglikelihood"] = Field(
