@@ -264,6 +264,9 @@ class DataConfig(Strict):
     demo_videos: int = Field(80, ge=0)
     demo_audios: int = Field(120, ge=0)
     demo_texts: int = Field(80, ge=0)
+    demo_sound_videos: int = Field(
+        0, ge=0, description="videos of a moving shape over a spoken number, asked which number is said: only "
+                             "the sound answers (records with use_audio_in_video on)")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
     max_image_pixels: int = 4096 * 4096
