@@ -102,3 +102,26 @@ def test_the_model_splices_each_kind_in_token_order(tiny_cfg, tokenizer):
     assert video_at[0] < video_audio[0] and video_audio[-1] > video_at[-1]
     assert torch.equal(embeds[video_at], frames)
     assert torch.isfinite(out.loss) and out.logits.shape[1] == len(enc.input_ids)
+
+
+def test_packed_samples_keep_each_ones_sound_at_its_own_positions(tiny_cfg, tokenizer):
+    """Packing a clip-only sample after a video with sound: the audio windows still follow token order."""
+    from model.data.packing import collate_packed
+
+    torch.manual_seed(0)
+    p = OmniProcessor(tokenizer, tiny_cfg)
+    model = OmniModel(tiny_cfg, len(tokenizer), p.placeholder_ids).eval()
+    wave = 0.1 * np.random.default_rng(3).standard_normal(2 * SR).astype(np.float32)
+    heard = p.encode(_sample(2, wave))
+    clip = p.encode(ChatInput(messages=[{"role": "user", "content": "<audio>what is said?"},
+                                        {"role": "assistant", "content": "red"}],
+                              audios=[0.1 * np.ones(SR // 2, np.float32)]))
+    batch = collate_packed(p, [[heard, clip]])
+    with torch.no_grad():
+        embeds = model.embed(batch["input_ids"], video_pixel_values=batch["video_pixel_values"],
+                             audio_mel=batch["audio_mel"], audio_frames=batch["audio_frames"])[0]
+        own = [model.encode_audio(*(b[k] for k in ("audio_mel", "audio_frames")))
+               for b in (p.collate([heard]), p.collate([clip]))]
+    audio_at = (batch["input_ids"][0] == p.placeholder_ids["audio"]).nonzero().flatten()
+    assert len(audio_at) == 25 + 6
+    assert torch.allclose(embeds[audio_at], torch.cat([*own[0], *own[1]]), atol=1e-5)
