@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.media.decode import MediaError
+from model.media.decode import MediaError, describe
 from model.media.inputs import MediaReader, RawMedia
 from model.media.limits import MediaLimits
 from tests.model.media.sound import write_video_with_sound
@@ -64,3 +64,17 @@ def test_a_sound_track_under_the_rate_limit_is_refused(tiny_cfg, tmp_path):
     with pytest.raises(MediaError, match="has sound sampled at 44100 Hz, under data.min_audio_sample_rate") as err:
         _reader(tiny_cfg, on=True, min_audio_sample_rate=48000).read(RawMedia("video", path, "'a.mp4'"))
     assert err.value.kind == "audio sample rate"
+
+
+def test_an_undecodable_sound_track_is_a_bad_video_audio(tiny_cfg, tmp_path, monkeypatch):
+    import model.media.limits as limits
+
+    def broken(src, rate):  # what the decoder raises for a corrupt track
+        raise MediaError(f"{describe(src)}: corrupt audio (Invalid data found when processing input)")
+
+    path = tmp_path / "clip.mp4"
+    write_video_with_sound(path, seconds=1, loud_second=0)
+    monkeypatch.setattr(limits, "load_audio", broken)
+    with pytest.raises(MediaError, match="^video\\[0\\]: corrupt audio") as err:
+        _reader(tiny_cfg, on=True).read(RawMedia("video", path, "video[0]"))
+    assert err.value.kind == "bad video audio" and err.value.item == "video[0]"
