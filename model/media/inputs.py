@@ -67,7 +67,8 @@ class ChatInput:
     def add(self, kind: str, decoded: Image.Image | Video | np.ndarray) -> None:
         """Append one decoded item (what `MediaReader.read` returns for `kind`)."""
         if kind == "video":
-            self.video_audios += [None] * (len(self.videos) - len(self.video_audios))  # videos given without
+            # Videos put on the list directly, without a sound list, are frames only.
+            self.video_audios += [None] * (len(self.videos) - len(self.video_audios))
             self.videos.append(decoded.frames)
             self.video_times.append(decoded.times)
             self.video_audios.append(decoded.audio)
