@@ -99,6 +99,10 @@ class VideoConfig(Strict):
     max_frames: int = Field(48, gt=0, description="upper bound on sampled frames (paper: 48)")
     timestamps: bool = Field(True, description="write each frame's time ('3s') before its tokens, so the "
                                                "prompt can refer to moments in the video")
+    use_audio_in_video: bool = Field(
+        False, description="feed a video's own sound track with its frames, interleaved by time (each sampled "
+                           "frame's tokens, then the sound up to the next frame); a record's or request's "
+                           "`use_audio_in_video` overrides it, and a video without a sound track is frames only")
 
 
 class AudioConfig(Strict):
@@ -264,6 +268,9 @@ class DataConfig(Strict):
     demo_videos: int = Field(80, ge=0)
     demo_audios: int = Field(120, ge=0)
     demo_texts: int = Field(80, ge=0)
+    demo_sound_videos: int = Field(
+        0, ge=0, description="videos of a moving shape over a spoken number, asked which number is said: only "
+                             "the sound answers (records with use_audio_in_video on)")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
     max_image_pixels: int = 4096 * 4096
@@ -367,6 +374,9 @@ class BenchmarkConfig(Strict):
     data: str | None = Field(None, description="file or folder (local or s3://); relative paths resolve against "
                                                "evaluation.data_root")
     options: dict[str, str] = Field(default_factory=dict, description="reader options (image_dir, audio_dir, ...)")
+    use_audio_in_video: bool | None = Field(
+        None, description="feed each video's sound track with its frames (Video-MME, WorldSense, Daily-Omni "
+                          "questions that need the sound); null: the model's video.use_audio_in_video")
     metric: Literal[BENCHMARK_METRICS]  # type: ignore[valid-type]
     lang: str | None = Field(None, description="text normalisation language of the answers (en, zh, ...)")
     scoring: Literal["generate", "loglikelihood"] = Field(

@@ -35,6 +35,7 @@ class MediaItem:
     kind: str  # "image" | "video" | "audio"
     data: bytes
     field: str  # where it came from, for error messages
+    use_audio_in_video: bool | None = None  # a video's: read its sound too; None: the model's default
 
 
 @dataclass

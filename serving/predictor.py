@@ -185,7 +185,7 @@ class OmniPredictor(kserve.Model):
 
     def build_chat(self, conv: Conversation) -> ChatInput:
         """Decode and check every media item (blocking: call from a worker thread)."""
-        media = [RawMedia(m.kind, m.data, m.field) for m in conv.media]
+        media = [RawMedia(m.kind, m.data, m.field, m.use_audio_in_video) for m in conv.media]
         try:
             return self.media_reader().chat_input(conv.messages, media)
         except MediaError as e:  # its message names the field: "image[0] is 5000x5000 = ..."

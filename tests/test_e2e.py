@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SMALL = [
     "data.demo_images=48", "data.demo_videos=16", "data.demo_audios=24", "data.demo_texts=8",
+    "data.demo_sound_videos=8",
     "stages.image_1.steps=8", "stages.image_2.steps=8", "stages.image_3.steps=8", "stages.video.steps=8",
     "stages.audio.steps=8", "stages.omni_align.steps=8", "stages.sft.steps=8", "evaluation.max_samples=24",
 ]

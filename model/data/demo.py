@@ -10,13 +10,17 @@ benchmark files, see `model.data.demo_bench`, scored by conf/benchmark/omni_tiny
   video_mcq        4 s mp4 (H.264) of a shape moving across             -> option letter for the direction
   video_color_mcq  4 s mp4 of a shape that changes colour mid-clip,
                    colour at the start or at the end                    -> option letter
+  video_sound_mcq  4 s mp4 of a moving shape with an espeak-ng number
+                   muxed in as its sound track, "which number is said";
+                   only the sound answers (use_audio_in_video)          -> option letter
   asr              espeak-ng speech of 1-3 digits, 16 kHz WAV           -> "three seven"
   spoken_vqa       an image + the question about it spoken by espeak-ng
                    (the paper's image-audio-text data)                  -> "red" / "circle"
   text_qa          text-only arithmetic / simple facts                  -> "7"
 
 Speech uses several espeak-ng voices and speeds. `cfg.demo_images` is split evenly over the four
-image tasks, `demo_videos` over the two video tasks; a quarter of `demo_audios` are spoken questions.
+image tasks, `demo_videos` over the two silent video tasks; a quarter of `demo_audios` are spoken
+questions; `demo_sound_videos` are the videos with sound.
 
 Everything is derived from `cfg.seed`: the same seed gives byte-identical JSONL files.
 Media paths in the records are relative to `out_dir` (e.g. "media/caption-0003.png").
@@ -37,6 +41,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 import av
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -61,14 +66,16 @@ VOICES = ("en", "en-us", "en+f3", "en-us+m3", "en-gb-scotland", "en+f4", "en-029
 SPEEDS = (140, 150, 160, 170, 180)
 VIDEO_FPS, VIDEO_SECONDS = 8, 4
 AUDIO_RATE = 16000
-TASKS = ("caption", "image_mcq", "ocr", "count", "video_mcq", "video_color_mcq", "asr", "spoken_vqa", "text_qa")
+TASKS = ("caption", "image_mcq", "ocr", "count", "video_mcq", "video_color_mcq", "video_sound_mcq", "asr",
+         "spoken_vqa", "text_qa")
+SPOKEN_NUMBERS = DIGITS[1:5]  # the options of the sound question
 SPOKEN_QUESTIONS = {"color": "what color is the shape", "shape": "what shape is it"}
 
 
 def make_demo(out_dir: Path, cfg: DataConfig, progress: bool = True) -> dict[str, int]:
     """Write out_dir/train.jsonl, out_dir/val.jsonl, out_dir/media/* and the held-out set as benchmark
     files in out_dir/benchmarks/; return record counts per task, per split and in total."""
-    if cfg.demo_audios and shutil.which("espeak-ng") is None:
+    if (cfg.demo_audios or cfg.demo_sound_videos) and shutil.which("espeak-ng") is None:
         raise RuntimeError("espeak-ng is needed for the speech data: apt-get install -y espeak-ng")
     out_dir = Path(out_dir)
     (out_dir / "media").mkdir(parents=True, exist_ok=True)
@@ -83,6 +90,7 @@ def make_demo(out_dir: Path, cfg: DataConfig, progress: bool = True) -> dict[str
     plan += [("count", i, _count) for i in range(quarter)]
     plan += [("video_mcq", i, _video_mcq) for i in range(cfg.demo_videos - cfg.demo_videos // 2)]
     plan += [("video_color_mcq", i, _video_color_mcq) for i in range(cfg.demo_videos // 2)]
+    plan += [("video_sound_mcq", i, _video_sound_mcq) for i in range(cfg.demo_sound_videos)]
     plan += [("spoken_vqa", i, _spoken_vqa) for i in range(n_spoken)]
     speech = _unique_speech(random.Random(f"{cfg.seed}:asr"), cfg.demo_audios - n_spoken)
     plan += [("asr", i, partial(_asr, text=t, voice=v, speed=sp)) for i, (t, v, sp) in enumerate(speech)]
@@ -245,6 +253,16 @@ def _count(rng: random.Random, rid: str, out_dir: Path) -> dict:
 
 
 def _video_mcq(rng: random.Random, rid: str, out_dir: Path) -> dict:
+    direction, frames = _moving_shape(rng)
+    rel = f"media/{rid}.mp4"
+    _write_mp4(out_dir / rel, frames)
+    lines, letter = _options(rng, direction, DIRECTIONS)
+    user = f"<video>In which direction does the shape move?\n{lines}\nAnswer with the option's letter."
+    return {"messages": _chat(user, letter), "videos": [rel]}
+
+
+def _moving_shape(rng: random.Random) -> tuple[str, list[Image.Image]]:
+    """(direction, frames) of a shape crossing the picture in VIDEO_SECONDS."""
     direction, color, shape = rng.choice(DIRECTIONS), rng.choice(list(COLORS)), rng.choice(SHAPES)
     background, fill = rng.choice(BACKGROUNDS), _jitter(rng, COLORS[color])
     r = rng.uniform(7, 10)
@@ -260,11 +278,24 @@ def _video_mcq(rng: random.Random, rid: str, out_dir: Path) -> dict:
         img = Image.new("RGB", (SIZE, SIZE), background)
         _draw(img, shape, fill, cx, cy, r)
         frames.append(img)
+    return direction, frames
+
+
+def _video_sound_mcq(rng: random.Random, rid: str, out_dir: Path) -> dict:
+    """A moving shape (the picture says nothing about the answer) and a number spoken at a random
+    moment of the clip, in the video's own sound track: a question only the sound answers."""
+    _, frames = _moving_shape(rng)
+    number = rng.choice(SPOKEN_NUMBERS)
+    speech = load_audio(_espeak(number, rng.choice(VOICES), rng.choice(SPEEDS)), AUDIO_RATE)
+    speech = speech[: AUDIO_RATE * VIDEO_SECONDS]
+    sound = np.zeros(AUDIO_RATE * VIDEO_SECONDS, np.float32)
+    start = rng.randint(0, sound.size - speech.size)
+    sound[start : start + speech.size] = speech
     rel = f"media/{rid}.mp4"
-    _write_mp4(out_dir / rel, frames)
-    lines, letter = _options(rng, direction, DIRECTIONS)
-    user = f"<video>In which direction does the shape move?\n{lines}\nAnswer with the option's letter."
-    return {"messages": _chat(user, letter), "videos": [rel]}
+    _write_mp4(out_dir / rel, frames, sound)
+    lines, letter = _options(rng, number, SPOKEN_NUMBERS)
+    user = f"<video>Which number is said in the video?\n{lines}\nAnswer with the option's letter."
+    return {"messages": _chat(user, letter), "videos": [rel], "use_audio_in_video": True}
 
 
 def _video_color_mcq(rng: random.Random, rid: str, out_dir: Path) -> dict:
@@ -288,17 +319,27 @@ def _video_color_mcq(rng: random.Random, rid: str, out_dir: Path) -> dict:
     return {"messages": _chat(user, letter), "videos": [rel]}
 
 
-def _write_mp4(path: Path, frames: list[Image.Image]) -> None:
+def _write_mp4(path: Path, frames: list[Image.Image], sound: np.ndarray | None = None) -> None:
+    """H.264 frames at VIDEO_FPS; with `sound` (mono float32 at AUDIO_RATE), an AAC track beside them."""
     with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=VIDEO_FPS, options={"preset": "veryfast", "crf": "20"})
         stream.width = stream.height = SIZE
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = VIDEO_FPS  # a keyframe every second: seeking has work to skip
+        # Every stream is added before the first packet: the container's header is written then.
+        audio = container.add_stream("aac", rate=AUDIO_RATE, layout="mono") if sound is not None else None
         for i, img in enumerate(frames):
             frame = av.VideoFrame.from_image(img)
             frame.pts, frame.time_base = i, Fraction(1, VIDEO_FPS)
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
+        if audio is None:
+            return
+        for start in range(0, sound.size, 1024):
+            chunk = av.AudioFrame.from_ndarray(sound[None, start : start + 1024], format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts, chunk.time_base = AUDIO_RATE, start, Fraction(1, AUDIO_RATE)
+            container.mux(audio.encode(chunk))
+        container.mux(audio.encode())
 
 
 # ----------------------------------------------------------------------------------------- audio
@@ -317,11 +358,15 @@ def _unique_speech(rng: random.Random, n: int) -> list[tuple[str, str, int]]:
     return out
 
 
-def _speak(text: str, voice: str, speed: int, path: Path) -> None:
-    wav = subprocess.run(
+def _espeak(text: str, voice: str, speed: int) -> bytes:
+    """The text spoken by espeak-ng, as WAV bytes (at espeak-ng's own 22.05 kHz)."""
+    return subprocess.run(
         ["espeak-ng", "--stdout", "-v", voice, "-s", str(speed), text], check=True, capture_output=True
     ).stdout
-    samples = load_audio(wav, AUDIO_RATE)  # espeak-ng speaks at 22.05 kHz; models want 16 kHz
+
+
+def _speak(text: str, voice: str, speed: int, path: Path) -> None:
+    samples = load_audio(_espeak(text, voice, speed), AUDIO_RATE)  # models want 16 kHz
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)

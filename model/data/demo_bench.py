@@ -3,7 +3,9 @@ benchmark it mimics, so the demo evaluates through the same readers, prompts and
 or Fleurs (conf/benchmark/omni_tiny_*.yaml):
 
     benchmarks/omni_tiny_image_mcq.tsv       VLMEvalKit TSV, base64 images     (image_mcq)
-    benchmarks/omni_tiny_video/<task>.json   MVBench JSON, one file per task   (video_mcq, video_color_mcq)
+    benchmarks/omni_tiny_video/<task>.json   MVBench JSON, one file per task   (video_mcq, video_color_mcq,
+                                                                                video_sound_mcq: read with
+                                                                                the videos' sound)
     benchmarks/omni_tiny_ocr.json            OCRBench JSON                     (ocr)
     benchmarks/omni_tiny_count.json          ChartQA-style VQA JSON            (count)
     benchmarks/omni_tiny_caption.json        VQA JSON                          (caption)
@@ -85,7 +87,7 @@ def write_demo_benchmarks(out_dir: Path, held_out: list[Record]) -> dict[str, in
         by_task.setdefault(r.task, []).append(r)
     get = by_task.get
     _image_mcq_tsv(out, get("image_mcq", []))
-    for task in ("video_mcq", "video_color_mcq"):
+    for task in ("video_mcq", "video_color_mcq", "video_sound_mcq"):
         _write_json(out / BENCH_DIR / "omni_tiny_video" / f"{task}.json", _video_json(get(task, [])))
     ocr = [{"id": r.id, "image_path": f"../{r.images[0]}", "question": row["question"], "answers": r.reference,
             "type": "Digit String Recognition", "dataset_name": "omni-tiny"}

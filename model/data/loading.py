@@ -41,7 +41,7 @@ def to_chat_input(record: Record, base_dir: Path | None, cfg: ModelConfig, inclu
     get = fetch or (lambda uri: resolve(uri, base_dir))
     messages = record.messages if include_answer else record.prompt_messages
     used = {k: sum(m.content.count(f"<{k}>") for m in messages) for k in MEDIA_KINDS}
-    media = [RawMedia(kind, get(uri), repr(uri)) for kind in MEDIA_KINDS
+    media = [RawMedia(kind, get(uri), repr(uri), record.use_audio_in_video) for kind in MEDIA_KINDS
              for uri in getattr(record, kind + "s")[: used[kind]]]
     return MediaReader(cfg, PREPARED).chat_input([m.model_dump() for m in messages], media)
 

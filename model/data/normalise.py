@@ -1,7 +1,8 @@
 """A record's media, fetched, checked against the data limits and normalised into content-addressed
 files: images as RGB PNG, audio as 16 kHz mono WAV, videos kept as uploaded (re-encoding is lossy,
 and fps / max_frames are model settings a later stage may change; training samples frames by
-seeking, which costs about one GOP per frame)."""
+seeking, which costs about one GOP per frame), their sound tracks too: a video read with its sound
+(`use_audio_in_video`) has that sound checked here, under the video's limits."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def normalise_media(record: Record, base: str, out_dir: Path, data: DataConfig, 
         if not blob:
             raise Rejected(f"bad {kind}", f"{uri!r} is an empty file (0 bytes)")
         try:
-            norm, ext = _normalise(RawMedia(kind, blob, repr(uri)), reader, out.stats)
+            norm, ext = _normalise(RawMedia(kind, blob, repr(uri), record.use_audio_in_video), reader, out.stats)
         except MediaError as err:  # its message names the item: "'a.png' is 9000x20, ..."
             raise Rejected(err.kind or f"bad {kind}", str(err)) from None
         digest = sha256(norm)

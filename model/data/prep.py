@@ -50,6 +50,7 @@ from model.data.shards import (
     shard_name,
 )
 from model.data.validate import maybe_id, parse_record
+from model.media.inputs import use_audio_in_video
 from model.nn.checkpoint import TOKENIZER_DIR
 from model.nn.sources import resolve, start_tokenizer
 from model.storage import S3Store, StorageError, open_store
@@ -250,9 +251,13 @@ def _validate_line(
         record = parse_record(raw, data)
         rid = record.id
         media = normalise_media(record, f.base, out_dir, data, model)
+        # The same video heard or not is a different sample: the switch joins the key (only when on,
+        # so records without sound keep the keys they always had).
+        heard = bool(record.videos) and use_audio_in_video(record.use_audio_in_video, model)
         content = sha256(
             json.dumps([m.model_dump() for m in record.messages], sort_keys=True).encode()
             + "".join(media.hashes).encode()
+            + (b"\0use_audio_in_video" if heard else b"")
         )
         if content in ledger.seen_content:
             first_id, first = ledger.seen_content[content]
@@ -275,7 +280,9 @@ def _validate_line(
             "unexpected error",
         )
         return None
-    normalised = record.model_copy(update={k + "s": v for k, v in media.refs.items()})
+    # The switch as prep resolved it, so training reads the sound whatever the model's default becomes.
+    sound = {"use_audio_in_video": heard} if record.videos else {}
+    normalised = record.model_copy(update={**{k + "s": v for k, v in media.refs.items()}, **sound})
     return Kept(normalised, content, origin, media.hashes, media.stats)
 
 

@@ -23,7 +23,9 @@ FIXES = {
     "bad image": "replace the file with a readable PNG/JPEG/WebP image",
     "image size": "resize the image or change the data.*image* limits",
     "bad video": "replace the file with a readable video (e.g. H.264 mp4) that has frames",
-    "video too long": "cut the video or raise data.max_video_seconds",
+    "video too long": "cut the video (its sound track too) or raise data.max_video_seconds",
+    "bad video audio": "re-mux the video with a readable sound track, or set the record's use_audio_in_video "
+                       "to false to train on its frames only",
     "bad audio": "replace the file with readable audio (WAV/FLAC/MP3/OGG) that has an audio stream",
     "audio sample rate": "use a recording made at a higher rate, or lower data.min_audio_sample_rate",
     "audio length": "trim the audio or change data.min_audio_seconds/max_audio_seconds",

@@ -6,6 +6,8 @@
      "images": ["media/img-0001.png"], "videos": [], "audios": []}
 
 `<image>`, `<video>` and `<audio>` tags in message text match the media lists, in order.
+`"use_audio_in_video": true` feeds the record's videos with their sound tracks (false: frames only;
+absent: the model's `video.use_audio_in_video`).
 Media are paths (relative to the JSONL file's folder, or absolute) or s3:// URIs.
 """
 
@@ -30,6 +32,8 @@ class Record(Strict):
     images: list[str] = Field(default_factory=list)
     videos: list[str] = Field(default_factory=list)
     audios: list[str] = Field(default_factory=list)
+    use_audio_in_video: bool | None = Field(
+        None, description="read the videos' sound tracks with their frames; null: the model's video.use_audio_in_video")
     task: str = "chat"
     lang: str = "en"
     source: str = "unknown"

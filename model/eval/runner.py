@@ -68,7 +68,7 @@ def limits_of(name: str, spec: BenchmarkConfig) -> MediaLimits:
 def chat_input(item: BenchItem, spec: BenchmarkConfig, chat: OmniChat, limits: MediaLimits) -> ChatInput:
     """The conversation for `item` with its media decoded under the benchmark's limits (MediaError if not)."""
     messages = ([{"role": "system", "content": spec.prompt.system}] if spec.prompt.system else [])
-    media = [RawMedia(kind, src, f"{kind}s[{i}]") for kind in MEDIA_KINDS
+    media = [RawMedia(kind, src, f"{kind}s[{i}]", spec.use_audio_in_video) for kind in MEDIA_KINDS
              for i, src in enumerate(getattr(item, kind + "s"))]
     return MediaReader(chat.model.cfg, limits).chat_input(
         [*messages, {"role": "user", "content": prompt_text(item, spec)}], media)

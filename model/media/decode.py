@@ -259,6 +259,7 @@ class Header:
     width: int = 0  # video
     height: int = 0
     sample_rate: int = 0  # audio, of the source (before resampling)
+    offset: float = 0.0  # a video's sound: seconds from the video's first frame to the sound's start
 
 
 def probe(src: Source, kind: str) -> Header:
@@ -273,6 +274,26 @@ def probe(src: Source, kind: str) -> Header:
             raise MediaError(f"{describe(src)}: no audio stream")
         stream = container.streams.audio[0]
         return Header(_stream_duration(container, stream), sample_rate=stream.sample_rate or 0)
+    finally:
+        container.close()
+
+
+def probe_video_sound(src: Source) -> Header | None:
+    """The sound track of a video (its first audio stream), or None when it has none; decodes nothing.
+    `Header.offset` is where the sound starts on the video's clock (frame times count from the video
+    stream's start), so a muxer's delay between the streams does not shift words against frames."""
+    container = _open(src)
+    try:
+        video = _video_stream(container, src)
+        if not container.streams.audio:
+            return None
+        audio = container.streams.audio[0]
+
+        def start(stream: av.stream.Stream) -> float:
+            return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+        return Header(_stream_duration(container, audio), sample_rate=audio.sample_rate or 0,
+                      offset=start(audio) - start(video))
     finally:
         container.close()
 

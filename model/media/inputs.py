@@ -20,12 +20,16 @@ its own answer (quarantine, a failed benchmark row, a 400). Tiling and log-mel s
 processor: they are the encoders' input format, not the media's.
 
 A new kind of input is one decoder in `MediaReader.decoders` and one list on `ChatInput`. A video's
-own sound (`use_audio_in_video`) is such an entry: the same source read once more with `read_audio`
-under the same limits. Streamed audio is the audio decoder applied to chunks as they arrive.
+own sound is read with its frames when `use_audio_in_video` is on for it (the item's
+`RawMedia.use_audio_in_video`, from a record or a request; None: the model's
+`video.use_audio_in_video`): the same source read once more with `read_video_sound`, under the video's
+limits, onto `Video.audio` and `ChatInput.video_audios`; the processor interleaves it with the frames
+by time. Streamed audio is the audio decoder applied to chunks as they arrive.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +39,15 @@ from PIL import Image
 
 from model.config import ModelConfig
 from model.media.decode import MediaError, Source, describe
-from model.media.limits import LimitExceeded, MediaLimits, Video, read_audio, read_image, read_video
+from model.media.limits import (
+    LimitExceeded,
+    MediaLimits,
+    Video,
+    read_audio,
+    read_image,
+    read_video,
+    read_video_sound,
+)
 from model.media.tags import MEDIA_KINDS
 
 
@@ -47,13 +59,19 @@ class ChatInput:
     images: list[Image.Image] = field(default_factory=list)
     videos: list[list[Image.Image]] = field(default_factory=list)
     video_times: list[list[float]] = field(default_factory=list)  # per video, frame times in s; default i / fps
+    # Per video, its sound track (mono at audio.sampling_rate, on the frames' clock) or None: frames only.
+    # Empty: no video has sound.
+    video_audios: list[np.ndarray | None] = field(default_factory=list)
     audios: list[np.ndarray] = field(default_factory=list)
 
     def add(self, kind: str, decoded: Image.Image | Video | np.ndarray) -> None:
         """Append one decoded item (what `MediaReader.read` returns for `kind`)."""
         if kind == "video":
+            # Videos put on the list directly, without a sound list, are frames only.
+            self.video_audios += [None] * (len(self.videos) - len(self.video_audios))
             self.videos.append(decoded.frames)
             self.video_times.append(decoded.times)
+            self.video_audios.append(decoded.audio)
         else:
             getattr(self, kind + "s").append(decoded)
 
@@ -63,6 +81,12 @@ class RawMedia:
     kind: str  # one of MEDIA_KINDS: what the caller gives the item as
     data: Source  # a path or the file's bytes
     name: str  # what a refusal calls it: a request field ("image[0]"), a record's path ("'a.png'")
+    use_audio_in_video: bool | None = None  # a video's: read its sound too; None: the model's default
+
+
+def use_audio_in_video(own: bool | None, cfg: ModelConfig) -> bool:
+    """The switch for a video's sound: a record's or request's own setting, else the model's default."""
+    return own if own is not None else cfg.video.use_audio_in_video
 
 
 def named(err: MediaError, item: RawMedia) -> MediaError:
@@ -105,9 +129,17 @@ class MediaReader:
             raise MediaError(f"{item.name}: unknown media kind {item.kind!r}; expected one of "
                              f"{', '.join(self.decoders)}", "unknown media kind")
         try:
-            return self.decoders[item.kind](item.data)
+            decoded = self.decoders[item.kind](item.data)
+            if self.with_sound(item):
+                sound = read_video_sound(item.data, self.limits, self.cfg.audio.sampling_rate)
+                decoded = dataclasses.replace(decoded, audio=sound)
+            return decoded
         except MediaError as err:
             raise named(err, item) from None
+
+    def with_sound(self, item: RawMedia) -> bool:
+        """Whether a video item is read with its sound."""
+        return item.kind == "video" and use_audio_in_video(item.use_audio_in_video, self.cfg)
 
     def chat_input(self, messages: list[dict], items: Sequence[RawMedia]) -> ChatInput:
         """The conversation with its media decoded, in the order given (per kind, the n-th item fills

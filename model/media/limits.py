@@ -23,7 +23,15 @@ from dataclasses import dataclass, fields
 import numpy as np
 from PIL import Image
 
-from model.media.decode import MediaError, Source, load_audio, load_image, load_video_frames, probe
+from model.media.decode import (
+    MediaError,
+    Source,
+    load_audio,
+    load_image,
+    load_video_frames,
+    probe,
+    probe_video_sound,
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,7 @@ class Video:
     frames: list[Image.Image]
     times: list[float]  # seconds from the start, one per frame
     seconds: float
+    audio: np.ndarray | None = None  # its sound track (mono, on the frames' clock), when asked for and present
 
 
 def _check_size(width: int, height: int, limits: MediaLimits, what: str) -> None:
@@ -132,6 +141,30 @@ def read_audio(src: Source, limits: MediaLimits, sampling_rate: int) -> np.ndarr
         raise LimitExceeded(f"is {seconds:.1f} s, over {limits.name('max_audio_seconds')}", "audio length")
     if seconds < limits.min_audio_seconds:
         raise LimitExceeded(f"is {seconds:.3f} s, under {limits.name('min_audio_seconds')}", "audio length")
+    return wave
+
+
+def read_video_sound(src: Source, limits: MediaLimits, sampling_rate: int) -> np.ndarray | None:
+    """A video's sound track as mono float32 at `sampling_rate`, sample 0 at the first frame's time;
+    None when the video has no sound track. The video's limits cover its sound: its length counts
+    against `max_video_seconds` (from the header, then decoded), its source rate against
+    `min_audio_sample_rate`; a sound track that cannot be decoded is a "bad video audio"."""
+    header = _kind(probe_video_sound, "bad video", src)
+    if header is None:
+        return None
+    if header.sample_rate < limits.min_audio_sample_rate:
+        raise LimitExceeded(f"has sound sampled at {header.sample_rate} Hz, under "
+                            f"{limits.name('min_audio_sample_rate')}", "audio sample rate")
+    end = (header.duration or 0.0) + header.offset
+    if end > limits.max_video_seconds:
+        raise LimitExceeded(f"has {end:.1f} s of sound, over {limits.name('max_video_seconds')}", "video too long")
+    wave = _kind(load_audio, "bad video audio", src, sampling_rate)
+    shift = round(header.offset * sampling_rate)  # sound that starts late is preceded by silence
+    wave = np.concatenate([np.zeros(shift, np.float32), wave]) if shift > 0 else wave[-shift:]
+    seconds = wave.size / sampling_rate
+    if seconds > limits.max_video_seconds:
+        raise LimitExceeded(f"has {seconds:.1f} s of sound, over {limits.name('max_video_seconds')}",
+                            "video too long")
     return wave
 
 

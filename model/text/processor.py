@@ -15,6 +15,14 @@ projector emits: one tile's worth for a small image; for an AnyRes grid, the thu
 of tiles (tiles joined by `<img_tile_sep>`, rows led by `<img_row_sep>`). `<video>` becomes each
 frame's time as text ("3s", unless `video.timestamps` is off) and its placeholders; `<audio>` becomes
 encoder frames / 2 / projector stride placeholders, summed over 30 s windows.
+
+A video with its sound (`ChatInput.video_audios`) is interleaved by time: after each frame's
+placeholders, `<audio_start>` + the placeholders of the sound from that frame's time to the next
+frame's (the last frame: to the end) + `<audio_end>`. The sound is encoded whole, as a standalone
+clip is (log-mel over the track, 30 s Whisper windows), and its audio tokens are dealt out by the
+time each one starts (token j of a window starts at mel frame j * 2 * projector_stride): the model
+splices audio embeddings in token order, so each frame's share gets exactly its own span's encoder
+outputs, and the counts add up to what the encoder emits.
 """
 
 from __future__ import annotations
@@ -104,10 +112,13 @@ class OmniProcessor:
         out = Encoded(input_ids=[], labels=[])
         if sample.video_times and len(sample.video_times) != len(sample.videos):
             raise ValueError(f"{len(sample.videos)} videos but {len(sample.video_times)} lists of frame times")
+        if sample.video_audios and len(sample.video_audios) != len(sample.videos):
+            raise ValueError(f"{len(sample.videos)} videos but {len(sample.video_audios)} video sound tracks")
         times = sample.video_times or [None] * len(sample.videos)
+        sounds = sample.video_audios or [None] * len(sample.videos)
         queues = {
             "image": list(sample.images),
-            "video": list(zip(sample.videos, times, strict=True)),
+            "video": list(zip(sample.videos, times, sounds, strict=True)),
             "audio": list(sample.audios),
         }
         for text, message, train_on in self.render(sample.messages, add_generation_prompt):
@@ -170,22 +181,46 @@ class OmniProcessor:
             out.pixel_values.extend(self.pixels(t) for t in tiles)
             return [start, *self.image_layout(grid), end]
         if kind == "video":
-            frames, times = item
-            if not frames:
-                raise ValueError("video has no frames")
-            if times is not None and len(times) != len(frames):
-                raise ValueError(f"video has {len(frames)} frames but {len(times)} frame times")
-            times = times if times is not None else [i / self.cfg.video.fps for i in range(len(frames))]
-            out.video_pixel_values.extend(self.pixels(f) for f in frames)
-            ids = [start]
-            for t in times:
-                if self.cfg.video.timestamps:
-                    ids += self.tok.encode(f"{round(t, 1):g}s")
-                ids += [pad] * self.frame_tokens
-            return ids + [end]
+            return self._video(*item, out)
         windows = self.audio_windows(np.asarray(item, dtype=np.float32))
         out.audio_mel.extend(windows)
         return [start] + [pad] * self.audio_tokens(windows) + [end]
+
+    def _video(self, frames: list[Image.Image], times: list[float] | None, sound: np.ndarray | None,
+               out: Encoded) -> list[int]:
+        """A video's run: per frame, its time, its placeholders, then (with sound) its span's audio."""
+        start, pad, end = self.media_ids["video"]
+        if not frames:
+            raise ValueError("video has no frames")
+        if times is not None and len(times) != len(frames):
+            raise ValueError(f"video has {len(frames)} frames but {len(times)} frame times")
+        times = times if times is not None else [i / self.cfg.video.fps for i in range(len(frames))]
+        out.video_pixel_values.extend(self.pixels(f) for f in frames)
+        heard = self.sound_per_frame(sound, times, out) if sound is not None else [0] * len(frames)
+        a_start, a_pad, a_end = self.media_ids["audio"]
+        ids = [start]
+        for t, n_audio in zip(times, heard, strict=True):
+            if self.cfg.video.timestamps:
+                ids += self.tok.encode(f"{round(t, 1):g}s")
+            ids += [pad] * self.frame_tokens
+            if n_audio:
+                ids += [a_start] + [a_pad] * n_audio + [a_end]
+        return ids + [end]
+
+    def sound_per_frame(self, sound: np.ndarray, times: list[float], out: Encoded) -> list[int]:
+        """Encode a video's sound track (its windows appended to `out.audio_mel`) and return how many
+        of its audio tokens start in each frame's span [times[i], times[i + 1]); sound before the first
+        frame goes with it. A track shorter than one audio token adds nothing."""
+        sound = np.asarray(sound, dtype=np.float32)
+        if sound.size < self.audio_multiple * self.mel.hop_length:
+            return [0] * len(times)
+        windows = self.audio_windows(sound)
+        out.audio_mel.extend(windows)
+        starts = np.concatenate([i * self.window_frames + np.arange(0, w.shape[1], self.audio_multiple)
+                                 for i, w in enumerate(windows)])
+        seconds = starts * self.mel.hop_length / self.cfg.audio.sampling_rate
+        span = np.searchsorted(np.asarray(times[1:], dtype=np.float64), seconds, side="right")
+        return np.bincount(span, minlength=len(times)).tolist()
 
     def image_layout(self, grid: tuple[int, int]) -> list[int]:
         """Placeholder run for one image tiled as `grid` (columns, rows), without start/end."""

@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from serving.config import ServingConfig, resolve_storage_uri
 from serving.local import start_server
+from tests.model.media.sound import write_video_with_sound
 
 # Deliberately no `serving.predictor` / `serving.server` import: they import kserve, whose protobuf
 # definitions clash with tritonclient.grpc's, which other test modules may load in this process.
@@ -156,6 +157,26 @@ def test_chat_completion_with_every_modality(server, tokenizer):
     audio = 100 // 2 // cfg.audio.projector_stride
     expected = (per_image + 2) + (2 * per_frame + times + 2) + (audio + 2)
     assert usage["prompt_tokens"] - r2.json()["usage"]["prompt_tokens"] == expected
+
+
+def test_a_video_heard_as_well_as_seen(server, tmp_path):
+    """The part's `use_audio_in_video` feeds the video's sound: after each frame, that second's audio
+    tokens in <audio_start>...<audio_end> (2 s of sound: 200 mel frames, 13 + 12 audio tokens)."""
+    write_video_with_sound(tmp_path / "clip.mp4", seconds=2, loud_second=1)
+    clip = data_uri("video/mp4", (tmp_path / "clip.mp4").read_bytes())
+
+    def prompt_tokens(**switch) -> int:
+        part = {"type": "video_url", "video_url": {"url": clip, **switch}}
+        r = chat(server, {"messages": [{"role": "user", "content": [part]}], "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    seen = prompt_tokens()  # the tiny model's default: frames only
+    assert prompt_tokens(use_audio_in_video=False) == seen
+    assert prompt_tokens(use_audio_in_video=True) - seen == 200 // (2 * _tiny_config().audio.projector_stride) + 2 * 2
+    r = chat(server, {"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": clip, "use_audio_in_video": "loud"}}]}]})
+    assert r.status_code == 400 and "messages[0].content[0].video_url.use_audio_in_video" in r.text
 
 
 def test_streaming_matches_the_plain_answer(server):

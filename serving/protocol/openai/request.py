@@ -104,7 +104,7 @@ def _media(part, field: str) -> MediaItem:
         return MediaItem("image", _data_uri(part.image_url.url, where), where)
     if isinstance(part, VideoURLPart):
         where = f"{field}.video_url.url"
-        return MediaItem("video", _data_uri(part.video_url.url, where), where)
+        return MediaItem("video", _data_uri(part.video_url.url, where), where, part.video_url.use_audio_in_video)
     if isinstance(part, AudioURLPart):
         where = f"{field}.audio_url.url"
         return MediaItem("audio", _data_uri(part.audio_url.url, where), where)

@@ -9,9 +9,10 @@ shapes OpenAI and vLLM accept:
          {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
          {"type": "input_audio", "input_audio": {"data": "<base64>", "format": "wav"}},
          {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64,..."}},
-         {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}]}]}
+         {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,...", "use_audio_in_video": true}}]}]}
 
-Content parts become <image>/<audio>/<video> tags in the order they appear. Media must be inline
+Content parts become <image>/<audio>/<video> tags in the order they appear; a video's
+`use_audio_in_video` (default: the model's `video.use_audio_in_video`) feeds its sound track too. Media must be inline
 (base64 or data URIs): the server makes no outbound requests, so http(s) URLs get a 400 saying so.
 Sampling follows OpenAI: `temperature` (default `default_temperature`, 1 like OpenAI; 0 is
 greedy), `top_p`, `top_k`, `seed` (same seed, same answer, whatever else is batched with it),

@@ -43,9 +43,14 @@ class AudioURLPart(Strict):
     audio_url: MediaURL
 
 
+class VideoURL(MediaURL):
+    # The model's video.use_audio_in_video when absent (as Qwen-Omni's USE_AUDIO_IN_VIDEO, per video).
+    use_audio_in_video: bool | None = Field(None, description="feed the video's sound track with its frames")
+
+
 class VideoURLPart(Strict):
     type: Literal["video_url"]
-    video_url: MediaURL
+    video_url: VideoURL
 
 
 ContentPart = Annotated[

@@ -14,8 +14,10 @@ from model.data.demo import COLORS, make_demo
 from model.data.records import Record
 from model.media.decode import load_audio, load_image, load_video_frames
 
-TASKS = {"caption", "image_mcq", "ocr", "count", "video_mcq", "video_color_mcq", "asr", "spoken_vqa", "text_qa"}
-CFG = DataConfig(demo_images=16, demo_videos=8, demo_audios=8, demo_texts=8, val_fraction=0.25, seed=3)
+TASKS = {"caption", "image_mcq", "ocr", "count", "video_mcq", "video_color_mcq", "video_sound_mcq", "asr",
+         "spoken_vqa", "text_qa"}
+CFG = DataConfig(demo_images=16, demo_videos=8, demo_audios=8, demo_texts=8, demo_sound_videos=2, val_fraction=0.25,
+                 seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +54,12 @@ def test_counts_splits_and_records(demo):
     recs = _records(out)
     assert counts == {
         "caption": 4, "image_mcq": 4, "ocr": 4, "count": 4, "video_mcq": 4, "video_color_mcq": 4,
-        "asr": 6, "spoken_vqa": 2, "text_qa": 8,
-        "train": len(recs["train"]), "val": len(recs["val"]), "total": 40,
+        "video_sound_mcq": 2, "asr": 6, "spoken_vqa": 2, "text_qa": 8,
+        "train": len(recs["train"]), "val": len(recs["val"]), "total": 42,
     }  # fmt: skip
-    assert counts["val"] == 11  # 25 % of each task (rounded), at least one each
+    assert counts["val"] == 12  # 25 % of each task (rounded), at least one each
     ids = [r.id for split in recs.values() for r in split]
-    assert len(ids) == len(set(ids)) == 40
+    assert len(ids) == len(set(ids)) == 42
     for split in recs.values():
         for r in split:
             assert r.task in TASKS and r.source == "omni-tiny" and r.lang == "en"
@@ -111,6 +113,12 @@ def test_labels_match_the_media(demo):
             first, last = (_dominant_color(np.asarray(f)) for f in (frames[0], frames[-1]))
             assert first != last  # the colour does change between the sampled frames
             assert _options(prompt)[answer] == (first if when == "start" else last)
+        elif r.task == "video_sound_mcq":
+            # The picture is a moving shape; the spoken number is in the video's own sound track.
+            assert r.use_audio_in_video is True and _options(prompt)[answer] in ("one", "two", "three", "four")
+            sound = load_audio(out / r.videos[0])
+            assert abs(len(sound) / 16000 - 4) < 0.1 and np.abs(sound).max() > 0.1
+            assert prompt.startswith("<video>Which number is said")
         elif r.task == "ocr":
             assert re.fullmatch(r"\d{2,3}", answer)
             arr = np.asarray(load_image(out / r.images[0]))

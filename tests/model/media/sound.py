@@ -1,0 +1,38 @@
+"""Test media: an mp4 whose frames and sound say which second they belong to."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+RATE = 44100  # the sound's source rate (the reader resamples to the model's)
+
+
+def write_video_with_sound(path: Path, seconds: int = 4, fps: int = 10, sound_seconds: float | None = None,
+                           loud_second: int = 2, sound: bool = True) -> None:
+    """H.264 frames (flat grey of level 40 * second) and an AAC track that is silent except for a
+    440 Hz tone during `loud_second`; `sound_seconds` (default: `seconds`) sets the track's length."""
+    with av.open(str(path), "w", format="mp4") as c:
+        video = c.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
+        video.width = video.height = 32
+        video.pix_fmt = "yuv420p"
+        audio = c.add_stream("aac", rate=RATE, layout="mono") if sound else None
+        for i in range(seconds * fps):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 40 * (i // fps), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            c.mux(video.encode(frame))
+        c.mux(video.encode())
+        if audio is None:
+            return
+        n = int(RATE * (seconds if sound_seconds is None else sound_seconds))
+        t = np.arange(n) / RATE
+        wave = np.where((t >= loud_second) & (t < loud_second + 1), 0.5 * np.sin(2 * np.pi * 440 * t), 0.0)
+        for start in range(0, n, 1024):
+            chunk = wave[start : start + 1024].astype(np.float32)[None, :]
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = RATE, start, Fraction(1, RATE)
+            c.mux(audio.encode(frame))
+        c.mux(audio.encode())
