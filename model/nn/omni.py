@@ -118,7 +118,7 @@ class OmniModel(nn.Module):
         if unknown := sorted(set(media) - self.media_inputs):
             raise TypeError(f"unknown media inputs {unknown}; the encoders read {sorted(self.media_inputs)}")
         embeds = self.llm.get_input_embeddings()(input_ids)
-        lockstep = self.training and runtime.ranks().world_size > 1
+        lockstep = self._lockstep()
         features: dict[str, torch.Tensor | None] = {}
         for kind, encoder in self.ENCODERS.items():
             given = [media.get(key) for key in encoder.inputs]
@@ -131,6 +131,14 @@ class OmniModel(nn.Module):
                 raise ValueError(f"{kind} input {missing} missing: {kind} needs {list(encoder.inputs)} together")
             features[kind] = tokens(self.encode(kind, *given))
         return splice_media(embeds, input_ids, features, self.media_token_ids)
+
+    def _lockstep(self) -> bool:
+        """Whether `embed` runs every kind on every micro-batch (`_dummy_pass`): in training with
+        several data-parallel ranks, or with ZeRO-3's partitioned parameters (DeepSpeed marks them
+        with `ds_id`) even in one process, where a module skipped in some micro-batches of an
+        accumulated step trained on stale weights (tests/model/training/test_mixed_modalities.py)."""
+        partitioned = hasattr(self.llm.get_input_embeddings().weight, "ds_id")
+        return self.training and (runtime.ranks().world_size > 1 or partitioned)
 
     def _dummy_pass(self, kind: str, device: torch.device) -> torch.Tensor:
         """0 x the output of `kind`'s encoder on its cheapest input, for a batch that lacks the kind.

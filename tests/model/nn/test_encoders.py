@@ -53,7 +53,8 @@ class DepthModel(OmniModel):
 
 def test_a_new_kind_is_one_entry(parts, tiny_cfg, tokenizer):
     model, processor = parts
-    depth_id = tokenizer.convert_tokens_to_ids("red")  # any id the batch does not otherwise use
+    depth_id = 11  # any id that is not another kind's placeholder
+    assert depth_id not in processor.placeholder_ids.values()
     torch.manual_seed(0)
     depth = DepthModel(tiny_cfg, len(tokenizer), {**processor.placeholder_ids, "depth": depth_id}).eval()
     assert list(model.state_dict()) == [k for k in depth.state_dict() if not k.startswith("depth_")]
@@ -107,10 +108,15 @@ def test_frozen_tower_runs_without_a_graph_and_its_projector_still_learns(parts)
     model, processor = parts
     model.train()
     batch = _image_and_audio(processor)
-    graphs = {}
+    graphs = {}  # tower -> whether it ran recording a graph
+
+    def record(name: str):
+        def hook(module, args, out) -> None:
+            graphs[name] = torch.is_grad_enabled()
+        return hook
+
     for name in ("vision_tower", "audio_encoder"):
-        model.get_submodule(name).register_forward_hook(
-            lambda module, args, out, name=name: graphs.setdefault(name, torch.is_grad_enabled()))
+        model.get_submodule(name).register_forward_hook(record(name))
 
     def projector_grads() -> dict[str, torch.Tensor]:
         model.zero_grad()
@@ -139,3 +145,16 @@ def test_frozen_tower_and_projector_give_features_without_grad_fn(parts):
     assert model.encode("image", pixels).grad_fn is not None  # the projector still trains
     model.vision_projector.requires_grad_(False)
     assert model.encode("image", pixels).grad_fn is None
+
+
+def test_one_process_under_zero3_runs_every_kind_too(parts):
+    """ZeRO-3 marks its partitioned parameters with `ds_id`; a module skipped in some micro-batches
+    of an accumulated step would train on stale weights there, so one process keeps the rule too."""
+    model, processor = parts
+    model.train()
+    calls = _tower_calls(model)
+    model(**_batch(processor, "say red"))
+    assert calls == []
+    model.llm.get_input_embeddings().weight.ds_id = 0
+    model(**_batch(processor, "say red"))
+    assert calls == [("vision_tower", 1), ("vision_tower", 1), ("audio_encoder", 1)]
