@@ -135,8 +135,9 @@ class OmniModel(nn.Module):
     def _lockstep(self) -> bool:
         """Whether `embed` runs every kind on every micro-batch (`_dummy_pass`): in training with
         several data-parallel ranks, or with ZeRO-3's partitioned parameters (DeepSpeed marks them
-        with `ds_id`) even in one process, where a module skipped in some micro-batches of an
-        accumulated step trained on stale weights (tests/model/training/test_mixed_modalities.py)."""
+        with `ds_id`) even in one process: there, a trained projector behind a frozen tower that was
+        skipped in some micro-batches of an accumulated step got another update than under ZeRO-2 or
+        on two ranks (tests/model/training/test_mixed_modalities.py's one-process reference)."""
         partitioned = hasattr(self.llm.get_input_embeddings().weight, "ds_id")
         return self.training and (runtime.ranks().world_size > 1 or partitioned)
 
