@@ -41,7 +41,7 @@ class VisionEncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(pixel_values)
+        return self.model.encode("image", pixel_values)
 
 
 class VideoEncoderGraph(nn.Module):
@@ -52,7 +52,7 @@ class VideoEncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_video_frames(pixel_values)
+        return self.model.encode("video", pixel_values)
 
 
 class AudioEncoderGraph(nn.Module):

@@ -15,8 +15,6 @@ import torch
 from torch import nn
 
 LLM_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
-TOWER_INPUTS = {"pixel_values": "vision_tower", "video_pixel_values": "vision_tower",
-                "audio_mel": "audio_encoder", "audio_frames": "audio_encoder"}
 
 
 def module_device(module: nn.Module | None, default: torch.device | None = None) -> torch.device | None:
@@ -37,8 +35,9 @@ def input_devices(model) -> dict[str, torch.device]:
         return own()
     llm = llm_device(model)
     devices = dict.fromkeys(LLM_INPUTS, llm)
-    for key, tower in TOWER_INPUTS.items():
-        devices[key] = module_device(getattr(model, tower, None), llm)
+    for encoder in getattr(model, "ENCODERS", {}).values():  # each kind's media go to its tower
+        tower = module_device(model.get_submodule(encoder.tower), llm)
+        devices |= dict.fromkeys(encoder.inputs, tower)
     return devices
 
 

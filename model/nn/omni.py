@@ -11,22 +11,23 @@ LLM's input embeddings; everything after that is an ordinary causal LM forward.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import Qwen2ForCausalLM, SiglipVisionModel
+from transformers import Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model import runtime
 from model.config import MODULES, ModelConfig
 from model.nn import attention, checkpoint
-from model.nn.audio import AudioEncoder
+from model.nn.encoders import ENCODERS, Encoder, Features, media_inputs, tokens
 from model.nn.hf import hf_configs
 from model.nn.loading import TensorFiles, initialise_missing, load_tensors
 from model.nn.loss import chunked_causal_lm_loss, per_sample_loss
-from model.nn.projectors import ConvGMLPProjector, VideoProjector, VisionProjector
 
 
 def build_llm(cfg: ModelConfig, vocab_size: int) -> Qwen2ForCausalLM:
@@ -52,29 +53,35 @@ def splice_media(embeds: torch.Tensor, input_ids: torch.Tensor, features: dict[s
 
 class OmniModel(nn.Module):
     """`vocab_size` = the LLM's embedding rows. Modules named in `on_meta` are built on the meta
-    device (no memory, no init) for a loader to fill (`model.nn.loading`); the rest get fresh weights."""
+    device (no memory, no init) for a loader to fill (`model.nn.loading`); the rest get fresh weights.
+
+    The media side is `ENCODERS` (model.nn.encoders): each input kind's modules are built from its
+    entry, and `embed` runs every kind the same way, so a new kind is one entry there."""
+
+    ENCODERS: ClassVar[dict[str, Encoder]] = ENCODERS
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, media_token_ids: dict[str, int],
                  on_meta: Collection[str] = (), stop_token_ids: list[int] | None = None):
         super().__init__()
+        if missing := [kind for kind in self.ENCODERS if kind not in media_token_ids]:
+            raise ValueError(f"media_token_ids has no placeholder token id for {missing}: every input kind "
+                             f"({', '.join(self.ENCODERS)}) needs one")
         self.cfg, self.vocab_size = cfg, vocab_size
         self.media_token_ids = dict(media_token_ids)  # {"image": id of <img_pad>, "video": ..., "audio": ...}
         self.stop_token_ids = list(stop_token_ids or [])  # generation ends at any of these (empty: the tokenizer's)
-        vision_cfg, audio_cfg, llm_cfg = hf_configs(cfg, vocab_size)
-        v, a, h = cfg.vision.hidden_size, cfg.audio.d_model, cfg.llm.hidden_size
+        hf = dict(zip(("vision", "audio", "llm"), hf_configs(cfg, vocab_size), strict=True))
 
         def build(name: str, factory: Callable[[], nn.Module]) -> nn.Module:
             with torch.device("meta") if name in on_meta else nullcontext():
                 return factory()
 
-        self.vision_tower = build("vision_tower", lambda: SiglipVisionModel(vision_cfg))
-        self.vision_projector = build("vision_projector", lambda: VisionProjector(v, h))
-        self.video_projector = build("video_projector", lambda: VideoProjector(v))
-        self.audio_encoder = build("audio_encoder", lambda: AudioEncoder(audio_cfg))
-        self.audio_projector = build("audio_projector", lambda: ConvGMLPProjector(a, h, cfg.audio.projector_stride))
-        self.llm = build("llm", lambda: Qwen2ForCausalLM(llm_cfg))
+        for encoder in self.ENCODERS.values():
+            for name, builder in encoder.builds.items():
+                self.add_module(name, build(name, partial(builder, cfg, hf)))
+        self.llm = build("llm", lambda: Qwen2ForCausalLM(hf["llm"]))
         # Parameters the towers freeze by design (Whisper's sinusoidal positions): no stage trains them.
         self.fixed_parameters = frozenset(n for n, p in self.named_parameters() if not p.requires_grad)
+        self.media_inputs = media_inputs(self.ENCODERS)
 
     @property
     def varlen(self) -> bool:
@@ -83,75 +90,81 @@ class OmniModel(nn.Module):
         return self.llm.config._attn_implementation in attention.PACKED_KERNELS
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each transformer layer's activations in backward (vision tower, audio encoder,
-        LLM): activation memory drops to about one layer's worth, for ~30% more compute."""
-        for tower in (self.vision_tower, self.audio_encoder.encoder, self.llm):
+        """Recompute each transformer layer's activations in backward (every kind's tower, the LLM):
+        activation memory drops to about one layer's worth, for ~30% more compute."""
+        towers = dict.fromkeys(self.get_submodule(e.checkpointed) for e in self.ENCODERS.values())
+        for tower in (*towers, self.llm):
             if enabled:  # non-reentrant: works when a frozen tower's inputs need no grad
                 tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 tower.activation_checkpointing_disable()
 
-    # --- media encoders: each returns (num_items, tokens_per_item, llm_dim) or a flat token list ---
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.vision_tower(pixel_values=pixel_values).last_hidden_state
-        return self.vision_projector(patches)
+    def encode(self, kind: str, *inputs: torch.Tensor) -> Features:
+        """One kind's media (its entry's `inputs`, in order) -> (items, tokens, llm_dim), or one
+        (tokens, llm_dim) per item (audio windows). In training, a tower whose weights are all frozen
+        runs under no_grad: a projector that trains needs its output, not its graph; and the
+        projectors too when they are frozen (nothing upstream of them trains then)."""
+        encoder = self.ENCODERS[kind]
+        with self._no_graph_if_frozen(encoder.tower):
+            hidden = encoder.run_tower(self, *inputs)
+        with self._no_graph_if_frozen(encoder.tower, *encoder.projectors):
+            return encoder.project(self, hidden, *inputs)
 
-    def encode_video_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.vision_tower(pixel_values=pixel_values).last_hidden_state
-        return self.video_projector(patches, self.vision_projector)
+    def _no_graph_if_frozen(self, *modules: str) -> AbstractContextManager:
+        trains = any(p.requires_grad for name in modules for p in self.get_submodule(name).parameters())
+        return torch.no_grad() if self.training and not trains else nullcontext()
 
-    def encode_audio(self, mel: torch.Tensor, frames: torch.Tensor) -> list[torch.Tensor]:
-        """Padded windows (W, bins, T) with valid lengths -> one (tokens, llm_dim) tensor per window."""
-        tokens = self.audio_projector(self.audio_encoder(mel, frames))
-        per_window = (frames // 2) // self.cfg.audio.projector_stride
-        return [tokens[i, : int(n)] for i, n in enumerate(per_window)]
-
-    def embed(self, input_ids: torch.Tensor, pixel_values=None, video_pixel_values=None,
-              audio_mel=None, audio_frames=None) -> torch.Tensor:
-        """Token embeddings with every media placeholder replaced by its encoder output, in order."""
+    def embed(self, input_ids: torch.Tensor, **media: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with every media placeholder replaced by its kind's encoder output, in
+        order. `media`: the batch keys of `ENCODERS` (the collator's: pixel_values, audio_mel, ...)."""
+        if unknown := sorted(set(media) - self.media_inputs):
+            raise TypeError(f"unknown media inputs {unknown}; the encoders read {sorted(self.media_inputs)}")
         embeds = self.llm.get_input_embeddings()(input_ids)
-        features = {
-            "image": self.encode_images(pixel_values).flatten(0, 1) if pixel_values is not None else None,
-            "video": self.encode_video_frames(video_pixel_values).flatten(0, 1)
-            if video_pixel_values is not None else None,
-            "audio": torch.cat(self.encode_audio(audio_mel, audio_frames)) if audio_mel is not None else None,
-        }
-        if self.training and runtime.ranks().world_size > 1:
-            embeds = embeds + self._unused_towers(features, input_ids.device)
+        lockstep = self._lockstep()
+        features: dict[str, torch.Tensor | None] = {}
+        for kind, encoder in self.ENCODERS.items():
+            given = [media.get(key) for key in encoder.inputs]
+            if all(x is None for x in given):
+                features[kind] = None
+                if lockstep:
+                    embeds = embeds + self._dummy_pass(kind, input_ids.device)
+                continue
+            if missing := [k for k, x in zip(encoder.inputs, given, strict=True) if x is None]:
+                raise ValueError(f"{kind} input {missing} missing: {kind} needs {list(encoder.inputs)} together")
+            features[kind] = tokens(self.encode(kind, *given))
         return splice_media(embeds, input_ids, features, self.media_token_ids)
 
-    def _unused_towers(self, features: dict[str, torch.Tensor | None], device: torch.device) -> torch.Tensor:
-        """0 x the output of every encoder whose media this batch lacks, run on a dummy input.
+    def _lockstep(self) -> bool:
+        """Whether `embed` runs every kind on every micro-batch (`_dummy_pass`): in training with
+        several data-parallel ranks, or with ZeRO-3's partitioned parameters (DeepSpeed marks them
+        with `ds_id`) even in one process: there, a trained projector behind a frozen tower that was
+        skipped in some micro-batches of an accumulated step got another update than under ZeRO-2 or
+        on two ranks (tests/model/training/test_mixed_modalities.py's one-process reference)."""
+        partitioned = hasattr(self.llm.get_input_embeddings().weight, "ds_id")
+        return self.training and (runtime.ranks().world_size > 1 or partitioned)
+
+    def _dummy_pass(self, kind: str, device: torch.device) -> torch.Tensor:
+        """0 x the output of `kind`'s encoder on its cheapest input, for a batch that lacks the kind.
 
         Data-parallel ranks draw different samples, but DeepSpeed needs every rank to run the same
-        parameters every step: ZeRO-3 gathers each parameter with a collective in forward, and
-        ZeRO-1/2 reduce gradients in buckets built from the parameters that got one. A rank whose
-        micro-batch has no image would skip the vision tower's gathers, and its gradients would pair
-        with another rank's wrong tensors. The dummy pass costs one tile, frame or 40 ms window, and
-        adds exactly zero to the loss and to every gradient."""
-        v, a = self.cfg.vision, self.cfg.audio
-        pixels = torch.zeros(1, v.num_channels, v.image_size, v.image_size, device=device)
-        dummy = torch.zeros((), device=device)
-        if features["image"] is None:
-            dummy = dummy + self.encode_images(pixels).sum()
-        if features["video"] is None:
-            dummy = dummy + self.encode_video_frames(pixels).sum()
-        if features["audio"] is None:
-            frames = 2 * a.projector_stride  # the shortest window that yields one audio token
-            mel = torch.zeros(1, a.num_mel_bins, frames, device=device)
-            dummy = dummy + torch.cat(self.encode_audio(mel, torch.tensor([frames], device=device))).sum()
-        return dummy * 0.0
+        parameters in the same order every step: ZeRO-3 gathers each module's parameters with a
+        collective as it runs, and ZeRO-1/2 reduce gradients in buckets built from the parameters that
+        got one. So `embed` runs every kind's encoder exactly once per micro-batch, in `ENCODERS`
+        order, whatever a rank holds: all of a kind's items in one call, or this pass where it has
+        none. It costs one tile, frame or 40 ms window, and adds exactly zero to the loss and to every
+        gradient."""
+        return 0.0 * tokens(self.encode(kind, *self.ENCODERS[kind].dummy(self.cfg, device))).sum()
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, pixel_values=None,
-                video_pixel_values=None, audio_mel=None, audio_frames=None, **attention_kwargs):
-        """The LM forward over spliced embeddings. `attention_kwargs` go to the attention layers
-        (flash-attention's cu_seq_lens / max_length from the packing collator). With labels and a
-        chunked loss (`model.loss_chunk_tokens`), the output carries the loss and no logits."""
-        embeds = self.embed(input_ids, pixel_values, video_pixel_values, audio_mel, audio_frames)
-        if attention_mask is None and self.varlen and "cu_seq_lens_q" in attention_kwargs:  # packed: no mask
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, **inputs):
+        """The LM forward over spliced embeddings. `inputs`: the media (keys of `ENCODERS`' inputs)
+        and attention kwargs for the attention layers (flash-attention's cu_seq_lens / max_length
+        from the packing collator). With labels and a chunked loss (`model.loss_chunk_tokens`), the
+        output carries the loss and no logits."""
+        media = {k: inputs.pop(k) for k in list(inputs) if k in self.media_inputs}
+        embeds = self.embed(input_ids, **media)
+        if attention_mask is None and self.varlen and "cu_seq_lens_q" in inputs:  # packed: no mask
             attention_mask = attention.no_mask(self.llm.config)
-        common = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False,
-                  **attention_kwargs}
+        common = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False, **inputs}
         chunk = self.loss_chunk_tokens
         if labels is None or not chunk:
             return self.llm(inputs_embeds=embeds, labels=labels, **common)

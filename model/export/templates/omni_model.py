@@ -133,10 +133,11 @@ class EncodedModel:
 
     def input_devices(self) -> dict:
         """Token ids to the LLM's device; pixels and log-mel stay on the host, where the ONNX encoders read them."""
-        from model.nn.devices import LLM_INPUTS, TOWER_INPUTS, llm_device
+        from model.nn.devices import LLM_INPUTS, llm_device
+        from model.nn.encoders import media_inputs
 
         host = self.torch.device("cpu")
-        return {**dict.fromkeys(LLM_INPUTS, llm_device(self)), **dict.fromkeys(TOWER_INPUTS, host)}
+        return {**dict.fromkeys(LLM_INPUTS, llm_device(self)), **dict.fromkeys(media_inputs(), host)}
 
     def eval(self) -> EncodedModel:
         self.llm.eval()

@@ -149,7 +149,7 @@ def test_tolerance_scales_with_the_output(tmp_path):
     path = export_onnx(model, tmp_path)[VISION].path
     pixels = torch.rand(2, 3, cfg.vision.image_size, cfg.vision.image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        scale = float(model.encode_images(pixels).abs().max())
+        scale = float(model.encode("image", pixels).abs().max())
     assert scale > 100
     assert verify_onnx(model, path, pixels) <= 1e-4 * scale
     other, _, _ = _tiny_model(seed=1)

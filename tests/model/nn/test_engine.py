@@ -258,15 +258,14 @@ def test_bucketed_decode_pads_rows_and_columns_without_changing_answers(chat):
 
 
 def test_requests_admitted_together_share_one_encoder_call_per_kind(chat, monkeypatch):
-    calls = {"encode_images": 0, "encode_audio": 0}
-    for name in calls:
-        real = getattr(chat.model, name)
+    calls = {"image": 0, "video": 0, "audio": 0}
+    real = chat.model.encode
 
-        def counted(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
+    def counted(kind, *inputs):
+        calls[kind] += 1
+        return real(kind, *inputs)
 
-        monkeypatch.setattr(chat.model, name, counted)
+    monkeypatch.setattr(chat.model, "encode", counted)
     items = conversations()  # three with images (one with two), one with audio
     GenerationEngine(chat, max_batch=8).run_until_done([_seq(chat, it, max_new_tokens=2) for it in items])
-    assert calls == {"encode_images": 1, "encode_audio": 1}
+    assert calls == {"image": 1, "video": 0, "audio": 1}

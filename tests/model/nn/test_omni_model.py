@@ -42,7 +42,7 @@ def test_placeholder_count_matches_encoder_output(parts, tiny_cfg):
     assert (
         enc.input_ids.count(pad["image"])
         == processor.tile_tokens
-        == model.encode_images(torch.stack(enc.pixel_values)).shape[1]
+        == model.encode("image", torch.stack(enc.pixel_values)).shape[1]
     )
     assert enc.input_ids.count(pad["video"]) == 4 * processor.frame_tokens
     # 1 s of audio = 100 mel frames -> 50 encoder frames -> 50 / stride tokens
@@ -65,9 +65,9 @@ def test_audio_in_a_padded_batch_equals_audio_alone(parts):
     ]
     batch = processor.collate([Encoded([0], [0], audio_mel=[w]) for w in windows])
     with torch.no_grad():
-        together = model.encode_audio(batch["audio_mel"], batch["audio_frames"])
+        together = model.encode("audio", batch["audio_mel"], batch["audio_frames"])
         for w, t in zip(windows, together, strict=True):
-            alone = model.encode_audio(w[None], torch.tensor([w.shape[1]]))[0]
+            alone = model.encode("audio", w[None], torch.tensor([w.shape[1]]))[0]
             torch.testing.assert_close(t, alone, atol=1e-5, rtol=1e-5)
 
 

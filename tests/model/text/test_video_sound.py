@@ -90,8 +90,8 @@ def test_the_model_splices_each_kind_in_token_order(tiny_cfg, tokenizer):
     with torch.no_grad():
         embeds = model.embed(batch["input_ids"], video_pixel_values=batch["video_pixel_values"],
                              audio_mel=batch["audio_mel"], audio_frames=batch["audio_frames"])[0]
-        clips = model.encode_audio(batch["audio_mel"], batch["audio_frames"])
-        frames = model.encode_video_frames(batch["video_pixel_values"]).flatten(0, 1)
+        clips = model.encode("audio", batch["audio_mel"], batch["audio_frames"])
+        frames = model.encode("video", batch["video_pixel_values"]).flatten(0, 1)
         out = model(**batch)
     ids = batch["input_ids"][0]
     audio_at = (ids == p.placeholder_ids["audio"]).nonzero().flatten()
@@ -120,7 +120,7 @@ def test_packed_samples_keep_each_ones_sound_at_its_own_positions(tiny_cfg, toke
     with torch.no_grad():
         embeds = model.embed(batch["input_ids"], video_pixel_values=batch["video_pixel_values"],
                              audio_mel=batch["audio_mel"], audio_frames=batch["audio_frames"])[0]
-        own = [model.encode_audio(*(b[k] for k in ("audio_mel", "audio_frames")))
+        own = [model.encode("audio", *(b[k] for k in ("audio_mel", "audio_frames")))
                for b in (p.collate([heard]), p.collate([clip]))]
     audio_at = (batch["input_ids"][0] == p.placeholder_ids["audio"]).nonzero().flatten()
     assert len(audio_at) == 25 + 6

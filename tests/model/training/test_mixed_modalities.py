@@ -1,8 +1,9 @@
-"""Ranks that see different modalities in a step stay in lock-step: every rank runs every tower
-(a dummy input where its batch has no such media, contributing 0 x its output), so ZeRO-3's
-parameter gathers and ZeRO-2's gradient buckets pair up. Two gloo ranks under torch.distributed.run,
-rank 0 with images and rank 1 text only, end with the weights of one process that accumulates the
-same two micro-batches."""
+"""Ranks that hold different media in a step stay in lock-step: every rank runs every kind's encoder
+once per micro-batch, in the same order (all of a kind's items in one call, a dummy input where its
+batch has none, contributing 0 x its output), so ZeRO-3's parameter gathers and ZeRO-2's gradient
+buckets pair up. Two gloo ranks under torch.distributed.run, holding a demo-like mixture (tiles,
+video frames and audio windows differing per rank; a text-only rank; padded then packed batches; see
+_mixed_worker.py), end with the weights of one process that accumulates the same micro-batches."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _port() -> str:
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_ranks_with_and_without_images_train_like_one_process(tmp_path, zero):
+def test_ranks_with_different_media_train_like_one_process(tmp_path, zero):
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", _port()]
     _run([*launcher, str(WORKER), "--zero", str(zero), "--out", str(tmp_path / "ranks.pt")])
@@ -48,6 +49,7 @@ def test_ranks_with_and_without_images_train_like_one_process(tmp_path, zero):
     assert ranks.keys() == one.keys()
     for name in one:
         torch.testing.assert_close(ranks[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
-    # The step moved the vision tower (only rank 0's images train it) and the LLM.
+    # The steps moved every trainable module (the video projector only from rank 0's frames in step 2)
+    # and not the frozen audio encoder, whose projector learned from its output.
     moved = {n.split(".")[0] for n in one if not torch.equal(one[n], before[n])}
-    assert {"vision_tower", "vision_projector", "llm"} <= moved
+    assert moved == {"vision_tower", "vision_projector", "video_projector", "audio_projector", "llm"}
