@@ -85,15 +85,15 @@ $(CHECKOV_VENV)/.installed: constraints-checkov.txt
 	touch $@
 
 # Render with default and production-like values, then kubernetes-validate --strict, CRD jsonschema,
-# yamllint, helm lint, checkov (manifests + Dockerfiles) and hadolint. tests/cluster runs the same.
+# yamllint, helm lint, checkov (manifests + Dockerfiles) and hadolint. tests/components/cluster runs the same.
 check-cluster: install checkov
-	$(BIN)/python -m pipelines.cluster_check --out build/cluster
+	$(BIN)/python -m components.cluster.check --out build/cluster
 
 # Build the cpu/gpu/serving images with the tags in conf/cluster. Exits 3 without a Docker engine
 # (nothing built must not pass for built); `make images ARGS=--dry-run` prints the commands,
 # `ARGS=--push` pushes.
 images: install
-	$(BIN)/python -m pipelines.images $(ARGS)
+	$(BIN)/python -m components.cluster.images $(ARGS)
 
 clean:
 	rm -rf .omni .pytest_cache .ruff_cache

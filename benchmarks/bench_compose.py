@@ -85,7 +85,7 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from model.nn.compose import compose
-from pipelines.config import load_config
+from components.config import load_config
 
 def rss(field):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))

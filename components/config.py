@@ -1,8 +1,9 @@
-"""The root configuration: the validated shape of the whole Hydra tree in `conf/`.
+"""The root configuration: the validated shape of the whole Hydra tree in `conf/`, and its
+composition from that tree (`load_config`).
 
 `OmniConfig.model_validate(dict)` is the one edge where configuration enters; every KFP component
-receives the resolved tree as JSON and re-validates it, so a task never runs on a config the
-pipeline would have refused.
+receives the resolved tree (or its slice of it, `TaskConfig`) as JSON and re-validates it, so a task
+never runs on a config the pipeline would have refused.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_origin
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
+from components.stages import FILTERED_STAGE, STAGES
 from model.config import (
     BenchmarkConfig,
     DataConfig,
@@ -25,8 +27,7 @@ from model.config import (
 )
 from serving.config import ServingConfig
 
-STAGE_ORDER = ("image_1", "image_2", "image_3", "video", "audio", "omni_align", "sft")
-
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 class RunConfig(Strict):
     name: str = "omni-demo"
@@ -267,7 +268,16 @@ class PromotionRules(Strict):
         return self
 
 
-class OmniConfig(Strict):
+class _Root(Strict):
+    """What the whole config and a task's slice of it share: where this machine keeps its files."""
+
+    run: RunConfig = RunConfig()
+
+    def workdir(self) -> Path:
+        return Path(self.run.workdir).expanduser().resolve()
+
+
+class OmniConfig(_Root):
     run: RunConfig = RunConfig()
     model: ModelConfig
     data: DataConfig = DataConfig()
@@ -293,13 +303,10 @@ class OmniConfig(Strict):
         return self
 
     def ordered_stages(self) -> list[StageConfig]:
-        unknown = set(self.stages) - set(STAGE_ORDER)
+        unknown = set(self.stages) - set(STAGES)
         if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)}; the DAG knows {', '.join(STAGE_ORDER)}")
-        return [self.stages[name] for name in STAGE_ORDER if name in self.stages]
-
-    def workdir(self) -> Path:
-        return Path(self.run.workdir).expanduser().resolve()
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; the DAG knows {', '.join(STAGES)}")
+        return [self.stages[name] for name in STAGES if name in self.stages]
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -308,34 +315,38 @@ class OmniConfig(Strict):
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
-class TaskConfig(Strict):
-    """One task's slice of the resolved config (`components.slices`): the sections its step reads,
-    and nothing else, so a task's inputs, KFP's cache key, change only when what it depends on does.
-    A section outside the slice is None (or empty): a step that reads one fails loudly."""
-
-    run: RunConfig = RunConfig()
-    model: ModelConfig | None = None
-    data: DataConfig | None = None
-    stages: dict[str, StageConfig] = Field(default_factory=dict)
-    tracking: TrackingConfig | None = None
-    evaluation: EvalConfig | None = None
-    benchmark: dict[str, BenchmarkConfig] = Field(default_factory=dict)
-    sft_filter: SftFilterConfig | None = None
-    cluster: ClusterConfig | None = None
-
-    def workdir(self) -> Path:
-        return Path(self.run.workdir).expanduser().resolve()
-
+class _Slice(_Root):
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
 
 
+def _optional_sections() -> dict:
+    """OmniConfig's sections, each one optional: a map is empty and any other section None when the
+    slice leaves it out (`run` keeps its defaults: every task has a work folder)."""
+    out = {}
+    for name, field in OmniConfig.model_fields.items():
+        if name in _Root.model_fields:
+            continue
+        if get_origin(field.annotation) is dict:
+            out[name] = (field.annotation, Field(default_factory=dict, description=field.description))
+        else:
+            out[name] = (field.annotation | None, Field(None, description=field.description))
+    return out
+
+
+# One task's slice of the resolved config (`components.slices`): the sections its step reads and
+# nothing else, so a task's inputs, KFP's cache key, change only when what it depends on does. The
+# sections are OmniConfig's (one schema); one outside the slice is None (or empty), so a step that
+# reads one fails loudly.
+TaskConfig = create_model("TaskConfig", __base__=_Slice, __module__=__name__, **_optional_sections())
+
+
 def sft_filter_tasks(cfg: OmniConfig | TaskConfig) -> list[str] | None:
-    """The record tasks the SFT loss filter scores: sft_filter.data_tasks, else the sft stage's
-    (None without either)."""
+    """The record tasks the SFT loss filter scores: sft_filter.data_tasks, else those of the stage it
+    runs before (stages.FILTERED_STAGE; None without either)."""
     if cfg.sft_filter.data_tasks is not None:
         return list(cfg.sft_filter.data_tasks)
-    return list(cfg.stages["sft"].data_tasks) if "sft" in cfg.stages else None
+    return list(cfg.stages[FILTERED_STAGE].data_tasks) if FILTERED_STAGE in cfg.stages else None
 
 
 def merge_into(into: dict, part: dict) -> dict:
@@ -369,3 +380,30 @@ def _validated(schema: type[Strict], data: dict | str, what: str):
 
 class ConfigError(ValueError):
     pass
+
+
+def schema_override(override: str, conf_dir: Path = CONF_DIR) -> str:
+    """`key=value` for any key the schema knows, written in the tree or not (defaults live in the
+    pydantic models): Hydra's `++` sets it either way, and the schema then refuses unknown keys by
+    name. Group choices (`model=omni-7b`) and explicit `+`/`~` overrides pass through unchanged."""
+    key, sep, _ = override.partition("=")
+    if not sep or key.startswith(("+", "~")) or (conf_dir / key.split("@")[0]).is_dir():
+        return override
+    return "++" + override
+
+
+def load_config(overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> OmniConfig:
+    """The Hydra tree in `conf/` composed with `overrides` (Hydra's `key=value` / `group=option`
+    strings, e.g. `stages.sft.steps=10`) and validated."""
+    # Hydra is imported here: the pipeline's tasks parse their config JSON without composing a tree.
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            cfg = compose(config_name="config", overrides=[schema_override(o, conf_dir) for o in overrides or []])
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"bad override: {err}") from None
+    return parse_config(OmegaConf.to_container(cfg, resolve=True))

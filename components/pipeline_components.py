@@ -1,45 +1,71 @@
-"""The KFP components: lightweight, typed adapters from artifacts to `components.steps`.
+"""The KFP components: lightweight, typed adapters from artifacts to the steps (`components.steps`),
+and the KFP side of their outputs (`log_metrics`, `stage_outputs`). The one module of components/
+that imports kfp.
 
 KFP serialises each function's source into the task, so imports live inside the bodies and the
-container image (or, locally, the current interpreter) must have this project installed.
-`make_components` binds them to the configured images.
+container image (or, locally, the current interpreter) must have this project installed; for the
+same reason two signatures spell out the stages (components.stages says which, and a test holds
+them to it). `make_components` binds them to the configured images.
 
 No `from __future__ import annotations` here or in pipelines/dag.py: KFP reads the parameter types
 at decoration time.
 """
 
-
+import json
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
+STAGE_METRICS = ("steps", "first_loss", "final_loss", "tokens_per_second")
+
+
+def log_metrics(metrics: Metrics, values: dict) -> None:
+    """`values` into a KFP Metrics output, and as JSON into the artifact's file: kfp.local reuses a
+    cached task only if every output file exists, and log_metric alone writes none (the values
+    travel in the executor's output)."""
+    for key, value in values.items():
+        metrics.log_metric(key, value)
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).write_text(json.dumps(values, indent=2, sort_keys=True))
+
+
+def stage_outputs(stage: str, result: dict, out_dir: Path, metadata: dict, metrics: Metrics,
+                  report_path: Path) -> None:
+    """A stage task's KFP outputs from its result: the model's metadata, the Metrics, the HTML report."""
+    from components.reports.html import write_report
+
+    metadata["stage"] = stage
+    log_metrics(metrics, {key: result[key] for key in STAGE_METRICS if key in result})
+    if (out_dir / "report.html").is_file() and not result.get("skipped"):
+        shutil.copy(out_dir / "report.html", report_path)
+    else:
+        write_report(report_path, f"<html><body><p>Stage {stage} was skipped (run.skip_stages): its input "
+                                  "checkpoint was passed on.</p></body></html>")
+
 
 def resolve_config(config_json: str, overrides: list, llm: str, vision: str, audio: str, registered_model: str,
-                   experiment: str) -> NamedTuple("Slices", [("config", str), ("prep", str), ("init", str),
-                                                            ("image_1", str), ("image_2", str), ("image_3", str),
-                                                            ("video", str), ("audio", str), ("omni_align", str),
-                                                            ("sft", str), ("sft_filter", str), ("evaluate", str)]):
+                   experiment: str) -> NamedTuple("TaskConfigs", [("config", str), ("prep", str), ("init", str),
+                                                                 ("image_1", str), ("image_2", str), ("image_3", str),
+                                                                 ("video", str), ("audio", str), ("omni_align", str),
+                                                                 ("sft", str), ("sft_filter", str), ("evaluate", str)]):
     """The run's config: the compiled one with this run's parameters and overrides, validated (a bad
-    key fails here, naming it), and the slice each task depends on (components.slices)."""
-    from collections import namedtuple
-
+    key fails here, naming it), and the slice each task depends on (components.slices); the outputs
+    are components.stages.TASK_CONFIGS."""
     from components.run_params import resolve_run
-    from components.slices import all_slices
+    from components.slices import task_configs
 
-    cfg = resolve_run(config_json, overrides, llm=llm, vision=vision, audio=audio,
-                      registered_model=registered_model, experiment=experiment)
-    slices = all_slices(cfg)
-    names = ("config", "prep", "init", "image_1", "image_2", "image_3", "video", "audio", "omni_align", "sft",
-             "sft_filter", "evaluate")
-    return namedtuple("Slices", names)(**{n: slices.get(n, "") for n in names[1:]}, config=cfg.to_json())
+    return task_configs(resolve_run(config_json, overrides, llm=llm, vision=vision, audio=audio,
+                                    registered_model=registered_model, experiment=experiment))
 
 
 def start_tracking(config_json: str, pipeline_run: str) -> str:
     """Open the MLflow parent run of this pipeline run."""
     from components.config import parse_config
-    from components.lifecycle import start_tracking as step
+    from components.steps.lifecycle import start_tracking as step
 
     return step(parse_config(config_json), pipeline_run)
 
@@ -52,11 +78,11 @@ def data_prep(config_json: str, data_uri: str, dataset: Output[Dataset], metrics
     from pathlib import Path
 
     from components.config import parse_task_config
-    from components.steps import data_prep as step
-    from components.steps import data_prep_metrics, log_metrics
+    from components.pipeline_components import log_metrics
+    from components.steps.data import data_prep as step
+    from components.steps.data import data_prep_metrics
 
-    manifest = step(parse_task_config(config_json), [p.strip() for p in data_uri.split(",") if p.strip()],
-                    Path(dataset.path))
+    manifest = step(parse_task_config(config_json), data_uri, Path(dataset.path))
     log_metrics(metrics, data_prep_metrics(manifest))
     dataset.metadata.update({k: manifest[k] for k in ("records_out", "splits", "sha256", "format")})
     shutil.copy(Path(dataset.path) / "report.html", report.path)
@@ -69,7 +95,7 @@ def init_model(config_json: str, dataset: Input[Dataset], model: Output[Model]) 
     from pathlib import Path
 
     from components.config import parse_task_config
-    from components.steps import init_model as step
+    from components.steps.training import init_model as step
 
     step(parse_task_config(config_json), Path(dataset.path), Path(model.path))
 
@@ -83,8 +109,8 @@ def train_stage(config_json: str, stage: str, dataset: Input[Dataset], init_mode
     from pathlib import Path
 
     from components.config import parse_task_config
-    from components.steps import stage_outputs
-    from components.steps import train as step
+    from components.pipeline_components import stage_outputs
+    from components.steps.training import train as step
 
     out = Path(model.path)
     result = step(parse_task_config(config_json), stage, Path(dataset.path), Path(init_model.path), out,
@@ -99,9 +125,9 @@ def train_stage_trainjob(config_json: str, stage: str, dataset: Input[Dataset], 
     (every rank runs the same training entry as `train_stage`), stream rank 0's log, fetch the checkpoint."""
     from pathlib import Path
 
+    from components.cluster.trainjob import run_stage
     from components.config import parse_task_config
-    from components.steps import stage_outputs
-    from components.trainjob import run_stage
+    from components.pipeline_components import stage_outputs
 
     extra = {"sft_filter": Path(sft_filter.path) if sft_filter is not None else None}
     out = Path(model.path)
@@ -119,8 +145,8 @@ def sft_filter(config_json: str, dataset: Input[Dataset], model: Input[Model], f
     from pathlib import Path
 
     from components.config import parse_task_config
-    from components.steps import log_metrics
-    from components.steps import sft_filter as step
+    from components.pipeline_components import log_metrics
+    from components.steps.training import sft_filter as step
 
     summary = step(parse_task_config(config_json), Path(dataset.path), Path(model.path), Path(filtered.path))
     log_metrics(metrics, {"kept": summary["kept"], "dropped": len(summary["dropped"])} if summary["enabled"] else {})
@@ -137,12 +163,11 @@ def evaluate(config_json: str, data_uri: str, model: Input[Model], metrics: Outp
     from pathlib import Path
 
     from components.config import parse_task_config
-    from components.gate import eval_record
-    from components.steps import log_metrics, run_evaluation
+    from components.pipeline_components import log_metrics
+    from components.registry.gate import eval_record
+    from components.steps.evaluation import run_evaluation
 
-    root = data_uri.split(",")[0].strip()
-    root = root if root.startswith("s3://") or Path(root).is_dir() else str(Path(root).parent)
-    summary = run_evaluation(parse_task_config(config_json), root, Path(model.path), Path(results.path),
+    summary = run_evaluation(parse_task_config(config_json), data_uri, Path(model.path), Path(results.path),
                              Path(baseline.path) if baseline is not None else None)
     log_metrics(metrics, eval_record(summary)[0])
     shutil.copy(Path(results.path) / "report.html", report.path)
@@ -153,8 +178,8 @@ def export_triton(model: Input[Model], triton_repo: Output[Model], metrics: Outp
     """ONNX encoders (checked against torch) + the Triton model repository."""
     from pathlib import Path
 
-    from components.steps import export as step
-    from components.steps import log_metrics
+    from components.pipeline_components import log_metrics
+    from components.steps.export import export as step
 
     report = step(Path(model.path), Path(triton_repo.path))
     log_metrics(metrics, {f"onnx_max_abs_diff.{name}": graph["max_abs_diff"] for name, graph in report["onnx"].items()})
@@ -166,17 +191,18 @@ def register(config_json: str, parent_run_id: str, pipeline_run: str, model: Inp
              audio: Input[Model] = None, omni_align: Input[Model] = None, sft: Input[Model] = None,
              filtered: Input[Dataset] = None, results_before: Input[Dataset] = None) -> str:
     """Register the trained checkpoint as a new MLflow model version (alias `challenger`), after logging
-    every step's record (reused from a cached run or not) as a child run of this pipeline run."""
+    every step's record (reused from a cached run or not) as a child run of this pipeline run; the
+    inputs that carry one are components.stages.RECORD_INPUTS."""
+    given = dict(locals())  # the inputs by parameter name, taken before anything else is named here
     import json
     from pathlib import Path
 
     from components.config import parse_config
-    from components.lifecycle import register as step
+    from components.stages import RECORD_INPUTS
+    from components.steps.lifecycle import register as step
 
-    named = {"data-prep": dataset, "evaluate": results, "evaluate-initial": results_before,
-             "sft-loss-filter": filtered, "image-1": image_1, "image-2": image_2, "image-3": image_3,
-             "video": video, "audio": audio, "omni-align": omni_align, "sft": sft}
-    outputs = {name: (Path(a.path), a.uri) for name, a in named.items() if a is not None}
+    outputs = {task: (Path(given[name].path), given[name].uri) for name, task in RECORD_INPUTS.items()
+               if given[name] is not None}
     return step(parse_config(config_json), Path(model.path), json.loads(eval_metrics), manifest_sha256,
                 parent_run_id, pipeline_run, outputs)
 
@@ -184,7 +210,7 @@ def register(config_json: str, parent_run_id: str, pipeline_run: str, model: Inp
 def gate(config_json: str, version: str) -> str:
     """Compare the candidate with `@champion` under the configured rules: 'promote' or 'reject'."""
     from components.config import parse_config
-    from components.lifecycle import judge
+    from components.steps.lifecycle import judge
 
     return "promote" if judge(parse_config(config_json), version)["promote"] else "reject"
 
@@ -194,8 +220,8 @@ def promote(config_json: str, version: str, parent_run_id: str, manifest: Output
     from pathlib import Path
 
     from components.config import parse_config
-    from components.lifecycle import finish_tracking
-    from components.lifecycle import promote as step
+    from components.steps.lifecycle import finish_tracking
+    from components.steps.lifecycle import promote as step
 
     cfg = parse_config(config_json)
     step(cfg, version, Path(manifest.path))
@@ -205,7 +231,7 @@ def promote(config_json: str, version: str, parent_run_id: str, manifest: Output
 def keep_champion(config_json: str, version: str, parent_run_id: str) -> None:
     """The gate said no: record it and close the pipeline's MLflow run; the champion stays."""
     from components.config import parse_config
-    from components.lifecycle import finish_tracking
+    from components.steps.lifecycle import finish_tracking
 
     cfg = parse_config(config_json)
     print(f"version {version} was not promoted; see its promotion.* tags in MLflow")

@@ -83,7 +83,7 @@ def resolve_run(compiled: str | dict, overrides: list[str] | None = None, **name
 def dag_shape(cfg: OmniConfig) -> dict:
     """What pipelines/dag.build_pipeline reads of the config besides defaults: the tasks there are,
     how each stage is launched, and where tasks are placed."""
-    from components.trainjob import needs_trainjob
+    from components.cluster.trainjob import needs_trainjob
 
     return {"stages": sorted(cfg.stages), "evaluation.baseline": cfg.evaluation.baseline,
             "trainjob stages": sorted(s for s in cfg.stages if needs_trainjob(cfg, s)),

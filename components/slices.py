@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 
-from components.config import STAGE_ORDER, OmniConfig, merge_into, parse_task_config, sft_filter_tasks
+from components.config import OmniConfig, merge_into, parse_task_config, sft_filter_tasks
+from components.stages import FILTERED_STAGE, STAGES, TASK_CONFIGS
 
 # Dotted paths into the resolved config; "{stage}" is the task's stage. run.workdir is where a
 # machine keeps its caches (a deployment setting, not a run's).
@@ -40,7 +41,7 @@ def task_slice(cfg: OmniConfig, task: str, stage: str | None = None) -> str:
     for path in SLICES[task]:
         merge_into(out, _take(tree, path.format(stage=stage)))
     if "skip_stages" in out.get("run", {}):  # whether its own stage is skipped: skipping video re-runs video only
-        own = "sft" if task == "sft-loss-filter" else stage
+        own = FILTERED_STAGE if task == "sft-loss-filter" else stage
         out["run"]["skip_stages"] = [s for s in out["run"]["skip_stages"] if s == own]
     if task == "sft-loss-filter":
         out["sft_filter"]["data_tasks"] = sft_filter_tasks(cfg)  # what it scores, not how sft trains
@@ -48,13 +49,19 @@ def task_slice(cfg: OmniConfig, task: str, stage: str | None = None) -> str:
 
 
 def all_slices(cfg: OmniConfig) -> dict[str, str]:
-    """Every slice the DAG hands out, by output name of the resolve-config task."""
+    """Every slice the DAG hands out, by output name of the resolve-config task ("" for a stage the
+    config leaves out)."""
+    from components.cluster.trainjob import needs_trainjob
+
     out = {"prep": task_slice(cfg, "data-prep"), "init": task_slice(cfg, "init-model"),
            "sft_filter": task_slice(cfg, "sft-loss-filter"), "evaluate": task_slice(cfg, "evaluate")}
-    from components.trainjob import needs_trainjob
-
-    for stage in STAGE_ORDER:
-        if stage in cfg.stages:
-            out[stage] = task_slice(cfg, "stage-trainjob" if needs_trainjob(cfg, stage) else "stage", stage)
+    for stage in STAGES:
+        launcher = "stage-trainjob" if stage in cfg.stages and needs_trainjob(cfg, stage) else "stage"
+        out[stage] = task_slice(cfg, launcher, stage) if stage in cfg.stages else ""
     return out
 
+
+def task_configs(cfg: OmniConfig) -> tuple[str, ...]:
+    """The resolve-config task's outputs, in `stages.TASK_CONFIGS` order: the whole config, then the slices."""
+    out = {"config": cfg.to_json(), **all_slices(cfg)}
+    return tuple(out[name] for name in TASK_CONFIGS)

@@ -2,8 +2,8 @@
 
     torchrun -m components.train_entry --staging s3://bucket/trainjobs/JOB --stage sft
 
-Reads what `components.trainjob.run_stage` staged (config.json, inputs/data, inputs/init and any
-extra inputs), runs the very same `components.steps.train` as a single-machine task (DeepSpeed
+Reads what `components.cluster.trainjob.run_stage` staged (config.json, inputs/data, inputs/init and any
+extra inputs), runs the very same `components.steps.training.train` as a single-machine task (DeepSpeed
 takes RANK/WORLD_SIZE/MASTER_ADDR from torchrun). The data set is not downloaded: every rank streams
 its share of the shards (and their media) straight from `inputs/data` in the staging store; only the
 checkpoint and the small extra inputs are fetched, once per node. Every rank trains; only global rank 0 saves the
@@ -18,8 +18,8 @@ import json
 import time
 from pathlib import Path
 
+from components.cluster.trainjob import local_workdir
 from components.config import parse_task_config
-from components.trainjob import local_workdir
 from model import runtime
 from model.storage import Store, open_store
 
@@ -43,7 +43,8 @@ def _fetch_inputs(store: Store, dest: Path, local_rank: int, timeout_s: float = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.train_entry", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m components.train_entry", description=__doc__.split("\n\n")[0])
     parser.add_argument("--staging", required=True, help="the job's staging URI (s3://... or a shared path)")
     parser.add_argument("--stage", required=True, help="stage name, e.g. sft")
     parser.add_argument("--checkpoints", type=Path, help="shared folder for the resumable DeepSpeed state "
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs.mkdir(parents=True, exist_ok=True)
     _fetch_inputs(store, inputs, local_rank)
 
-    from components.steps import train  # torch/deepspeed: import after the cheap checks
+    from components.steps.training import train  # torch/deepspeed: import after the cheap checks
 
     # Each rank writes its own folder: ranks on one node share the filesystem.
     out_dir = work / f"out-rank{rank}"

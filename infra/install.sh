@@ -19,9 +19,9 @@ KSERVE_VERSION=v0.20.0
 TRAINER_VERSION=v2.3.0
 KFP_VERSION=2.17.3
 
-# Settings generated from conf/cluster (pipelines/cluster_config.py); pass Hydra overrides in OMNI_OVERRIDES.
+# Settings generated from conf/cluster (components/cluster/cluster_wide.py); pass Hydra overrides in OMNI_OVERRIDES.
 omni_conf() {  # what
-  "${OMNI_PYTHON:-.venv/bin/python}" -m pipelines.cluster_config "$1" ${OMNI_OVERRIDES:-}
+  "${OMNI_PYTHON:-.venv/bin/python}" -m components.cluster.cluster_wide "$1" ${OMNI_OVERRIDES:-}
 }
 
 wait_deployments() {  # namespace

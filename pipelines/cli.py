@@ -99,7 +99,9 @@ def _run(cfg, args) -> int:
 def _train(cfg, args) -> int:
     import json
 
-    from components.steps import train
+    from components.config import parse_task_config
+    from components.slices import task_slice
+    from components.steps.training import train
     from model import runtime
     from model.nn.checkpoint import weights_sha256
 
@@ -109,7 +111,8 @@ def _train(cfg, args) -> int:
         return fail(f"--init {args.init}: not an omni checkpoint (no omni_config.json); make one with "
                     "`omni model compose` or take a stage's output")
     primary = runtime.ranks().primary
-    result = train(cfg, args.stage, args.data, args.init, args.out, progress=primary)
+    stage_cfg = parse_task_config(task_slice(cfg, "stage", args.stage))  # what the DAG's stage task gets
+    result = train(stage_cfg, args.stage, args.data, args.init, args.out, progress=primary)
     if primary:  # only rank 0 saves the checkpoint (and speaks for the run)
         print(json.dumps({"steps": result["steps"], "final_loss": result.get("final_loss"),
                           "weights_sha256": weights_sha256(args.out)}))
@@ -170,12 +173,12 @@ def _serve(cfg, args) -> int:
 
 
 def _render(cfg, args) -> int:
-    from components.capacity import endpoint_fit
-    from pipelines import cluster
+    from components.cluster import render
+    from components.cluster.capacity import endpoint_fit
 
     try:
-        written = cluster.render_all(cfg, args.out, args.values)
-    except (cluster.ValuesConflict, ValueError) as err:
+        written = render.render_all(cfg, args.out, args.values)
+    except (render.ValuesConflict, ValueError) as err:
         return fail(str(err))
     for warning in endpoint_fit(cfg):  # rendered anyway: the settings may be meant for another model
         print(f"omni: warning: {warning}", file=sys.stderr)
@@ -184,14 +187,14 @@ def _render(cfg, args) -> int:
 
 
 def _node_pools(cfg, args) -> int:
-    from pipelines import cluster
+    from components.cluster import render
 
-    print("\n".join(map(str, cluster.write_node_pools(cfg, args.out))))
+    print("\n".join(map(str, render.write_node_pools(cfg, args.out))))
     return 0
 
 
 def _rollback(cfg, args) -> int:
-    from components.lifecycle import rollback
+    from components.steps.lifecycle import rollback
 
     version, _ = rollback(cfg, args.out)
     where = "applied to the cluster" if cfg.cluster.target == "kubernetes" else "written"
@@ -202,8 +205,10 @@ def _rollback(cfg, args) -> int:
 def _eval_run(cfg, args) -> int:
     import json
 
-    from components.evaluation import evaluate_checkpoint
-    from components.report import evaluation_report, text_table, write_report
+    from components.config import parse_task_config
+    from components.reports.html import evaluation_report, text_table, write_report
+    from components.slices import task_slice
+    from components.steps.evaluation import evaluate_checkpoint
 
     if args.data is not None:
         if len(args.benchmark) != 1:
@@ -212,7 +217,8 @@ def _eval_run(cfg, args) -> int:
         cfg.benchmark[name] = cfg.benchmark[name].model_copy(update={"data": str(Path(args.data).resolve())})
     model_dir = args.model_dir or _download(cfg, args.model_version)
     try:
-        summary = evaluate_checkpoint(cfg, model_dir, args.out, names=args.benchmark)
+        eval_cfg = parse_task_config(task_slice(cfg, "evaluate"))  # what the DAG's evaluate task gets
+        summary = evaluate_checkpoint(eval_cfg, model_dir, args.out, names=args.benchmark)
     except (FileNotFoundError, KeyError) as err:
         return fail(str(err).strip('"'))
     if summary is None:  # not the primary rank of a sharded run
@@ -226,8 +232,8 @@ def _eval_run(cfg, args) -> int:
 
 
 def _download(cfg, version: str) -> Path:
-    from components import tracking
-    from components.lifecycle import mlflow_uri
+    from components.registry import tracking
+    from components.steps.lifecycle import mlflow_uri
 
     dst = cfg.workdir() / "serving" / str(version)
     return tracking.download_version(mlflow_uri(cfg), cfg.tracking.registered_model, version, dst)
@@ -454,8 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.handler is _compose:  # the flags are config values: overrides, so the config validates with them
         quoted = {p: getattr(args, p).replace("'", "\\'") for p in ("llm", "vision", "audio") if getattr(args, p)}
         args.overrides += [f"model.init.{p}='{uri}'" for p, uri in quoted.items()]
-    from components.config import ConfigError
-    from pipelines.config import load_config
+    from components.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.overrides)

@@ -13,9 +13,10 @@ from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 
-from components.config import STAGE_ORDER, OmniConfig, PoolConfig
+from components.cluster.trainjob import needs_trainjob
+from components.config import OmniConfig, PoolConfig
 from components.pipeline_components import make_components
-from components.trainjob import needs_trainjob
+from components.stages import FILTERED_STAGE, STAGES, task_name
 
 PIPELINE_NAME = "omni-platform"
 # Deterministic steps are cached; steps with side effects in MLflow (or the cluster) are not, and
@@ -153,14 +154,14 @@ def _train_stages(cfg: OmniConfig, ops, step, cfgs, dataset, model) -> dict:
     A stage that needs more than one task pod (`trainjob.needs_trainjob`) gets the TrainJob launcher,
     chosen here, when the pipeline is built. Returns the last checkpoint and register's record inputs."""
     records = {}
-    for stage in (s for s in STAGE_ORDER if s in cfg.stages):
+    for stage in (s for s in STAGES if s in cfg.stages):
         extra = {}
-        if stage == "sft":  # the loss filter scores SFT data with the checkpoint SFT starts from
+        if stage == FILTERED_STAGE:  # the loss filter scores its data with the checkpoint it starts from
             scored = step(ops.sft_filter, "sft-loss-filter", config_json=cfgs["sft_filter"], dataset=dataset,
                           model=model)
             extra["sft_filter"] = records["filtered"] = scored.outputs["filtered"]
         trainer = ops.train_stage_trainjob if needs_trainjob(cfg, stage) else ops.train_stage
-        task = step(trainer, stage.replace("_", "-"), config_json=cfgs[stage], stage=stage, dataset=dataset,
+        task = step(trainer, task_name(stage), config_json=cfgs[stage], stage=stage, dataset=dataset,
                     init_model=model, **extra)
         model = records[stage] = task.outputs["model"]
     return {"last": model, "records": records}

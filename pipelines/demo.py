@@ -16,9 +16,9 @@ from pathlib import Path
 
 import requests
 
-from components import tracking
 from components.config import OmniConfig
-from components.lifecycle import mlflow_uri
+from components.registry import tracking
+from components.steps.lifecycle import mlflow_uri
 from model.data.demo import make_demo
 from model.data.shards import ShardStream
 from pipelines.local import resolve_local
@@ -114,7 +114,7 @@ def ask_examples(port: int, data_dir: Path, model_name: str) -> list[dict]:
 
 
 def eval_table(metrics_path: Path) -> str:
-    from components.report import text_table
+    from components.reports.html import text_table
 
     return text_table(json.loads(metrics_path.read_text()))
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import requests
 
-from components import tracking
-from components.lifecycle import mlflow_uri
-from pipelines.config import load_config
+from components.config import load_config
+from components.registry import tracking
+from components.steps.lifecycle import mlflow_uri
 from pipelines.demo import ANSI, HOST, TASK_LINE
 from pipelines.local import run_local
 

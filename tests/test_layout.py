@@ -68,7 +68,7 @@ def _loads(code: str) -> set[str]:
 
 
 def test_light_steps_do_not_import_torch():
-    loaded = _loads("import components.pipeline_components, components.lifecycle, components.gate")
+    loaded = _loads("import components.pipeline_components, components.steps.lifecycle, components.registry.gate")
     assert "torch" not in loaded and "transformers" not in loaded
 
 
@@ -103,3 +103,68 @@ def test_serving_arrows_run_from_the_protocols_to_the_predictor(module, path):
 
 def test_the_predictor_is_among_the_checked_serving_modules():
     assert "serving.predictor" in dict(_serving_modules())
+
+
+def _package_modules(*tops: str) -> list[tuple[str, Path]]:
+    out = []
+    for top in tops:
+        for path in sorted((REPO / top).rglob("*.py")):
+            rel = path.relative_to(REPO).with_suffix("")
+            out.append((".".join(p for p in rel.parts if p != "__init__"), path))
+    return out
+
+
+def _top_imports(path: Path) -> set[str]:
+    return {imported.split(".")[0] for imported in _imports(path)}
+
+
+# Who may import a library directly (modules or module prefixes): each outside world has one room.
+OWNERS = {
+    "mlflow": ("components.registry.",),
+    "kfp": ("components.pipeline_components", "pipelines."),
+    "kubernetes": ("components.cluster.",),
+}
+
+
+@pytest.mark.parametrize("library", sorted(OWNERS))
+def test_each_outside_library_is_imported_by_its_room_alone(library):
+    owners = OWNERS[library]
+    trespassers = [module for module, path in _package_modules("components", "pipelines", "serving", "model")
+                   if library in _top_imports(path) and not module.startswith(owners)]
+    assert not trespassers, f"{trespassers} import {library}: only {', '.join(owners)} may"
+
+
+# components/'s rooms and the rooms each may import (besides itself, the root config and the stage
+# registry): the registry, cluster and report rooms are libraries the steps use, never the reverse,
+# and nothing in components/ knows the pipelines package above it.
+COMPONENT_ROOMS = {
+    "components.registry": set(),
+    "components.reports": set(),
+    "components.cluster": set(),
+    "components.steps": {"components.registry", "components.reports", "components.cluster"},
+}
+BASE = {"components.config", "components.stages"}
+
+
+def _component_room(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+@pytest.mark.parametrize("module,path", _package_modules("components"), ids=lambda x: x if isinstance(x, str) else "")
+def test_components_rooms_import_only_what_they_stand_on(module, path):
+    room = _component_room(module)
+    for imported in _imports(path):
+        assert not imported.startswith("pipelines"), f"{module} imports {imported}: components/ never knows pipelines/"
+        target = _component_room(imported)
+        if room in COMPONENT_ROOMS and imported.startswith("components.") and target not in BASE | {room}:
+            assert target in COMPONENT_ROOMS[room], (
+                f"{module} ({room}) imports {imported}: {room} may import {sorted(COMPONENT_ROOMS[room] | BASE)}")
+
+
+def test_the_stage_list_is_written_once():
+    """Only the registry spells the stages out; KFP's signatures (which must) are checked against it
+    in tests/components/test_stages.py."""
+    spelled = [module for module, path in _package_modules("components", "pipelines")
+               if "\"omni_align\"" in path.read_text() and module not in ("components.stages",
+                                                                          "components.pipeline_components")]
+    assert not spelled, f"{spelled} spell out a stage name; read components.stages instead"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GKE node pools for omni-platform. GENERATED from conf/cluster by `omni cluster node-pools`:
-# edit conf/cluster and regenerate; tests/cluster/test_source_of_truth.py fails on drift.
+# edit conf/cluster and regenerate; tests/components/cluster/test_source_of_truth.py fails on drift.
 # Usage: CLUSTER=my-cluster LOCATION=us-central1 [PROJECT=my-project] bash infra/gke/node-pools.sh
 set -euo pipefail
 : "${CLUSTER:?set CLUSTER}" "${LOCATION:?set LOCATION}"

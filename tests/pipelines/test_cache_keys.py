@@ -10,10 +10,10 @@ import json
 import pytest
 import yaml
 
+from components.config import load_config
 from components.run_params import resolve_run
 from components.slices import all_slices
 from pipelines.compile import compile_pipeline
-from pipelines.config import load_config
 
 
 @pytest.fixture(scope="module")

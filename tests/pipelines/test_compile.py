@@ -4,9 +4,9 @@ import json
 
 import yaml
 
+from components.config import load_config
 from pipelines.cli import DEFAULT_COMPILED
 from pipelines.compile import compile_pipeline
-from pipelines.config import load_config
 
 
 def test_checked_in_pipeline_yaml_is_up_to_date(tmp_path):

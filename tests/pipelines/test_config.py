@@ -1,12 +1,12 @@
 import pytest
 
-from components.config import STAGE_ORDER, ConfigError
-from pipelines.config import load_config
+from components.config import ConfigError, load_config
+from components.stages import STAGES
 
 
 def test_default_tree_validates_and_has_every_stage_in_dag_order():
     cfg = load_config()
-    assert [s.name for s in cfg.ordered_stages()] == list(STAGE_ORDER)
+    assert [s.name for s in cfg.ordered_stages()] == list(STAGES)
     assert cfg.model.name == "tiny"
 
 

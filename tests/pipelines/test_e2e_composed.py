@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from components.config import load_config
 from model.data.demo import make_demo
 from model.text.tokenizer import load_tokenizer
-from pipelines.config import load_config
 from pipelines.local import run_local
 from tests.hf_parts import make_parts
 

@@ -21,9 +21,9 @@ LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """A small prepared data set (image and text questions) and a fresh checkpoint of the tiny model."""
-    from components.steps import init_model
+    from components.config import load_config
+    from components.steps.training import init_model
     from model.data.prep import prepare
-    from pipelines.config import load_config
 
     root = tmp_path_factory.mktemp("train-cmd")
     src = root / "raw"

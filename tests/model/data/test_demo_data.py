@@ -203,9 +203,9 @@ def test_stage_task_lists_match_the_demo_tasks():
 def test_held_out_records_are_written_as_benchmark_files(demo):
     """The demo's evaluation goes through the benchmark readers: every held-out record is an item of
     its omni_tiny_* benchmark, with the prompt it was trained on."""
+    from components.config import load_config
     from model.eval.readers import read_benchmark
     from model.eval.runner import prompt_text
-    from pipelines.config import load_config
 
     out, counts = demo
     val = _records(out)["val"]

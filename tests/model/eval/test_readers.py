@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from components.config import load_config
 from model.config import BenchmarkConfig
 from model.eval.items import BenchItem
 from model.eval.readers import read_benchmark
 from model.media.decode import load_audio, load_image, load_video_frames
-from pipelines.config import load_config
 from tests.model.eval import fixtures
 
 

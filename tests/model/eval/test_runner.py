@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.evaluation import evaluate_checkpoint
-from components.report import text_table
+from components.config import load_config
+from components.reports.html import text_table
+from components.steps.evaluation import evaluate_checkpoint
 from model import runtime
 from model.eval.loglik import answer_logprobs
 from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
 from model.text.processor import ChatInput, OmniProcessor
 from pipelines.cli import main
-from pipelines.config import load_config
 from tests.model.eval import fixtures
 
 REPO = Path(__file__).resolve().parents[3]

@@ -10,14 +10,14 @@ import uuid
 import pytest
 import torch
 
-from components.steps import init_model
+from components.config import load_config
+from components.steps.training import init_model
 from model.data.prep import prepare
 from model.nn.compose import compose
 from model.nn.omni import OmniModel
 from model.storage import S3Store
 from model.text.tokenizer import load_tokenizer
 from pipelines.cli import main
-from pipelines.config import load_config
 from tests.hf_parts import make_parts
 from tests.model.data.test_prep_s3 import raw  # noqa: F401 - a small corpus fixture
 from tests.model.nn.test_compose import model_cfg

@@ -1,7 +1,7 @@
 import pytest
 
+from components.config import load_config
 from model.nn.plan import parameter_counts, plan_stage
-from pipelines.config import load_config
 
 PAPER_TOTAL = 8.76e9  # LLM 7,615.6M + SigLIP 428.2M + Whisper encoder 637.0M + projectors
 SIGLIP_HEAD = 15_238_352  # so400m's attention-pooling head, which we drop: every patch goes to the projector
