@@ -1,0 +1,184 @@
+"""`/v1/realtime` on a real server on 127.0.0.1 with a real WebSocket client: a spoken question streamed
+faster than real time is heard (speech started / stopped) and answered in text deltas; barge-in and
+`response.cancel` stop an answer; a wrong token is refused; malformed and unknown events, and each
+configured limit, get an `error` event and the session goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from model.media.decode import load_audio
+from serving.local import start_server
+from tests.serving.test_predictor import png_bytes
+
+TOKEN = "rt-test-token-5d1e"
+RATE = 24000  # the client's rate (OpenAI's); the server resamples
+CHUNK_S = 0.1
+IMAGE = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def live(checkpoint):
+    config = {"max_new_tokens": 6, "realtime": {"max_event_bytes": 200_000, "max_buffered_audio_s": 5.0,
+                                                "max_events_per_s": 80.0}}
+    server = start_server(checkpoint, checkpoint.parent / "rt", config, env={"OMNI_API_TOKEN": TOKEN})
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    """A spoken question (espeak-ng, as the demo data) at the client's rate, with silence around it."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    wav = subprocess.run(["espeak-ng", "--stdout", "-s", "150", "what color is the shape"], check=True,
+                         capture_output=True).stdout
+    voice = (load_audio(wav, RATE) * 32767).astype(np.int16)
+    silence = np.zeros(int(RATE * 0.6), np.int16)
+    return np.concatenate([silence, voice, silence, silence, silence])
+
+
+def _url(live) -> str:
+    return live.base.replace("http://", "ws://") + "/v1/realtime"
+
+
+def _pcm(samples: np.ndarray) -> str:
+    return base64.b64encode(samples.astype("<i2").tobytes()).decode()
+
+
+def _chunks(samples: np.ndarray):
+    step = int(RATE * CHUNK_S)
+    return [samples[i:i + step] for i in range(0, len(samples), step)]
+
+
+async def _until(ws, kind: str, seen: list[dict], timeout: float = 60) -> dict:
+    async with asyncio.timeout(timeout):
+        while True:
+            event = json.loads(await ws.recv())
+            seen.append(event)
+            if event["type"] == kind:
+                return event
+
+
+def _session(live, **kw):
+    return connect(_url(live), additional_headers={"Authorization": f"Bearer {TOKEN}"}, max_size=None, **kw)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_spoken_question_is_heard_and_answered_in_deltas(live, speech):
+    async def go():
+        async with _session(live) as ws:
+            created = json.loads(await ws.recv())
+            assert created["type"] == "session.created"
+            assert created["session"]["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+            await ws.send(json.dumps({"type": "session.update", "session": {
+                "type": "realtime", "instructions": "answer briefly",
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE}}}}}))
+            seen: list[dict] = []
+            await _until(ws, "session.updated", seen)
+            for chunk in _chunks(speech):  # four times real-time pace
+                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": _pcm(chunk)}))
+                await asyncio.sleep(CHUNK_S / 4)
+            done = await _until(ws, "response.done", seen)
+            return seen, done
+
+    seen, done = _run(go())
+    kinds = [e["type"] for e in seen]
+    started = next(e for e in seen if e["type"] == "input_audio_buffer.speech_started")
+    stopped = next(e for e in seen if e["type"] == "input_audio_buffer.speech_stopped")
+    # espeak's speech starts after the 0.6 s of silence; the start is reported less the 300 ms padding.
+    assert 100 <= started["audio_start_ms"] <= 700 and stopped["audio_end_ms"] > started["audio_start_ms"] + 500
+    assert started["item_id"] == stopped["item_id"]
+    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+             "input_audio_buffer.committed", "response.created", "response.done"]
+    assert [k for k in kinds if k in order] == order, kinds
+    deltas = [e["delta"] for e in seen if e["type"] == "response.output_text.delta"]
+    assert deltas, kinds
+    assert done["response"]["status"] in ("completed", "incomplete")
+    assert done["response"]["output"][0]["content"][0]["text"] == "".join(deltas)
+    assert done["response"]["usage"]["output_tokens"] >= len(deltas)
+
+
+def test_a_wrong_token_is_refused(live):
+    async def go(headers):
+        async with connect(_url(live), additional_headers=headers):
+            pass
+
+    for headers in ({"Authorization": "Bearer nope"}, {}):
+        with pytest.raises(InvalidStatus) as refused:
+            _run(go(headers))
+        assert refused.value.response.status_code == 401
+
+
+def test_malformed_and_unknown_events_get_errors_and_the_session_goes_on(live):
+    async def go():
+        async with _session(live) as ws:
+            await ws.recv()  # session.created
+            replies = []
+            for frame in ("{not json", json.dumps({"type": "response.teleport"}), json.dumps([1, 2]),
+                          json.dumps({"type": "input_audio_buffer.append", "audio": "%%%"}),
+                          json.dumps({"type": "session.update", "session": {"audio": {"input": {
+                              "format": {"type": "audio/pcm", "rate": 3}}}}}),
+                          json.dumps({"type": "response.cancel"}), b"\x00binary"):
+                await ws.send(frame)
+                replies.append(json.loads(await ws.recv()))
+            # ...and the session still answers: a text turn gets a response.
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": "what color is the shape"},
+                    {"type": "input_image", "image_url": IMAGE}]}}))
+            await ws.send(json.dumps({"type": "response.create"}))
+            seen: list[dict] = []
+            done = await _until(ws, "response.done", seen)
+            return replies, seen, done
+
+    replies, seen, done = _run(go())
+    assert [r["type"] for r in replies] == ["error"] * 7
+    codes = [r["error"]["code"] for r in replies]
+    assert codes == ["invalid_json", "unknown_event_type", "invalid_event", "invalid_value", "invalid_value",
+                     "response_cancel_not_active", "invalid_event"]
+    assert "response.teleport" in replies[1]["error"]["message"]
+    assert replies[4]["error"]["param"] == "session.audio.input.format.rate"
+    assert "conversation.item.added" in [e["type"] for e in seen]
+    assert done["response"]["status"] in ("completed", "incomplete")
+
+
+def test_limits_answer_with_error_events_naming_them(live):
+    async def go():
+        async with _session(live) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {
+                "turn_detection": None}}}}))
+            await ws.recv()
+            too_big = json.dumps({"type": "input_audio_buffer.append", "audio": "A" * 250_000})
+            await ws.send(too_big)
+            size = json.loads(await ws.recv())
+            second = _pcm(np.zeros(RATE, np.int16))  # 1 s of audio; the buffer holds 5
+            for _ in range(6):
+                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": second}))
+            buffered = json.loads(await ws.recv())
+            for _ in range(120):  # a burst past 80 events a second
+                await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            seen = [json.loads(await ws.recv()) for _ in range(120)]
+            return size, buffered, seen
+
+    size, buffered, seen = _run(go())
+    assert size["type"] == "error" and size["error"]["code"] == "max_event_bytes"
+    assert "realtime.max_event_bytes" in size["error"]["message"]
+    assert buffered["type"] == "error" and buffered["error"]["code"] == "max_buffered_audio_s"
+    assert "realtime.max_buffered_audio_s" in buffered["error"]["message"]
+    codes = [e["error"]["code"] for e in seen if e["type"] == "error"]
+    assert codes and set(codes) == {"max_events_per_s"}
+    assert "input_audio_buffer.cleared" in [e["type"] for e in seen]
