@@ -10,6 +10,7 @@ import base64
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from model.media.decode import load_audio
+from model.nn.omni import OmniModel
+from model.text.processor import OmniProcessor
 from serving.local import start_server
 from tests.serving.test_predictor import png_bytes
 
@@ -27,10 +30,21 @@ IMAGE = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
 
 
 @pytest.fixture(scope="module")
-def live(checkpoint):
+def endless(tmp_path_factory, tiny_cfg, tokenizer) -> Path:
+    """The tiny model with a stop set it can never sample: every answer runs to its token budget, so a
+    cancelled answer is one that was cut, whatever the random weights say."""
+    path = tmp_path_factory.mktemp("realtime") / "ckpt"
+    processor = OmniProcessor(tokenizer, tiny_cfg)
+    model = OmniModel(tiny_cfg, len(tokenizer), processor.placeholder_ids, stop_token_ids=[10**9])
+    model.save_pretrained(path, tokenizer)
+    return path
+
+
+@pytest.fixture(scope="module")
+def live(endless):
     config = {"max_new_tokens": 6, "realtime": {"max_event_bytes": 200_000, "max_buffered_audio_s": 5.0,
                                                 "max_events_per_s": 80.0}}
-    server = start_server(checkpoint, checkpoint.parent / "rt", config, env={"OMNI_API_TOKEN": TOKEN})
+    server = start_server(endless, endless.parent / "rt", config, env={"OMNI_API_TOKEN": TOKEN})
     yield server
     server.stop()
 
@@ -106,9 +120,10 @@ def test_a_spoken_question_is_heard_and_answered_in_deltas(live, speech):
     assert [k for k in kinds if k in order] == order, kinds
     deltas = [e["delta"] for e in seen if e["type"] == "response.output_text.delta"]
     assert deltas, kinds
-    assert done["response"]["status"] in ("completed", "incomplete")
+    assert done["response"]["status"] == "incomplete"  # the model never stops: the token budget ends it
+    assert done["response"]["status_details"]["reason"] == "max_output_tokens"
     assert done["response"]["output"][0]["content"][0]["text"] == "".join(deltas)
-    assert done["response"]["usage"]["output_tokens"] >= len(deltas)
+    assert done["response"]["usage"]["output_tokens"] == 6
 
 
 def test_a_wrong_token_is_refused(live):
@@ -152,7 +167,7 @@ def test_malformed_and_unknown_events_get_errors_and_the_session_goes_on(live):
     assert "response.teleport" in replies[1]["error"]["message"]
     assert replies[4]["error"]["param"] == "session.audio.input.format.rate"
     assert "conversation.item.added" in [e["type"] for e in seen]
-    assert done["response"]["status"] in ("completed", "incomplete")
+    assert done["response"]["status"] == "incomplete"
 
 
 def test_limits_answer_with_error_events_naming_them(live):
@@ -182,3 +197,51 @@ def test_limits_answer_with_error_events_naming_them(live):
     codes = [e["error"]["code"] for e in seen if e["type"] == "error"]
     assert codes and set(codes) == {"max_events_per_s"}
     assert "input_audio_buffer.cleared" in [e["type"] for e in seen]
+
+
+def _ask_long(tokens: int = 500):
+    return [json.dumps({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "describe"}]}}),
+        json.dumps({"type": "response.create", "response": {"max_output_tokens": tokens}})]
+
+
+def test_response_cancel_stops_the_answer(live):
+    async def go():
+        async with _session(live) as ws:
+            await ws.recv()
+            for frame in _ask_long():
+                await ws.send(frame)
+            seen: list[dict] = []
+            created = await _until(ws, "response.created", seen)
+            await _until(ws, "response.output_text.delta", seen)
+            await ws.send(json.dumps({"type": "response.cancel", "response_id": created["response"]["id"]}))
+            return await _until(ws, "response.done", seen)
+
+    done = _run(go())["response"]
+    assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
+    assert 1 <= done["usage"]["output_tokens"] < 500
+
+
+def test_speech_during_an_answer_cancels_it_and_is_answered(live, speech):
+    async def go():
+        async with _session(live) as ws:
+            await ws.recv()
+            for frame in _ask_long():
+                await ws.send(frame)
+            seen: list[dict] = []
+            await _until(ws, "response.output_text.delta", seen)
+            for chunk in _chunks(speech):  # as fast as it goes: the answer is still running
+                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": _pcm(chunk)}))
+            first = await _until(ws, "response.done", seen)
+            second = await _until(ws, "response.done", seen)
+            return seen, first, second
+
+    seen, first, second = _run(go())
+    kinds = [e["type"] for e in seen]
+    assert kinds.index("input_audio_buffer.speech_started") < kinds.index("response.done")
+    assert first["response"]["status"] == "cancelled"
+    assert first["response"]["status_details"]["reason"] == "turn_detected"
+    assert first["response"]["usage"]["output_tokens"] < 500
+    # The utterance became a turn of its own and was answered in full.
+    assert kinds.index("input_audio_buffer.committed") < len(kinds) - 1 - kinds[::-1].index("response.created")
+    assert second["response"]["status"] == "incomplete" and second["response"]["usage"]["output_tokens"] == 6
