@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -245,3 +247,40 @@ def test_speech_during_an_answer_cancels_it_and_is_answered(live, speech):
     # The utterance became a turn of its own and was answered in full.
     assert kinds.index("input_audio_buffer.committed") < len(kinds) - 1 - kinds[::-1].index("response.created")
     assert second["response"]["status"] == "incomplete" and second["response"]["usage"]["output_tokens"] == 6
+
+
+# ---------------------------------------------------------------------------------------- fuzz
+_pcm_chunk = st.integers(0, 4000).map(lambda n: _pcm(np.random.default_rng(n).integers(-3000, 3000, n)))
+_events = st.one_of(
+    st.builds(lambda a: {"type": "input_audio_buffer.append", "audio": a}, _pcm_chunk | st.text(max_size=20)),
+    st.sampled_from([{"type": "input_audio_buffer.commit"}, {"type": "input_audio_buffer.clear"},
+                     {"type": "response.create", "response": {"max_output_tokens": 3}}, {"type": "response.cancel"},
+                     {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}},
+                     {"type": "session.update", "session": {"audio": {"input": {"format": {"rate": 16000}}}}}]),
+    st.builds(lambda t: {"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                                      "content": [{"type": "input_text", "text": t}]}},
+              st.text(max_size=30)),
+    st.dictionaries(st.sampled_from(["type", "event_id", "audio", "session", "item", "response"]),
+                    st.none() | st.integers() | st.text(max_size=10) | st.lists(st.integers(), max_size=3)),
+)
+_frames = st.lists(st.one_of(_events.map(json.dumps), st.text(max_size=40), st.binary(max_size=40)), max_size=12)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=_frames)
+def test_fuzzed_event_sequences_never_end_the_session(live, frames):
+    async def go():
+        async with _session(live) as ws:
+            await ws.recv()
+            for frame in frames:
+                await ws.send(frame)
+            await ws.send(json.dumps({"type": "fuzz.ping", "event_id": "sentinel"}))
+            seen: list[dict] = []
+            async with asyncio.timeout(60):
+                while not any(e["type"] == "error" and e["error"]["event_id"] == "sentinel" for e in seen):
+                    seen.append(json.loads(await ws.recv()))
+            return seen
+
+    seen = _run(go())
+    assert not [e for e in seen if e["type"] == "error" and e["error"]["code"] == "server_error"], seen
+    assert "Traceback" not in live.log()

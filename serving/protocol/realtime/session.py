@@ -117,7 +117,8 @@ class RealtimeSession:
         self.audio_ms += len(samples) * 1000 // self.rate
         if self.detector is None:
             return
-        for change in self.detector.feed(samples):
+        # ~2 ms of Silero per 32 ms of audio: in a worker thread, so the event loop serves other sessions.
+        for change in await asyncio.to_thread(self.detector.feed, samples):
             await self._turn(change)
         if not self.detector.speaking:  # before speech only the prefix padding is kept
             self._keep_last(self.config.audio.input.turn_detection.prefix_padding_ms)
