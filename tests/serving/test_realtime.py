@@ -23,6 +23,7 @@ from model.media.decode import load_audio
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
 from serving.local import start_server
+from serving.protocol.realtime import conversation as conv
 from tests.serving.test_predictor import png_bytes
 
 TOKEN = "rt-test-token-5d1e"
@@ -284,3 +285,13 @@ def test_fuzzed_event_sequences_never_end_the_session(live, frames):
     seen = _run(go())
     assert not [e for e in seen if e["type"] == "error" and e["error"]["code"] == "server_error"], seen
     assert "Traceback" not in live.log()
+
+
+def test_a_long_voice_conversation_keeps_the_latest_turns_that_fit_and_opens_with_a_user_turn():
+    items = []
+    for turn in range(3):
+        items += [conv.spoken(f"u{turn}", b"RIFF"), conv.answer(f"a{turn}", f"answer {turn}")]
+    items.append(conv.spoken("u3", b"RIFF"))
+    window = conv.to_conversation(items, "be brief", {"audio": 2, "image": 4, "video": 1})
+    assert [m["role"] for m in window.messages] == ["system", "user", "assistant", "user"]
+    assert window.messages[2]["content"] == "answer 2" and len(window.media) == 2

@@ -72,7 +72,7 @@ def answer(item_id: str, text: str) -> Item:
 
 def to_conversation(items: list[Item], instructions: str, caps: dict[str, int]) -> Conversation:
     """The latest items whose media fit the per-conversation caps (older turns fall out of the window,
-    whole), after the instructions as the system message."""
+    whole, and the window opens with a user turn), after the instructions as the system message."""
     kept, used = [], dict.fromkeys(caps, 0)
     for item in reversed(items):
         counts = {kind: sum(m.kind == kind for m in item.media) for kind in caps}
@@ -81,6 +81,8 @@ def to_conversation(items: list[Item], instructions: str, caps: dict[str, int]) 
         used = {k: used[k] + counts[k] for k in caps}
         kept.append(item)
     kept.reverse()
+    while kept and kept[0].role == "assistant":  # a conversation opens with a user (or system) turn
+        kept.pop(0)
     messages = [{"role": "system", "content": instructions}] if instructions else []
     messages += [{"role": it.role, "content": it.text} for it in kept]
     return Conversation(messages, [m for it in kept for m in it.media], "conversation")
