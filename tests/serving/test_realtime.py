@@ -14,16 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from model.media.decode import load_audio
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
+from serving.config import ServingConfig
 from serving.local import start_server
+from serving.predictor import OmniPredictor
 from serving.protocol.realtime import conversation as conv
+from serving.protocol.realtime import routes as realtime_routes
 from tests.serving.test_predictor import png_bytes
 
 TOKEN = "rt-test-token-5d1e"
@@ -295,3 +301,20 @@ def test_a_long_voice_conversation_keeps_the_latest_turns_that_fit_and_opens_wit
     window = conv.to_conversation(items, "be brief", {"audio": 2, "image": 4, "video": 1})
     assert [m["role"] for m in window.messages] == ["system", "user", "assistant", "user"]
     assert window.messages[2]["content"] == "answer 2" and len(window.media) == 2
+
+
+def test_a_session_past_its_length_gets_an_error_event_and_a_close_frame_saying_why(tmp_path):
+    # In-process (no model needed until a response is asked for): the route on its own app.
+    cfg = ServingConfig(realtime={"max_session_s": 0.3})
+    predictor = OmniPredictor(cfg.model_name, tmp_path, cfg)
+    predictor.ready = True
+    app = FastAPI()
+    app.include_router(realtime_routes.build_router(predictor, token=None))
+    with TestClient(app).websocket_connect("/v1/realtime") as ws:
+        assert ws.receive_json()["type"] == "session.created"
+        expired = ws.receive_json()
+        assert expired["type"] == "error" and expired["error"]["code"] == "max_session_s"
+        assert "realtime.max_session_s" in expired["error"]["message"]
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+    assert closed.value.code == 1000 and "realtime.max_session_s" in closed.value.reason
