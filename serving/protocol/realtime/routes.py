@@ -1,4 +1,4 @@
-"""`/v1/realtime`: OpenAI's Realtime API over a WebSocket, text output (the subset vLLM-Omni serves too).
+"""`/v1/realtime`: OpenAI's Realtime API over a WebSocket, text output.
 
     ws://HOST/v1/realtime[?model=omni]     Authorization: Bearer <token> (when the server has one)
 
