@@ -38,19 +38,25 @@ def configured_token(env: dict[str, str] | None = None) -> str | None:
     return env.get(TOKEN_ENV) or None
 
 
+def bearer_token_matches(authorization: str, token: str) -> bool:
+    """Whether an Authorization header value is `Bearer <token>`. The one check of every route: the
+    middleware below for HTTP, the WebSocket route (which middleware of this kind never sees) itself."""
+    scheme, _, given = authorization.partition(" ")
+    # compare_digest: the time taken must not tell an attacker how much of the token matched.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
 class BearerTokenAuth(BaseHTTPMiddleware):
     """401 for any request outside OPEN_PATHS without `Authorization: Bearer <token>`."""
 
     def __init__(self, app, token: str):
         super().__init__(app)
-        self._token = token.encode()
+        self._token = token
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         if request.url.path in OPEN_PATHS:
             return await call_next(request)
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        # compare_digest: the time taken must not tell an attacker how much of the token matched.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+        if not bearer_token_matches(request.headers.get("authorization", ""), self._token):
             return JSONResponse({"error": "missing or invalid bearer token"}, status_code=401,
                                 headers={"WWW-Authenticate": 'Bearer realm="omni"'})
         return await call_next(request)

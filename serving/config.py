@@ -45,6 +45,23 @@ class BatchingConfig(Strict):
     window_ms: float = Field(5.0, ge=0, description="dynamic policy only: how long a batch waits to fill")
 
 
+class RealtimeLimits(Strict):
+    """Limits of one `/v1/realtime` WebSocket session (serving/protocol/realtime). A client over one
+    gets an `error` event naming it; the session goes on, except past `max_session_s`, which closes
+    it with a close frame saying why."""
+
+    max_session_s: float = Field(1800.0, gt=0, description="how long one session may stay open")
+    max_buffered_audio_s: float = Field(
+        30.0, gt=0, description="input audio held before a commit; at most limits.max_audio_seconds (one turn "
+        "becomes one audio clip)")
+    max_event_bytes: int = Field(
+        1024 * 1024, gt=0, le=16 * 1024 * 1024,
+        description="one client event (a WebSocket text frame); at most 16 MiB, the server's frame limit")
+    max_events_per_s: float = Field(
+        100.0, gt=0, description="client events per second (a burst of as many is allowed); events beyond "
+        "are refused, not queued")
+
+
 class ServingConfig(Strict):
     model_name: str = Field("omni", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     http_port: int = Field(8080, gt=0, lt=65536)
@@ -54,6 +71,7 @@ class ServingConfig(Strict):
     shutdown_grace_s: int = Field(30, ge=0, description="on SIGTERM, how long in-flight requests may finish")
     limits: ServingLimits = ServingLimits()
     batching: BatchingConfig = BatchingConfig()
+    realtime: RealtimeLimits = RealtimeLimits()
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> ServingConfig:
@@ -61,6 +79,9 @@ class ServingConfig(Strict):
             raise ValueError(
                 f"max_new_tokens ({self.max_new_tokens}) exceeds limits.max_tokens ({self.limits.max_tokens})"
             )
+        if self.realtime.max_buffered_audio_s > self.limits.max_audio_seconds:
+            raise ValueError(f"realtime.max_buffered_audio_s ({self.realtime.max_buffered_audio_s}) exceeds "
+                             f"limits.max_audio_seconds ({self.limits.max_audio_seconds})")
         return self
 
     @classmethod

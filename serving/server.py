@@ -8,7 +8,8 @@ The command line is KServe's own (`kserve.model_server.parser`: --http_port, --w
 Flags given win over the serving config file; the file's values win over KServe's defaults.
 
 Endpoints: `/v2/...` (open inference protocol, what `tritonclient.http` speaks), `/v1/models/N:predict`,
-`/openai/v1/chat/completions`, `/openai/v1/models`, health, Prometheus `/metrics` and the OpenAPI document
+`/openai/v1/chat/completions`, `/openai/v1/models`, the Realtime API's WebSocket `/v1/realtime`
+(serving/protocol/realtime/routes.py), health, Prometheus `/metrics` and the OpenAPI document
 `/openapi.json`. A model version (`/v2/models/N/versions/V/...`, `?model_version=V`) is a 404 and the model
 repository's load/unload a 403: this server serves one model, fixed at start (serving/protocol/repository.py). KServe's
 HTTP server always binds 0.0.0.0 (it has no host option). gRPC is off: REST carries every protocol
@@ -48,6 +49,7 @@ from serving.http import RequestObserver, configure_access_log
 from serving.predictor import RETRY_AFTER_S, DeadlineExceeded, OmniPredictor, Overloaded
 from serving.protocol import repository
 from serving.protocol.openai.routes import build_router
+from serving.protocol.realtime import routes as realtime
 from serving.protocol.v2 import BinarySafeDataPlane, TensorProtocol
 
 
@@ -63,6 +65,9 @@ def build_server(model_dir: str | Path, cfg: ServingConfig, load: bool = True,
     _parse_v2_bodies_binary_safe(server, cfg.limits.max_request_bytes)
     app = kserve.model_server.app  # what ModelServer.start serves, adding KServe's own routes after ours
     app.include_router(build_router(predictor))
+    token = configured_token()  # the cluster sets OMNI_API_TOKEN_FILE (serving/auth.py)
+    # WebSockets pass HTTP middleware by: the realtime route checks the same token itself.
+    app.include_router(realtime.build_router(predictor, token))
     # Before KServe's own routes: readiness waits for the model, repository control is a 403.
     app.include_router(repository.readiness_router(predictor))
     app.include_router(repository.build_router(cfg.model_name))
@@ -72,7 +77,7 @@ def build_server(model_dir: str | Path, cfg: ServingConfig, load: bool = True,
     # Middleware added later wraps what came before: the observer outermost (it counts and logs 401s
     # too), then the token check (401 before anything else), then the model-version guard.
     app.add_middleware(repository.NoModelVersions, served_model=cfg.model_name)
-    if token := configured_token():  # the cluster sets OMNI_API_TOKEN_FILE (serving/auth.py)
+    if token:
         app.add_middleware(BearerTokenAuth, token=token)
     app.add_middleware(RequestObserver)
     configure_access_log()
