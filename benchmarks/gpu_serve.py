@@ -21,15 +21,13 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
+from benchmarks.bench_gpu import size_config
 from model import runtime
-from model.config import ModelConfig
 from model.nn.engine import GenerationEngine, Sequence
 from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
@@ -37,37 +35,19 @@ from model.nn.sampling import SamplingParams
 from model.text.processor import ChatInput, OmniProcessor
 from model.text.tokenizer import train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 STREAMS = (1, 8, 32, 64)
 WORDS = "what color is the shape red green blue yellow describe transcribe the audio one two three A B C D"
-# Qwen2-1.5B + SigLIP-so400m-patch14-384 + the Whisper-large-v3 encoder.
-SIZE_1_5B = {
-    "name": "omni-1.5b", "max_seq_len": 4096,
-    "llm": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-            "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-            "vocab_size": 151936, "tie_word_embeddings": True},
-}
-VOCAB = {"tiny": None, "1.5b": 151936, "7b": 152064}  # None: the tokenizer's own
 CONTEXT = {"tiny": 1024, "1.5b": 4096, "7b": 4096}  # KV columns per stream
-
-
-def model_config(size: str) -> ModelConfig:
-    """The named size's config: tiny and 7b from conf/model, 1.5b as the 7b file with Qwen2-1.5B's LLM."""
-    name = "tiny" if size == "tiny" else "omni-7b"
-    base = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
-    if size == "1.5b":
-        base = {**base, **SIZE_1_5B, "llm": {**base["llm"], **SIZE_1_5B["llm"]}}
-    return ModelConfig(**base)
 
 
 def build_chat(size: str) -> OmniChat:
     """Fresh weights, built straight on this process's device and cast to its dtype."""
-    cfg = model_config(size)
+    cfg = size_config(size)
     tok = train_tokenizer([WORDS] * 20, 400)
     processor = OmniProcessor(tok, cfg)
     torch.manual_seed(0)
     with torch.device(runtime.device()):
-        model = OmniModel(cfg, VOCAB[size] or len(tok), processor.placeholder_ids)
+        model = OmniModel(cfg, len(tok) if size == "tiny" else cfg.tokenizer.vocab_size, processor.placeholder_ids)
     return OmniChat(runtime.place(model).eval(), processor)
 
 

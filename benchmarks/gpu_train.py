@@ -32,6 +32,7 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
+from benchmarks.bench_gpu import size_config  # noqa: E402
 from benchmarks.bench_training import (  # noqa: E402
     TRAINABLE,
     FlopModel,
@@ -39,7 +40,6 @@ from benchmarks.bench_training import (  # noqa: E402
     adapter_flops,
     build_samples,
     data_setup,
-    load_cfg,
     measured_run,
     passes_for,
 )
@@ -53,18 +53,11 @@ from model.nn.plan import adapter_parameters, plan_stage  # noqa: E402
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), by name fragment:
 # the first fragment found in the device name wins.
 DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.1))
-# Qwen2-1.5B's shape (its config.json) on the paper's encoders (conf/model/omni-7b.yaml): 2.91B
-# parameters with the LM head untied from the embedding, as the baseline figures were measured.
-QWEN2_1_5B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-              "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-              "vocab_size": 151936, "tie_word_embeddings": False}
 PROJECTORS = ["vision_projector", "audio_projector"]  # the mixture has no video: its projector would idle
 
 
 @dataclass(frozen=True)
 class Size:
-    config: str
-    llm: dict | None  # overrides of the config's llm section
     runs: tuple[str, ...]
     pool: int  # distinct samples
     rows: int  # packed rows of max_seq_len per micro-batch
@@ -73,22 +66,11 @@ class Size:
 
 
 SIZES = {
-    "tiny": Size("tiny", None, ("sft_packed", "sft_padded", "align_frozen", "lora_sft"), 24, 2, 2),
+    "tiny": Size(("sft_packed", "sft_padded", "align_frozen", "lora_sft"), 24, 2, 2),
     # 4 padded samples: the baseline's padded run (a rate is compared; 4 samples fit without checkpointing)
-    "1.5b": Size("omni-7b", QWEN2_1_5B, ("sft_packed", "sft_padded"), 96, 2, 8, padded=4),
-    "7b": Size("omni-7b", None, ("align_frozen", "lora_sft"), 96, 2, 6),
+    "1.5b": Size(("sft_packed", "sft_padded"), 96, 2, 8, padded=4),
+    "7b": Size(("align_frozen", "lora_sft"), 96, 2, 6),
 }
-
-
-def size_config(size: str) -> ModelConfig:
-    """The named size's model config (fresh weights: nothing to download)."""
-    spec = SIZES[size]
-    cfg = load_cfg(spec.config)
-    if spec.llm:
-        vocab = cfg.tokenizer.model_copy(update={"vocab_size": spec.llm["vocab_size"]})
-        cfg = cfg.model_copy(update={"name": f"omni-{size}", "llm": cfg.llm.model_copy(update=spec.llm),
-                                     "tokenizer": vocab})
-    return cfg
 
 
 def datasheet_tflops(gpu: str | None) -> float | None:
