@@ -23,16 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from model.config import ModelConfig  # noqa: E402
+from benchmarks.gpu_sizes import SIZES  # noqa: E402
 
-SIZES = ("tiny", "1.5b", "7b")
-# Qwen2-1.5B's shape (its config.json) on the paper's encoders (conf/model/omni-7b.yaml): 2.91B
-# parameters with the LM head untied from the embedding, as the issue's baseline figures were measured.
-QWEN2_1_5B = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-              "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-              "vocab_size": 151936, "tie_word_embeddings": False}
 PARTS = ("serve", "train", "all")
 Emit = Callable[..., dict]
 
@@ -41,18 +34,6 @@ def emit(kind: str, **fields) -> dict:
     record = {"kind": kind, **fields}
     print(json.dumps(record), flush=True)
     return record
-
-
-def size_config(size: str) -> ModelConfig:
-    """The named size's model config, for both parts (fresh weights: nothing to download): tiny and
-    7b are conf/model's files, 1.5b the 7b file with Qwen2-1.5B's LLM and vocabulary."""
-    name = "tiny" if size == "tiny" else "omni-7b"
-    cfg = ModelConfig(**OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")))
-    if size == "1.5b":
-        vocab = cfg.tokenizer.model_copy(update={"vocab_size": QWEN2_1_5B["vocab_size"]})
-        cfg = cfg.model_copy(update={"name": "omni-1.5b", "llm": cfg.llm.model_copy(update=QWEN2_1_5B),
-                                     "tokenizer": vocab})
-    return cfg
 
 
 def machine_info() -> dict:

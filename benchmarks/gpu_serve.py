@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.bench_gpu import size_config
+from benchmarks.gpu_sizes import size_config
 from model import runtime
 from model.nn.engine import GenerationEngine, Sequence
 from model.nn.generation import OmniChat

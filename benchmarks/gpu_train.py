@@ -32,7 +32,6 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
-from benchmarks.bench_gpu import size_config  # noqa: E402
 from benchmarks.bench_training import (  # noqa: E402
     TRAINABLE,
     FlopModel,
@@ -43,6 +42,7 @@ from benchmarks.bench_training import (  # noqa: E402
     measured_run,
     passes_for,
 )
+from benchmarks.gpu_sizes import size_config  # noqa: E402
 from model import runtime  # noqa: E402
 from model.config import LoraConfig, ModelConfig, StageConfig  # noqa: E402
 from model.data.packing import pack  # noqa: E402

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,9 +24,7 @@ from model.config import ModelConfig
 from model.nn.audio import AudioEncoder
 from model.nn.projectors import ConvGMLPProjector, VideoProjector, VisionProjector
 
-if TYPE_CHECKING:
-    from model.nn.omni import OmniModel
-
+# The entries' functions take the OmniModel as `model` (typed nn.Module: this module sits below it).
 # (our config, Hugging Face configs by part: "vision", "audio", "llm") -> a fresh module
 Builder = Callable[[ModelConfig, dict[str, PretrainedConfig]], nn.Module]
 Features = torch.Tensor | list[torch.Tensor]  # (items, tokens, dim), or one (tokens, dim) per item
@@ -54,7 +51,7 @@ def tokens(features: Features) -> torch.Tensor:
     return features.flatten(0, 1) if isinstance(features, torch.Tensor) else torch.cat(features)
 
 
-def _siglip_patches(model: OmniModel, pixels: torch.Tensor) -> torch.Tensor:
+def _siglip_patches(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return model.vision_tower(pixel_values=pixels).last_hidden_state
 
 
@@ -63,7 +60,7 @@ def _one_tile(cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor]:
     return (torch.zeros(1, v.num_channels, v.image_size, v.image_size, device=device),)
 
 
-def _audio_window_tokens(model: OmniModel, hidden: torch.Tensor, mel: torch.Tensor,
+def _audio_window_tokens(model: nn.Module, hidden: torch.Tensor, mel: torch.Tensor,
                          frames: torch.Tensor) -> list[torch.Tensor]:
     """Padded windows' encoder output -> one (tokens, llm_dim) tensor per window, its padding cut."""
     projected = model.audio_projector(hidden)
