@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from model.config import DataConfig, ModelConfig
 from model.data.demo import make_demo
 from model.data.prep import prepare
@@ -42,12 +43,7 @@ def emit(kind: str, **fields) -> dict:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

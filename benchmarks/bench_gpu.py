@@ -25,6 +25,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 import torch  # noqa: E402
 
 from benchmarks.gpu_sizes import SIZES  # noqa: E402
+from benchmarks.machine import cpu_name  # noqa: E402
 
 PARTS = ("serve", "train", "all")
 Emit = Callable[..., dict]
@@ -38,13 +39,7 @@ def emit(kind: str, **fields) -> dict:
 
 def machine_info() -> dict:
     """What the figures were measured on: the accelerator (if any), the CPU, the software."""
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+    info = {"cpu": cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "device": "cpu", "gpu": None, "gpu_mem_gib": None, "cuda": torch.version.cuda}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

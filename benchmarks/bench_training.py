@@ -29,6 +29,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import RandomSampler  # noqa: E402
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from model.config import ModelConfig, StageConfig  # noqa: E402
 from model.data.packing import pack  # noqa: E402
 from model.nn.attention import pad_to_bucket  # noqa: E402
@@ -52,14 +53,7 @@ def emit(kind: str, **fields) -> dict:
 
 # --------------------------------------------------------------------------------------------- machine
 def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import deepspeed
     import transformers
 

@@ -7,18 +7,15 @@ seeking, which costs about one GOP per frame), their sound tracks too: a video r
 from __future__ import annotations
 
 import io
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from model.config import DataConfig, ModelConfig
 from model.data.inputs import fetch_media
 from model.data.quarantine import Rejected
 from model.data.records import Record
 from model.data.shards import sha256
-from model.media.decode import MediaError
+from model.media.decode import MediaError, wav_bytes
 from model.media.inputs import MediaReader, RawMedia
 from model.media.limits import MediaLimits
 from model.storage import StorageError
@@ -35,16 +32,6 @@ class NormalisedMedia:
     refs: dict[str, list[str]] = field(default_factory=lambda: {"image": [], "video": [], "audio": []})
     hashes: list[str] = field(default_factory=list)  # content hashes in tag order
     stats: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in STATS})
-
-
-def wav_bytes(wave_f32: np.ndarray, rate: int) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(wave_f32, -1, 1) * 32767).round().astype("<i2").tobytes())
-    return buf.getvalue()
 
 
 def _normalise(item: RawMedia, reader: MediaReader, stats: dict) -> tuple[bytes, str]:

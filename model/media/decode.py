@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import io
 import math
+import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,3 +312,15 @@ def media_duration(src: Source) -> float:
         return duration
     finally:
         container.close()
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    """Mono 16-bit PCM WAV of `samples`: int16 as they are, floats in [-1, 1] scaled (clipped)."""
+    pcm = samples if samples.dtype == np.int16 else (np.clip(samples, -1, 1) * 32767).round()
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.astype("<i2").tobytes())
+    return buf.getvalue()

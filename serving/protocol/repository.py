@@ -84,13 +84,13 @@ def build_router(served_model: str) -> APIRouter:
 
 
 def readiness_router(model: kserve.Model) -> APIRouter:
-    """`/v2/health/ready`: 200 once `model` has loaded; before, KServe's own 503 (ServerNotReady)."""
+    """`/v2/health/ready`: 200 once `model` has loaded; before, KServe's own 503 (its ServerNotReady body)."""
     router = APIRouter(prefix="/v2", include_in_schema=False)
 
-    async def ready() -> dict:
-        if not await model.healthy():
-            raise kserve.errors.ServerNotReady()
-        return {"ready": True}
+    async def ready() -> JSONResponse:
+        if not await model.healthy():  # KServe's own answer, without raising: a probe is not an error to log
+            return await kserve.errors.server_not_ready_handler(None, kserve.errors.ServerNotReady())
+        return JSONResponse({"ready": True})
 
     router.add_api_route("/health/ready", ready, methods=["GET"])
     return router

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
-import wave
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,16 +33,6 @@ def decode_pcm16(text: str, field: str) -> np.ndarray:
     if len(raw) % 2:
         raise BadRequest(f"{field}: PCM16 audio has an odd number of bytes ({len(raw)})", field)
     return np.frombuffer(raw, dtype="<i2").astype(np.int16)
-
-
-def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(samples.astype("<i2").tobytes())
-    return out.getvalue()
 
 
 class Resampler:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from model.media.decode import wav_bytes
 from model.media.tags import TAG_PATTERN
 from serving.conversation import BadRequest, Conversation, MediaItem, decode_base64
-from serving.protocol.realtime.audio import decode_pcm16, wav_bytes
+from serving.protocol.realtime.audio import decode_pcm16
 from serving.protocol.realtime.events import InputAudio, InputImage, InputText, MessageItem, message_item
 
 

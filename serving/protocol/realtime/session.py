@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model.media.decode import wav_bytes
 from model.nn.sampling import SamplingParams
 from serving.config import RealtimeLimits
 from serving.conversation import GenerateRequest
 from serving.predictor import OmniPredictor, Overloaded
 from serving.protocol.realtime import conversation as conv
-from serving.protocol.realtime.audio import TurnDetector, VadChange, decode_pcm16, wav_bytes
+from serving.protocol.realtime.audio import TurnDetector, VadChange, decode_pcm16
 from serving.protocol.realtime.events import (
     AudioAppend,
     AudioClear,
