@@ -9,13 +9,16 @@ Checkpoints and resume: `model.training.checkpointing`.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -107,27 +110,50 @@ def train_stage(model: OmniModel, processor: OmniProcessor, dataset, stage: Stag
                 progress: bool = True, report_every: int = REPORT_EVERY) -> TrainResult:
     """Train `model` in place for `stage.steps` optimizer steps over `dataset` (sampled with
     replacement, seeded). Returns the loss per step. With `checkpoint_dir`, resumes from its latest
-    checkpoint if there is one, and checkpoints into it (raising Preempted after a SIGTERM)."""
+    checkpoint if there is one, and checkpoints into it (raising Preempted after a SIGTERM).
+    `on_step(step, loss)` is called for every step, in bursts: the losses stay on the device until
+    a report (every `report_every` steps, before a checkpoint and at the end)."""
     init_distributed()
-    torch.manual_seed(stage.seed)
-    set_trainable(model, stage.trainable)
-    adapters = lora.attach(model, stage.lora) if stage.lora else None  # the LLM then learns through them only
-    result = TrainResult(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    model.set_activation_checkpointing(stage.activation_checkpointing)
-    engine = build_engine(model, stage)
-    generator = torch.Generator().manual_seed(stage.seed)
-    data = stage_data(model, processor, dataset, stage, generator)
-    state = checkpointing.resume(engine, checkpoint_dir, generator, stage.steps)
-    result.resumed_step = state.step
-    batches = data.batches(state.step * stage.grad_accum * stage.micro_batch_size, state.data)
-    start = time.perf_counter()
-    _loop(engine, batches, data, processor, state, checkpoint_dir, generator, on_step, progress, report_every)
-    result.seconds = time.perf_counter() - start
+    with reproducible(stage.seed):
+        set_trainable(model, stage.trainable)
+        adapters = lora.attach(model, stage.lora) if stage.lora else None  # the LLM then learns through them only
+        result = TrainResult(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+        model.set_activation_checkpointing(stage.activation_checkpointing)
+        engine = build_engine(model, stage)
+        generator = torch.Generator().manual_seed(stage.seed)
+        data = stage_data(model, processor, dataset, stage, generator)
+        state = checkpointing.resume(engine, checkpoint_dir, generator, stage.steps)
+        result.resumed_step = state.step
+        batches = data.batches(state.step * stage.grad_accum * stage.micro_batch_size, state.data)
+        start = time.perf_counter()
+        _loop(engine, batches, data, processor, state, checkpoint_dir, generator, on_step, progress, report_every)
+        result.seconds = time.perf_counter() - start
     result.losses, result.tokens = state.losses, state.tokens
     _finish(model, engine, stage)
     if adapters is not None:
         lora.merge(model, adapters)  # downstream sees a plain checkpoint
     return result
+
+
+@contextmanager
+def reproducible(seed: int) -> Iterator[None]:
+    """Every RNG a stage may draw from seeded (torch, Python's, NumPy's; the sampler and DataLoader
+    workers derive theirs from these) and, on the CPU, torch restricted to deterministic kernels, so
+    the same inputs on the same machine give the same weights bit for bit. Not on a GPU: kernels
+    that add with atomics (embedding and index_add backward, attention backward) sum in a varying
+    order, and the deterministic variants cost speed (cuBLAS's also needs CUBLAS_WORKSPACE_CONFIG set
+    before CUDA starts). The thread count is an input too (CPU reductions split by thread): torch's
+    own choice, OMP_NUM_THREADS or the cores, is the same for two runs on one machine."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    cpu = runtime.device().type == "cpu"
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(cpu or previous)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def _loop(engine, batches: Iterator[dict], data: StageData, processor: OmniProcessor, state: Progress,
