@@ -253,8 +253,9 @@ def timed_run(
     also pays for the loader start-up), timed between on_step callbacks."""
     model.load_state_dict(init_state)
     stamps: list[float] = []
-    result = train_stage(
-        model, processor, samples, stage, progress=False, on_step=lambda step, loss: stamps.append(time.perf_counter())
+    result = train_stage(  # a report every step: each on_step then comes when its step has run
+        model, processor, samples, stage, progress=False, on_step=lambda step, loss: stamps.append(time.perf_counter()),
+        report_every=1,
     )
     items = pack(samples, model.cfg.max_seq_len) if stage.packing else samples
     steps = layout(stage, step_batches(items, stage), model.cfg.max_seq_len)
