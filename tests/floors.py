@@ -54,6 +54,7 @@ def overlay_python(reqs: list[Requirement], root: Path = REPO / ".cache") -> Pat
     if (venv / ".ready").is_file():
         return python
     shutil.rmtree(venv, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
     uv = Path(sys.executable).with_name("uv")
     subprocess.run([str(uv), "venv", "-q", "--python", sys.executable, str(venv)], check=True)
     subprocess.run([str(uv), "pip", "install", "-q", "--python", str(python), "--resolution", "lowest-direct",
