@@ -26,7 +26,7 @@ from packaging.requirements import Requirement
 REPO = Path(__file__).resolve().parents[1]
 # What the floors test runs by default: the code that uses the ranged packages most (transformers'
 # models and checkpointing, tokenizers, safetensors, pydantic configs), in about 15 s.
-QUICK_TESTS = ["tests/model/nn/test_loss.py", "tests/model/nn/test_omni_model.py",
+QUICK_TESTS = ["tests/model/nn/test_loss.py", "tests/model/nn/test_omni_model.py", "tests/model/nn/test_compose.py",
                "tests/model/text/test_processor.py",
                "tests/model/training/test_recipe.py::test_activation_checkpointing_saves_less_and_keeps_gradients"]
 WIDE_TESTS = ["tests/model/nn", "tests/model/text", "tests/model/training/test_recipe.py",
