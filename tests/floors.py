@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # models and checkpointing, tokenizers, safetensors, pydantic configs), in about 15 s.
 QUICK_TESTS = ["tests/model/nn/test_loss.py", "tests/model/nn/test_omni_model.py", "tests/model/nn/test_compose.py",
                "tests/model/text/test_processor.py",
+               "tests/model/nn/test_engine.py::test_greedy_answers_in_a_batch_equal_each_alone",
                "tests/model/training/test_recipe.py::test_activation_checkpointing_saves_less_and_keeps_gradients"]
 WIDE_TESTS = ["tests/model/nn", "tests/model/text", "tests/model/training/test_recipe.py",
               "tests/model/data/test_packing.py"]

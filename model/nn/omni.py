@@ -83,19 +83,11 @@ class OmniModel(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each transformer layer's activations in backward (vision tower, audio encoder,
         LLM): activation memory drops to about one layer's worth, for ~30% more compute."""
-        options = {"use_reentrant": False}  # non-reentrant: works when a frozen tower's inputs need no grad
         for tower in (self.vision_tower, self.audio_encoder.encoder, self.llm):
-            # Later transformers 5.x renamed gradient_checkpointing_* to activation_checkpointing_* (the
-            # old names deprecated until 6, earlier 5.x lack the new ones): the new where they exist.
-            if hasattr(tower, "activation_checkpointing_enable"):
-                if enabled:
-                    tower.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-                else:
-                    tower.activation_checkpointing_disable()
-            elif enabled:
-                tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+            if enabled:  # non-reentrant: works when a frozen tower's inputs need no grad
+                tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
-                tower.gradient_checkpointing_disable()
+                tower.activation_checkpointing_disable()
 
     # --- media encoders: each returns (num_items, tokens_per_item, llm_dim) or a flat token list ---
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
