@@ -78,7 +78,9 @@ def installed_versions(python: Path, names: list[str]) -> dict[str, str]:
 
 
 def run_tests(python: Path, tests: list[str], extra: list[str] = ()) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # The project venv's programs (the tests' `weed` S3 server) stay on PATH, after the overlay's.
+    path = os.pathsep.join([str(python.parent), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": path}
     return subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *tests, *extra],
                           cwd=REPO, env=env, capture_output=True, text=True)
 
