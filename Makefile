@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_BUILD_OPS := 0
 
-.PHONY: install system-deps demo test test-fast fuzz lint compile bench bench-gpu clean images checkov check-cluster triton-venv
+.PHONY: install system-deps demo test test-fast test-floors fuzz lint compile bench bench-gpu clean images checkov check-cluster triton-venv
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,11 @@ test: install checkov triton-venv
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+# The dependency floors of pyproject installed (uv, lowest allowed versions, layered over $(VENV)) and
+# a wider set of unit tests run on them than tests/test_dependency_floors.py runs in `make test`.
+test-floors: install
+	$(BIN)/python -m tests.floors
 
 # The generated-input tests at length, with a fresh seed each run (CI runs a small fixed set):
 # data prep over hostile corpora and the predictor under schemathesis. FUZZ_EXAMPLES per test.

@@ -294,8 +294,9 @@ def measured_run(model: OmniModel, processor: OmniProcessor, samples: list[Encod
                  flop_model: FlopModel | None, skip: int = 1, passes: dict[str, int] | None = None) -> dict:
     """`train_stage` on `model` as it is, timed as `timed_run` says; FLOPs with `passes` (FlopModel)."""
     stamps: list[float] = []
-    result = train_stage(
-        model, processor, samples, stage, progress=False, on_step=lambda step, loss: stamps.append(time.perf_counter())
+    result = train_stage(  # a report every step: each on_step then comes when its step has run
+        model, processor, samples, stage, progress=False, on_step=lambda step, loss: stamps.append(time.perf_counter()),
+        report_every=1,
     )
     items = pack(samples, model.cfg.max_seq_len) if stage.packing else samples
     kernel = model.llm.config._attn_implementation if model.varlen else None

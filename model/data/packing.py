@@ -114,6 +114,6 @@ def varlen_bounds(lengths: list[int]) -> dict:
     return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
-def packed_tokens(batch: dict[str, torch.Tensor], pad_token_id: int) -> int:
-    """Real (non-padding) tokens in a packed batch."""
-    return int((batch["input_ids"] != pad_token_id).sum())
+def packed_tokens(batch: dict[str, torch.Tensor], pad_token_id: int) -> torch.Tensor:
+    """Real (non-padding) tokens in a packed batch, as a tensor on its device (no host sync)."""
+    return (batch["input_ids"] != pad_token_id).sum()

@@ -17,6 +17,12 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
+def target_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens of `labels` (B, T) the causal-LM loss averages over (shifted, -100 ignored),
+    as a tensor on their device (no host sync)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # The head is called as a module so ZeRO-3's hooks gather its weight (in forward and in recompute).
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")

@@ -3,6 +3,7 @@ collectives the training loop needs besides DeepSpeed's own."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 
@@ -40,22 +41,30 @@ def _many() -> bool:
     return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Every rank must take part in a (collective) save, so a signal seen by one rank stops all."""
+def any_rank(flag: bool) -> bool:
+    """Every rank must take part in a (collective) save, so a signal seen by one rank stops all.
+    Agreed on the host (a gloo group beside NCCL): asking every step must not wait for the GPU."""
     if not _many():
         return flag
-    t = torch.tensor([int(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    t = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_host_group())
     return bool(t.item())
 
 
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    """Each rank trains on its own share of the data: the loss to report is the global batch's."""
-    if not _many():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.item() / torch.distributed.get_world_size()
+@functools.cache
+def _host_group():
+    """The default group where it is gloo already, else one gloo group over the same ranks (made
+    once, by every rank at the same call, as `new_group` requires)."""
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    return torch.distributed.new_group(backend="gloo")
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the ranks, in place on its device: an enqueued collective, no host sync."""
+    if _many():
+        torch.distributed.all_reduce(t)
+    return t
 
 
 def gather_full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,13 +9,16 @@ Checkpoints and resume: `model.training.checkpointing`.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -23,13 +26,16 @@ from model import runtime
 from model.config import StageConfig
 from model.data.packing import collate_packed, pack, packed_tokens
 from model.data.shards import ShardStream
+from model.nn.loss import target_tokens
 from model.nn.omni import OmniModel
 from model.nn.plan import stage_checkpointing
 from model.text.processor import OmniProcessor
 from model.training import checkpointing, lora
 from model.training.checkpointing import PREEMPTED_EXIT_CODE, Preempted, Progress
-from model.training.distributed import any_rank, gather_full_weights, init_distributed, mean_over_ranks
+from model.training.distributed import any_rank, gather_full_weights, init_distributed, sum_over_ranks
 from model.training.optim import build_engine, set_trainable
+
+REPORT_EVERY = 10  # optimizer steps between loss reports (each report is one device-to-host copy)
 
 
 @dataclass
@@ -67,9 +73,10 @@ class StageData:
             self.dataset.load_state_dict({**reader_state, "items": consumed})  # refuses another data set's position
             loader = DataLoader(self.dataset, batch_size=mb, collate_fn=self.collate,
                                 num_workers=self.dataset.num_workers, pin_memory=runtime.device().type == "cuda")
-        else:
+        else:  # workers on a GPU node (none on a CPU): collating 2 packed rows of 327 tokens took 15 ms on
+            # a busy CPU core, and a row's attention mask grows with the square of its length
             loader = DataLoader(self.dataset, batch_size=mb, collate_fn=self.collate, sampler=self.order[consumed:],
-                                pin_memory=runtime.device().type == "cuda")
+                                num_workers=runtime.loader_workers(None), pin_memory=runtime.device().type == "cuda")
         return islice(loader, (self.per_rank - consumed) // mb)  # a stream never ends by itself
 
     def reader_state(self, step: int) -> dict:
@@ -103,25 +110,27 @@ def stage_data(model: OmniModel, processor: OmniProcessor, dataset, stage: Stage
 
 def train_stage(model: OmniModel, processor: OmniProcessor, dataset, stage: StageConfig,
                 checkpoint_dir: Path | None = None, on_step: Callable[[int, float], None] | None = None,
-                progress: bool = True) -> TrainResult:
+                progress: bool = True, report_every: int = REPORT_EVERY) -> TrainResult:
     """Train `model` in place for `stage.steps` optimizer steps over `dataset` (sampled with
     replacement, seeded). Returns the loss per step. With `checkpoint_dir`, resumes from its latest
-    checkpoint if there is one, and checkpoints into it (raising Preempted after a SIGTERM)."""
+    checkpoint if there is one, and checkpoints into it (raising Preempted after a SIGTERM).
+    `on_step(step, loss)` is called for every step, in bursts: the losses stay on the device until
+    a report (every `report_every` steps, before a checkpoint and at the end)."""
     init_distributed()
-    torch.manual_seed(stage.seed)
-    set_trainable(model, stage.trainable)
-    adapters = lora.attach(model, stage.lora) if stage.lora else None  # the LLM then learns through them only
-    result = TrainResult(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    model.set_activation_checkpointing(stage_checkpointing(model, stage))
-    engine = build_engine(model, stage)
-    generator = torch.Generator().manual_seed(stage.seed)
-    data = stage_data(model, processor, dataset, stage, generator)
-    state = checkpointing.resume(engine, checkpoint_dir, generator, stage.steps)
-    result.resumed_step = state.step
-    batches = data.batches(state.step * stage.grad_accum * stage.micro_batch_size, state.data)
-    start = time.perf_counter()
-    _loop(engine, batches, data, processor, state, checkpoint_dir, generator, on_step, progress)
-    result.seconds = time.perf_counter() - start
+    with reproducible(stage.seed):
+        set_trainable(model, stage.trainable)
+        adapters = lora.attach(model, stage.lora) if stage.lora else None  # the LLM then learns through them only
+        result = TrainResult(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+        model.set_activation_checkpointing(stage_checkpointing(model, stage))
+        engine = build_engine(model, stage)
+        generator = torch.Generator().manual_seed(stage.seed)
+        data = stage_data(model, processor, dataset, stage, generator)
+        state = checkpointing.resume(engine, checkpoint_dir, generator, stage.steps)
+        result.resumed_step = state.step
+        batches = data.batches(state.step * stage.grad_accum * stage.micro_batch_size, state.data)
+        start = time.perf_counter()
+        _loop(engine, batches, data, processor, state, checkpoint_dir, generator, on_step, progress, report_every)
+        result.seconds = time.perf_counter() - start
     result.losses, result.tokens = state.losses, state.tokens
     _finish(model, engine, stage)
     if adapters is not None:
@@ -129,45 +138,118 @@ def train_stage(model: OmniModel, processor: OmniProcessor, dataset, stage: Stag
     return result
 
 
+@contextmanager
+def reproducible(seed: int) -> Iterator[None]:
+    """Every RNG a stage may draw from seeded (torch, Python's, NumPy's; the sampler and DataLoader
+    workers derive theirs from these) and, on the CPU, torch restricted to deterministic kernels, so
+    the same inputs on the same machine give the same weights bit for bit. Not on a GPU: kernels
+    that add with atomics (embedding and index_add backward, attention backward) sum in a varying
+    order, and the deterministic variants cost speed (cuBLAS's also needs CUBLAS_WORKSPACE_CONFIG set
+    before CUDA starts). The thread count is an input too (CPU reductions split by thread): torch's
+    own choice, OMP_NUM_THREADS or the cores, is the same for two runs on one machine."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    cpu = runtime.device().type == "cpu"
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(cpu or previous)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def _loop(engine, batches: Iterator[dict], data: StageData, processor: OmniProcessor, state: Progress,
-          checkpoint_dir: Path | None, generator: torch.Generator, on_step, progress: bool) -> None:
-    """Forward, backward and step over `batches`; after each optimizer step, report and maybe checkpoint."""
+          checkpoint_dir: Path | None, generator: torch.Generator, on_step, progress: bool,
+          report_every: int = REPORT_EVERY) -> None:
+    """Forward, backward and step over `batches`, one optimizer step (grad_accum micro-batches) at a
+    time; the losses are reported every `report_every` steps, before each checkpoint and at the end."""
     from tqdm import tqdm
 
-    stage, window = data.stage, []
+    stage = data.stage
+    report = _Report(state, on_step)
     bar = tqdm(total=stage.steps, initial=state.step, desc=f"train {stage.name}", disable=not progress, unit="step")
     engine.train()
     with bar, checkpointing.sigterm_flag(enabled=checkpoint_dir is not None) as sigterm:
-        for micro, batch in enumerate(batches, start=state.step * stage.grad_accum):
-            batch = {k: v.to(engine.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in batch.items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            state.tokens += (packed_tokens(batch, processor.tok.pad_token_id) if stage.packing
-                             else int(batch["attention_mask"].sum()))
-            window.append(loss.item())
-            if (micro + 1) % stage.grad_accum:
-                continue
-            state.step = (micro + 1) // stage.grad_accum
-            state.losses.append(mean_over_ranks(sum(window) / len(window), engine.device))
-            window = []
+        for micro_batches in _optimizer_steps(batches, stage.grad_accum):
+            micro_batches = [_on_device(b, engine.device) for b in micro_batches]
+            report.add(*_step(engine, micro_batches, processor.tok.pad_token_id, stage.packing))
+            state.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{state.losses[-1]:.3f}")
-            if on_step:
-                on_step(state.step, state.losses[-1])
-            if checkpoint_dir is not None:
-                _maybe_checkpoint(engine, checkpoint_dir, data, state, generator, sigterm.is_set())
+            stop = checkpoint_dir is not None and any_rank(sigterm.is_set())
+            save = stop or (checkpoint_dir is not None and stage.checkpoint_every
+                            and state.step % stage.checkpoint_every == 0)
+            if save or state.step % report_every == 0 or state.step == stage.steps:
+                bar.set_postfix(loss=f"{report.flush():.3f}")  # the checkpoint carries every loss so far
+            if save:
+                _checkpoint(engine, checkpoint_dir, data, state, generator, stop)
+    report.flush()  # a loader that ended early leaves steps unreported
 
 
-def _maybe_checkpoint(engine, checkpoint_dir: Path, data: StageData, state: Progress, generator: torch.Generator,
-                      signalled: bool) -> None:
-    """Save every `checkpoint_every` steps, and after a SIGTERM seen by any rank (then stop)."""
-    stage = data.stage
-    stop = any_rank(signalled, engine.device)
-    if stop or (stage.checkpoint_every and state.step % stage.checkpoint_every == 0):
-        state.data = data.reader_state(state.step)
-        checkpointing.save(engine, checkpoint_dir, state, generator)
+def _optimizer_steps(batches: Iterator[dict], grad_accum: int) -> Iterator[list[dict]]:
+    while micro_batches := list(islice(batches, grad_accum)):
+        yield micro_batches
+
+
+def _on_device(batch: dict, device: torch.device) -> dict:
+    # From pinned memory (on a GPU) the copies are asynchronous: the step's inputs travel while it runs.
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _step(engine, micro_batches: list[dict], pad_token_id: int, packing: bool) -> tuple[torch.Tensor, ...]:
+    """One optimizer step whose gradient is that of the mean loss over every label token of the step,
+    on all ranks: each micro-batch's mean loss is weighted by its share of those tokens (a token in
+    a short micro-batch or on a rank with few tokens weighs what any other does). DeepSpeed would
+    divide by grad_accum (not asked to here) and averages over ranks (undone by the world size).
+    Returns this rank's summed token losses, the step's label tokens on all ranks and this rank's
+    real tokens, all on the device: nothing here waits for the GPU."""
+    counts = [target_tokens(b["labels"]) for b in micro_batches]
+    total = sum_over_ranks(torch.stack(counts).sum().to(torch.float64))  # one collective per step
+    scale = torch.distributed.get_world_size() / total.clamp(min=1)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=total.device)
+    real = torch.zeros((), dtype=torch.long, device=total.device)
+    for batch, count in zip(micro_batches, counts, strict=True):
+        loss = engine(**batch).loss
+        engine.backward(loss * (count * scale).to(loss.dtype), scale_wrt_gas=False)
+        engine.step()
+        loss_sum += loss.detach().double() * count
+        real += packed_tokens(batch, pad_token_id) if packing else batch["attention_mask"].sum()
+    return loss_sum, total, real
+
+
+class _Report:
+    """Per-step losses and token counts kept on the device until a report: then one collective for
+    the global losses and one copy to the host for the whole window, then `on_step` for each step."""
+
+    def __init__(self, state: Progress, on_step: Callable[[int, float], None] | None):
+        self.state, self.on_step, self.pending = state, on_step, []
+
+    def add(self, loss_sum: torch.Tensor, total: torch.Tensor, real: torch.Tensor) -> None:
+        self.pending.append((loss_sum, total, real))
+
+    def flush(self) -> float:
+        """Record the pending steps' losses (mean over every label token of the step, all ranks) and
+        real tokens (this rank's); returns the last loss."""
+        if not self.pending:
+            return self.state.losses[-1] if self.state.losses else float("nan")
+        sums, totals, reals = (torch.stack(t) for t in zip(*self.pending, strict=True))
+        losses = sum_over_ranks(sums) / totals.clamp(min=1)
+        *losses, real = torch.cat([losses, reals.sum().double()[None]]).tolist()
+        first = self.state.step - len(self.pending) + 1
+        self.state.tokens += int(real)
+        self.state.losses.extend(losses)
+        self.pending = []
+        if self.on_step:
+            for step, loss in enumerate(losses, start=first):
+                self.on_step(step, loss)
+        return losses[-1]
+
+
+def _checkpoint(engine, checkpoint_dir: Path, data: StageData, state: Progress, generator: torch.Generator,
+                stop: bool) -> None:
+    """Save the state after `state.step`; after a SIGTERM seen by any rank, stop there."""
+    state.data = data.reader_state(state.step)
+    checkpointing.save(engine, checkpoint_dir, state, generator)
     if stop:
         checkpointing.log.warning("SIGTERM: saved checkpoint step-%d in %s; stopping (exit code %d), rerun to "
                                   "resume", state.step, checkpoint_dir, PREEMPTED_EXIT_CODE)
