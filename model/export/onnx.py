@@ -26,7 +26,11 @@ from model.nn.omni import OmniModel
 log = logging.getLogger(__name__)
 
 VISION, VIDEO, AUDIO = "vision_encoder", "video_encoder", "audio_encoder"
-TOLERANCE = 1e-4
+# Allowed |onnx - torch| per unit of the output's scale. float32 kernels that sum in another order
+# differ in proportion to the activations they pass through, and a diverged or long-trained encoder
+# carries large ones inside: a diverged demo SFT measured 4.6e-4 of its output's scale through the
+# SigLIP tower. A graph that really differs is off by the order of the scale itself.
+TOLERANCE = 1e-3
 
 
 class OnnxMismatchError(RuntimeError):

@@ -18,13 +18,16 @@ onnxruntime backend). The entry model is the same either way.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -71,8 +74,30 @@ def _tensor_configs(values, strip_batch: bool, proto_cls) -> list:
     return out
 
 
+def model_config_pb2() -> ModuleType:
+    """Triton's model-configuration messages (tritonclient.grpc.model_config_pb2), loaded on their own.
+
+    Through the `tritonclient.grpc` package they come with Triton's gRPC service messages, whose
+    `inference.*` names clash with kserve's in one process (protobuf refuses the second set, in either
+    order); the model-configuration file alone clashes with nothing, so export, its tests and the
+    KServe predictor can share a process."""
+    name = "tritonclient.grpc.model_config_pb2"
+    if name in sys.modules:  # the package was imported already: the same messages
+        return sys.modules[name]
+    if _MODEL_CONFIG not in sys.modules:
+        package = importlib.util.find_spec("tritonclient").submodule_search_locations[0]
+        spec = importlib.util.spec_from_file_location(_MODEL_CONFIG, Path(package) / "grpc" / "model_config_pb2.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[_MODEL_CONFIG] = module
+    return sys.modules[_MODEL_CONFIG]
+
+
+_MODEL_CONFIG = "omni_triton_model_config_pb2"
+
+
 def _triton_dtype(dtype: np.dtype) -> int:
-    from tritonclient.grpc import model_config_pb2 as mc
+    mc = model_config_pb2()
 
     table = {np.dtype(np.float32): mc.TYPE_FP32, np.dtype(np.float16): mc.TYPE_FP16, np.dtype(np.int64): mc.TYPE_INT64,
              np.dtype(np.int32): mc.TYPE_INT32, np.dtype(np.bool_): mc.TYPE_BOOL}
@@ -96,9 +121,8 @@ def _graph_versions(onnx_path: Path) -> dict:
 
 
 def _onnx_config(name: str, onnx_path: Path, max_batch_size: int, backend: str = "onnxruntime"):
-    # Imported here, never at module level: tritonclient.grpc's protobufs clash with kserve's.
     import onnx
-    from tritonclient.grpc import model_config_pb2 as mc
+    mc = model_config_pb2()
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     batched = max_batch_size > 0  # Triton then owns the batch axis: dims list the rest
@@ -115,7 +139,7 @@ def _onnx_config(name: str, onnx_path: Path, max_batch_size: int, backend: str =
 
 
 def _entry_config(max_new_tokens: int, encoder_max_batch: int, limits: MediaLimits):
-    from tritonclient.grpc import model_config_pb2 as mc
+    mc = model_config_pb2()
 
     config = mc.ModelConfig(name=ENTRY, backend="python", max_batch_size=0)
     config.input.extend([

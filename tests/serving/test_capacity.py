@@ -9,7 +9,9 @@ import torch
 from model.nn.engine import CapacityError, Sequence
 from model.nn.sampling import SamplingParams
 from model.text.processor import Encoded
-from serving.predictor import DeadlineExceeded, OutOfCapacity, _raise_failures
+
+# serving.predictor is imported in the test: it imports kserve, whose protobuf definitions clash with
+# tritonclient.grpc's, which other test modules load in this process at collection.
 
 
 @pytest.mark.parametrize("error, needle", [
@@ -18,6 +20,8 @@ from serving.predictor import DeadlineExceeded, OutOfCapacity, _raise_failures
 ])
 def test_capacity_and_memory_failures_are_503_with_the_reason(error, needle):
     """Both routes answer DeadlineExceeded (and so OutOfCapacity) with 503, Retry-After and the message."""
+    from serving.predictor import DeadlineExceeded, OutOfCapacity, _raise_failures
+
     seq = Sequence(Encoded([1], [1]), SamplingParams())
     seq.finish_reason, seq.error = "error", error
     with pytest.raises(OutOfCapacity, match=needle) as raised:

@@ -27,9 +27,9 @@ from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
 from serving.config import ServingConfig
 from serving.local import start_server
-from serving.predictor import OmniPredictor
-from serving.protocol.realtime import conversation as conv
-from serving.protocol.realtime import routes as realtime_routes
+
+# serving.predictor and the realtime protocol import kserve: imported in the tests that run in
+# process, never at collection (kserve's protobufs clash with tritonclient.grpc's, loaded by others).
 from tests.serving.test_predictor import png_bytes
 
 TOKEN = "rt-test-token-5d1e"
@@ -294,6 +294,8 @@ def test_fuzzed_event_sequences_never_end_the_session(live, frames):
 
 
 def test_a_long_voice_conversation_keeps_the_latest_turns_that_fit_and_opens_with_a_user_turn():
+    from serving.protocol.realtime import conversation as conv
+
     items = []
     for turn in range(3):
         items += [conv.spoken(f"u{turn}", b"RIFF"), conv.answer(f"a{turn}", f"answer {turn}")]
@@ -305,6 +307,9 @@ def test_a_long_voice_conversation_keeps_the_latest_turns_that_fit_and_opens_wit
 
 def test_a_session_past_its_length_gets_an_error_event_and_a_close_frame_saying_why(tmp_path):
     # In-process (no model needed until a response is asked for): the route on its own app.
+    from serving.predictor import OmniPredictor
+    from serving.protocol.realtime import routes as realtime_routes
+
     cfg = ServingConfig(realtime={"max_session_s": 0.3})
     predictor = OmniPredictor(cfg.model_name, tmp_path, cfg)
     predictor.ready = True

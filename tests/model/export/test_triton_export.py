@@ -23,11 +23,10 @@ import torch
 from google.protobuf import json_format, text_format
 from omegaconf import OmegaConf
 from PIL import Image
-from tritonclient.grpc import model_config_pb2 as mc
 
 from model.config import ModelConfig
 from model.export.onnx import AUDIO, VIDEO, VISION, OnnxMismatchError, export_onnx, verify_onnx
-from model.export.triton import ENTRY, REPORT_FILE, write_triton_repository
+from model.export.triton import ENTRY, REPORT_FILE, model_config_pb2, write_triton_repository
 from model.media.decode import load_audio, load_image
 from model.media.limits import MediaLimits
 from model.nn.generation import OmniChat
@@ -36,6 +35,7 @@ from model.text.processor import ChatInput, OmniProcessor
 from model.text.tokenizer import train_tokenizer
 
 torch.set_num_threads(1)
+mc = model_config_pb2()  # not through tritonclient.grpc: its service messages clash with kserve's
 ROOT = Path(__file__).resolve().parents[3]
 # The endpoint's limits, as the export step hands them over: _png() (40x48) passes, a 60x60 image does not.
 LIMITS = MediaLimits("serving.limits", max_image_pixels=2500, max_video_seconds=120.0, max_images=4)
@@ -263,6 +263,8 @@ sys.path.append(str(__import__("pathlib").Path(version_dir).parent))
 triton_model = importlib.import_module("1.model").TritonPythonModel()
 triton_model.initialize({"model_config": config_json, "model_version": "1"})
 import model
+
+mc = model_config_pb2()  # not through tritonclient.grpc: its service messages clash with kserve's
 items = [(t, {k: [base64.b64decode(b) for b in v] for k, v in m.items()}, n) for t, m, n in json.load(sys.stdin)]
 answers = [a if isinstance(a, str) else "ERROR " + str(a) for a in triton_model.answer(items)]
 loaded = {m: getattr(sys.modules[m], "__file__", None) for m in sorted(sys.modules) if m.split(".")[0] == "model"}
