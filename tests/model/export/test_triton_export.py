@@ -263,8 +263,6 @@ sys.path.append(str(__import__("pathlib").Path(version_dir).parent))
 triton_model = importlib.import_module("1.model").TritonPythonModel()
 triton_model.initialize({"model_config": config_json, "model_version": "1"})
 import model
-
-mc = model_config_pb2()  # not through tritonclient.grpc: its service messages clash with kserve's
 items = [(t, {k: [base64.b64decode(b) for b in v] for k, v in m.items()}, n) for t, m, n in json.load(sys.stdin)]
 answers = [a if isinstance(a, str) else "ERROR " + str(a) for a in triton_model.answer(items)]
 loaded = {m: getattr(sys.modules[m], "__file__", None) for m in sorted(sys.modules) if m.split(".")[0] == "model"}
