@@ -12,10 +12,8 @@ import json
 import math
 import wave
 from concurrent.futures import ThreadPoolExecutor
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import requests
@@ -25,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from serving.config import ServingConfig, resolve_storage_uri
 from serving.local import start_server
-from tests.model.media.sound import write_video_with_sound
+from tests.model.media.sound import mp4_bytes, write_video_with_sound
 
 # Deliberately no `serving.predictor` / `serving.server` import: they import kserve, whose protobuf
 # definitions clash with tritonclient.grpc's, which other test modules may load in this process.
@@ -55,20 +53,6 @@ def wav_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes(tone.tobytes())
-    return buf.getvalue()
-
-
-def mp4_bytes(seconds: int = 2, fps: int = 4) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
-        s.width = s.height = 32
-        s.pix_fmt = "yuv420p"
-        for i in range(seconds * fps):
-            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * i, np.uint8), format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, fps)
-            c.mux(s.encode(frame))
-        c.mux(s.encode())
     return buf.getvalue()
 
 

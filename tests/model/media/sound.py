@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 from pathlib import Path
 
@@ -36,3 +37,18 @@ def write_video_with_sound(path: Path, seconds: int = 4, fps: int = 10, sound_se
             frame.sample_rate, frame.pts, frame.time_base = RATE, start, Fraction(1, RATE)
             c.mux(audio.encode(frame))
         c.mux(audio.encode())
+
+
+def mp4_bytes(seconds: int = 2, fps: int = 4, side: int = 32, step: int = 20) -> bytes:
+    """A silent mp4 (libx264) of `seconds` at `fps`, `side` x `side`, frame i grey at step * i."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
+        s.width = s.height = side
+        s.pix_fmt = "yuv420p"
+        for i in range(seconds * fps):
+            frame = av.VideoFrame.from_ndarray(np.full((side, side, 3), step * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    return buf.getvalue()

@@ -6,9 +6,7 @@ from __future__ import annotations
 import io
 import math
 import wave
-from fractions import Fraction
 
-import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,25 +14,16 @@ from PIL import Image
 from model.media.decode import MediaError
 from model.media.inputs import ChatInput, MediaReader, RawMedia
 from model.media.limits import LimitExceeded, MediaLimits
+from tests.model.media.sound import mp4_bytes
+
+
+def _mp4(seconds: int) -> bytes:
+    return mp4_bytes(seconds, fps=2, side=16, step=10)
 
 
 def _png(width: int = 32, height: int = 32) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), "red").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _mp4(seconds: int, fps: int = 2) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
-        s.width = s.height = 16
-        s.pix_fmt = "yuv420p"
-        for i in range(seconds * fps):
-            frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 10 * i, np.uint8), format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, fps)
-            c.mux(s.encode(frame))
-        c.mux(s.encode())
     return buf.getvalue()
 
 
