@@ -320,6 +320,7 @@ def measured_run(model: OmniModel, processor: OmniProcessor, samples: list[Encod
         "padding_fraction": 1 - real_total / positions,
         "seconds_timed": seconds,
         "seconds_all_steps": result.seconds,
+        "data_wait_fraction": result.data_wait_seconds / result.seconds,
         "real_tokens_per_s": real / seconds,
         "positions_per_s": sum(s["positions"] for s in timed) / seconds,
         "step_ms": 1000 * seconds / len(timed),

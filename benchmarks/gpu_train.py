@@ -15,8 +15,9 @@ attention kernel: `model.attn_implementation: auto`) on a synthetic mixture (40%
   datasheet's). Work = 6·N·D for trained weights, 4·N·D through a frozen module that gradients pass
   (a frozen LLM below trainable projectors, the LLM under LoRA), 2·N·D forward-only (frozen encoders),
   plus LoRA's adapters and attention over real tokens (bench_training.FlopModel, `passes_for`);
-- `padding_fraction`: positions computed that hold no token; `peak_mem_gib`: the CUDA allocator's
-  peak over the run (null on a CPU), next to `plan_gib`, the memory plan's estimate
+- `padding_fraction`: positions computed that hold no token; `data_wait_fraction`: the share of the
+  run the host spent waiting for the loader's batches (near 0: the loader keeps up); `peak_mem_gib`:
+  the CUDA allocator's peak over the run (null on a CPU), next to `plan_gib`, the memory plan's estimate
   (model.nn.plan, rows of max_seq_len), and whether activation checkpointing ran (the plan decides:
   the stages say `auto`).
 """
@@ -156,7 +157,8 @@ def one_run(run: str, cfg: ModelConfig, processor, samples: list, spec: Size, pa
         "run": run, "size": cfg.name, "real_tokens_per_s": r["real_tokens_per_s"],
         "utilisation": achieved / (machine["matmul_tflops"] * 1e12),
         "utilisation_datasheet": achieved / (sheet * 1e12) if sheet else None,
-        "padding_fraction": r["padding_fraction"], "peak_mem_gib": peak, "plan_gib": plan.total_gib,
+        "padding_fraction": r["padding_fraction"], "data_wait_fraction": r["data_wait_fraction"],
+        "peak_mem_gib": peak, "plan_gib": plan.total_gib,
         "activation_checkpointing": checkpointed, "attn_implementation": model.llm.config._attn_implementation,
         "micro_batch_size": stage.micro_batch_size, "unit": r["unit"], "trainable": stage.trainable,
         "lora_rank": stage.lora.rank if stage.lora else None, "tflops_per_s": achieved / 1e12,

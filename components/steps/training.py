@@ -69,6 +69,7 @@ def train(cfg: TaskConfig, stage_name: str, data_dir: Path | str, init_dir: Path
     result = train_stage(model, processor, dataset, stage, checkpoint_dir=state, progress=progress)
     summary = {"steps": len(result.losses), "first_loss": result.losses[0], "final_loss": result.losses[-1],
                "seconds": result.seconds, "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+               "data_wait_fraction": result.data_wait_seconds / max(result.seconds, 1e-9),
                "trainable_params": result.trainable_params}
     if checkpoint_dir is None:  # resumable state; the checkpoint below is what flows on
         shutil.rmtree(out_dir / "deepspeed", ignore_errors=True)

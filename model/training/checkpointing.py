@@ -41,6 +41,7 @@ class Progress:
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
     data: dict = field(default_factory=dict)  # the shard reader's state (empty for in-memory data)
+    data_wait: float = 0.0  # this process's seconds waiting for batches (not saved: a resumed run measures anew)
 
 
 def rng_state(generator: torch.Generator) -> dict:

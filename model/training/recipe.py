@@ -45,6 +45,9 @@ class TrainResult:
     trainable_params: int = 0
     tokens: int = 0
     resumed_step: int = 0  # the checkpoint step this run continued from (0: a fresh start)
+    # Host time spent waiting for the loader's next micro-batches: a starved accelerator shows here
+    # (with no host syncs in the loop, a GPU-bound run waits in kernel launches instead).
+    data_wait_seconds: float = 0.0
 
 
 @dataclass
@@ -131,7 +134,8 @@ def train_stage(model: OmniModel, processor: OmniProcessor, dataset, stage: Stag
         start = time.perf_counter()
         _loop(engine, batches, data, processor, state, checkpoint_dir, generator, on_step, progress, report_every)
         result.seconds = time.perf_counter() - start
-    result.losses, result.tokens = state.losses, state.tokens
+    result.losses, result.tokens, result.data_wait_seconds = state.losses, state.tokens, state.data_wait
+
     _finish(model, engine, stage)
     if adapters is not None:
         lora.merge(model, adapters)  # downstream sees a plain checkpoint
@@ -175,7 +179,7 @@ def _loop(engine, batches: Iterator[dict], data: StageData, processor: OmniProce
     bar = tqdm(total=stage.steps, initial=state.step, desc=f"train {stage.name}", disable=not progress, unit="step")
     engine.train()
     with bar, checkpointing.sigterm_flag(enabled=checkpoint_dir is not None) as sigterm:
-        for micro_batches in _optimizer_steps(batches, stage.grad_accum):
+        for micro_batches in _optimizer_steps(batches, stage.grad_accum, state):
             micro_batches = [_on_device(b, engine.device) for b in micro_batches]
             report.add(*_step(engine, micro_batches, processor.tok.pad_token_id, stage.packing))
             state.step += 1
@@ -190,8 +194,14 @@ def _loop(engine, batches: Iterator[dict], data: StageData, processor: OmniProce
     report.flush()  # a loader that ended early leaves steps unreported
 
 
-def _optimizer_steps(batches: Iterator[dict], grad_accum: int) -> Iterator[list[dict]]:
-    while micro_batches := list(islice(batches, grad_accum)):
+def _optimizer_steps(batches: Iterator[dict], grad_accum: int, state: Progress) -> Iterator[list[dict]]:
+    """`grad_accum` micro-batches at a time; the host's wait for them is added to `state.data_wait`."""
+    while True:
+        t = time.perf_counter()
+        micro_batches = list(islice(batches, grad_accum))
+        state.data_wait += time.perf_counter() - t
+        if not micro_batches:
+            return
         yield micro_batches
 
 

@@ -164,13 +164,6 @@ def test_mcq_letters_vary(demo):
     assert len(letters) >= 3
 
 
-def _decoded(path: Path) -> np.ndarray:
-    import av
-
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.int16)
-
-
 def test_same_seed_same_output_other_seed_differs(demo, tmp_path):
     out, _ = demo
     again = tmp_path / "again"
@@ -178,13 +171,9 @@ def test_same_seed_same_output_other_seed_differs(demo, tmp_path):
     for name in ("train.jsonl", "val.jsonl"):
         assert (again / name).read_bytes() == (out / name).read_bytes()
     for f in (out / "media").iterdir():
-        if f.suffix == ".mp4":
-            # x264 is not reproducible run to run here: the very same frames sometimes encode to other
-            # slices, decoding a few pixels up to ~3 levels apart. The frames we drew must match.
-            a, b = _decoded(again / "media" / f.name), _decoded(f)
-            assert a.shape == b.shape and np.abs(a - b).mean(axis=(1, 2, 3)).max() < 1.0, f.name
-        else:
-            assert (again / "media" / f.name).read_bytes() == f.read_bytes(), f.name
+        # Byte for byte, videos too: x264's frame threads encoded the same frames differently now
+        # and then (so two demos trained on different data); the demo's encoder runs one thread.
+        assert (again / "media" / f.name).read_bytes() == f.read_bytes(), f.name
     other = tmp_path / "other"
     make_demo(other, CFG.model_copy(update={"seed": 4}), progress=False)
     assert (other / "train.jsonl").read_bytes() != (out / "train.jsonl").read_bytes()

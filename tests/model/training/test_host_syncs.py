@@ -8,6 +8,7 @@ read as well: they show in the failure message, by file and line.)"""
 from __future__ import annotations
 
 import collections
+import time
 import traceback
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def _paused_while_loading(batches, reads: _Reads):
         yield batch
 
 
-def test_the_loop_reads_once_per_report_not_per_step(tiny_cfg, tokenizer, monkeypatch):
+def _setup(tiny_cfg, tokenizer) -> tuple[OmniModel, OmniProcessor, list, StageConfig]:
     torch.manual_seed(0)
     processor = OmniProcessor(tokenizer, tiny_cfg)
     model = OmniModel(tiny_cfg, len(tokenizer), processor.placeholder_ids)
@@ -63,6 +64,11 @@ def test_the_loop_reads_once_per_report_not_per_step(tiny_cfg, tokenizer, monkey
         images=[Image.new("RGB", (32, 32), (40 * i, 0, 0))] if i % 2 else [])) for i, c in colors]
     stage = StageConfig(name="s", trainable=["vision_projector", "llm"], lr=1e-3, data_tasks=["x"], steps=6,
                         micro_batch_size=2, grad_accum=2, grad_clip=1.0)
+    return model, processor, samples, stage
+
+
+def test_the_loop_reads_once_per_report_not_per_step(tiny_cfg, tokenizer, monkeypatch):
+    model, processor, samples, stage = _setup(tiny_cfg, tokenizer)
     reads = _Reads(monkeypatch)
     batches = recipe.StageData.batches
     monkeypatch.setattr(recipe.StageData, "batches",
@@ -82,3 +88,19 @@ def test_the_loop_reads_once_per_report_not_per_step(tiny_cfg, tokenizer, monkey
     ours = sum(n for where, n in reads.calls.items() if training in where)
     assert sum(reads.calls.values()) > ours, "nothing else read: is the counting on?"
     assert ours <= 2, f"2 reports over 6 steps x 2 micro-batches, but the loop read {ours}: {dict(reads.calls)}"
+
+
+def test_the_wait_for_data_is_measured(tiny_cfg, tokenizer, monkeypatch):
+    """A loader that takes 50 ms per micro-batch shows as host time waiting for data (the figure the
+    GPU benchmark reports as data_wait_fraction): 6 steps x 2 micro-batches, at least 0.6 s."""
+    model, processor, samples, stage = _setup(tiny_cfg, tokenizer)
+    batches = recipe.StageData.batches
+
+    def slow(self, *args):
+        for batch in batches(self, *args):
+            time.sleep(0.05)
+            yield batch
+
+    monkeypatch.setattr(recipe.StageData, "batches", slow)
+    result = recipe.train_stage(model, processor, samples, stage, progress=False)
+    assert 0.6 <= result.data_wait_seconds < result.seconds
