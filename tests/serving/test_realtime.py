@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from model.media.decode import load_audio
 from model.nn.omni import OmniModel
@@ -291,6 +292,35 @@ def test_fuzzed_event_sequences_never_end_the_session(live, frames):
     seen = _run(go())
     assert not [e for e in seen if e["type"] == "error" and e["error"]["code"] == "server_error"], seen
     assert "Traceback" not in live.log()
+
+
+def test_sigterm_ends_each_session_with_a_close_frame_saying_why(endless):
+    server = start_server(endless, endless.parent / "rt-sigterm", {"max_new_tokens": 6},
+                          env={"OMNI_API_TOKEN": TOKEN})
+    try:
+        async def go():
+            async with _session(server) as ws:
+                await ws.recv()
+                for frame in _ask_long():
+                    await ws.send(frame)
+                seen: list[dict] = []
+                await _until(ws, "response.output_text.delta", seen)
+                server.proc.send_signal(signal.SIGTERM)
+                with pytest.raises(ConnectionClosed) as closed:
+                    async with asyncio.timeout(30):
+                        while True:
+                            seen.append(json.loads(await ws.recv()))
+                return seen, closed.value
+
+        seen, closed = _run(go())
+        assert server.proc.wait(timeout=30) is not None
+    finally:
+        server.stop()
+    # The server's own close frame, not uvicorn's bare 1012 "service restart".
+    assert closed.rcvd is not None and (closed.rcvd.code, closed.rcvd.reason) == (1001, "server shutting down")
+    done = next(e for e in seen if e["type"] == "response.done")["response"]
+    assert done["status"] == "cancelled" and done["status_details"]["reason"] == "server_shutting_down"
+    assert "Traceback" not in server.log()
 
 
 def test_a_long_voice_conversation_keeps_the_latest_turns_that_fit_and_opens_with_a_user_turn():

@@ -15,6 +15,11 @@ Every client mistake and every limit (the serving config's `realtime` section: s
 buffered audio, event size, events per second) is an `error` event naming it, and the session goes
 on; only the session length ends it, with a close frame saying so. A wrong or missing token is
 refused before the WebSocket opens (HTTP 401).
+
+On SIGTERM (or SIGINT) every open session ends with close code 1001 and the reason "server shutting
+down" (an answer in progress first ends with `response.done`, cancelled) before the server's own
+shutdown starts: left to itself, uvicorn would cut each WebSocket with a bare 1012. New sessions are
+refused meanwhile (HTTP 503).
 """
 
 from __future__ import annotations
@@ -22,7 +27,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
@@ -37,6 +46,9 @@ from serving.protocol.realtime.session import RealtimeSession, SessionError
 
 logger = logging.getLogger(__name__)
 SESSION_ENDED = 1000  # a normal closure: the session's time is up
+GOING_AWAY, SHUTDOWN_REASON = 1001, "server shutting down"
+CLOSE_ON_EXIT_S = 5.0  # at most this long to close the sessions before the server's own shutdown starts
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the signals uvicorn shuts down on
 
 
 class EventRate:
@@ -63,8 +75,72 @@ async def _deny(ws: WebSocket, status: int, message: str, headers: dict | None =
         await ws.close(code=1008, reason=message[:120])
 
 
+class LiveSessions:
+    """The open sessions of this process, so that a shutdown can end each one with a close frame."""
+
+    def __init__(self) -> None:
+        self.open: set[Connection] = set()
+        self.closing = False
+
+    async def close_all(self) -> None:
+        self.closing = True
+        ending = [c.end(GOING_AWAY, SHUTDOWN_REASON, "server_shutting_down") for c in list(self.open)]
+        await asyncio.gather(*ending, return_exceptions=True)
+
+    @asynccontextmanager
+    async def closed_on_exit(self, app) -> AsyncIterator[None]:
+        """The router's lifespan. It starts inside uvicorn's `serve`, after uvicorn has put its own
+        handlers on SIGTERM/SIGINT (which close every WebSocket with 1012 and no reason): those are
+        wrapped so that the sessions are closed first. Signals reach the main thread only; a server
+        run elsewhere (a test client's thread) keeps uvicorn's behaviour."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        restore = close_first_on_exit(self.close_all)
+        try:
+            yield
+        finally:
+            restore()
+
+
+def close_first_on_exit(close: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+    """Make the current handlers of EXIT_SIGNALS run `close` (for at most CLOSE_ON_EXIT_S) before
+    themselves; returns what puts them back."""
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in EXIT_SIGNALS}
+    closing: set[asyncio.Task] = set()  # held, so the task is not collected mid-way
+
+    async def close_then(handler, sig: int, frame) -> None:
+        try:
+            await asyncio.wait_for(close(), CLOSE_ON_EXIT_S)
+        except Exception:
+            logger.exception("closing the realtime sessions on exit failed")
+        finally:
+            handler(sig, frame)
+
+    def on_signal(sig: int, frame) -> None:
+        def start() -> None:
+            task = loop.create_task(close_then(previous[sig], sig, frame))
+            closing.add(task)
+            task.add_done_callback(closing.discard)
+
+        loop.call_soon_threadsafe(start)
+
+    for sig, handler in previous.items():
+        if callable(handler):  # only a handler that shuts the server down is delayed; never SIG_DFL/SIG_IGN
+            signal.signal(sig, on_signal)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            if callable(handler) and signal.getsignal(sig) is on_signal:
+                signal.signal(sig, handler)
+
+    return restore
+
+
 def build_router(predictor: OmniPredictor, token: str | None) -> APIRouter:
-    router = APIRouter(tags=["Realtime"])
+    sessions = LiveSessions()
+    router = APIRouter(tags=["Realtime"], lifespan=sessions.closed_on_exit)
 
     @router.websocket("/v1/realtime")
     async def realtime(ws: WebSocket) -> None:
@@ -74,8 +150,15 @@ def build_router(predictor: OmniPredictor, token: str | None) -> APIRouter:
             return await _deny(ws, 404, f"this server serves {predictor.name!r}")
         if not predictor.ready:
             return await _deny(ws, 503, "the model is still loading", {"Retry-After": "1"})
+        if sessions.closing:
+            return await _deny(ws, 503, "the server is shutting down", {"Retry-After": "1"})
         await ws.accept()
-        await Connection(ws, predictor).run()
+        connection = Connection(ws, predictor)
+        sessions.open.add(connection)
+        try:
+            await connection.run()
+        finally:
+            sessions.open.discard(connection)
 
     return router
 
@@ -88,10 +171,21 @@ class Connection:
         self.lock = asyncio.Lock()  # the receive loop and the answer in progress both send
         self.session = RealtimeSession(predictor, self.send, self.limits)
         self.rate = EventRate(self.limits.max_events_per_s)
+        self.closed = False  # the close frame is sent: nothing more goes out
 
     async def send(self, event: dict) -> None:
         async with self.lock:
-            await self.ws.send_text(json.dumps(event, ensure_ascii=False))
+            if not self.closed:
+                await self.ws.send_text(json.dumps(event, ensure_ascii=False))
+
+    async def end(self, code: int, reason: str, cancel_reason: str) -> None:
+        """End the session from the server's side: the answer in progress ends (`response.done`,
+        cancelled for `cancel_reason`), then the close frame, with `reason`."""
+        await self.session.close(cancel_reason)
+        async with self.lock:
+            if not self.closed:
+                self.closed = True
+                await self.ws.close(code=code, reason=reason)
 
     async def error(self, message: str, code: str, param: str | None = None, event_id: str | None = None,
                     kind: str = "invalid_request_error") -> None:
@@ -118,10 +212,11 @@ class Connection:
         limit = self.limits.max_session_s
         reason = f"session length limit of {limit:g} s reached (realtime.max_session_s)"
         await self.error(reason, "max_session_s")
-        await self.session.close()
-        await self.ws.close(code=SESSION_ENDED, reason=reason)
+        await self.end(SESSION_ENDED, reason, "max_session_s")
 
     async def on_frame(self, text: str | None, data: bytes | None) -> None:
+        if self.closed:  # the server ended the session; the client's close reply is still to come
+            return
         if not self.rate.take():
             return await self.error(f"more than {self.limits.max_events_per_s:g} events per second "
                                     "(realtime.max_events_per_s); the event was dropped", "max_events_per_s")

@@ -253,9 +253,8 @@ class RealtimeSession:
         answer.task.cancel()
         await asyncio.gather(answer.task, return_exceptions=True)
 
-    async def close(self) -> None:
-        """The socket is gone: stop the answer in progress (its sequence leaves the batch)."""
-        if self.answer is not None and self.answer.task is not None:
-            self.answer.task.cancel()
-            await asyncio.gather(self.answer.task, return_exceptions=True)
+    async def close(self, cancel_reason: str = "session_closed") -> None:
+        """The session ends (the socket is gone, its time is up, the server stops): stop the answer in
+        progress (its sequence leaves the batch; `response.done` says why where the socket is still open)."""
+        await self._cancel(cancel_reason)
 
