@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -52,8 +53,9 @@ def endless(tmp_path_factory, tiny_cfg, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def live(endless):
-    config = {"max_new_tokens": 6, "realtime": {"max_event_bytes": 200_000, "max_buffered_audio_s": 5.0,
-                                                "max_events_per_s": 80.0}}
+    # Images up to 48x48 (the test image is 24x24): a larger one is over a limit.
+    config = {"max_new_tokens": 6, "limits": {"max_image_pixels": 48 * 48},
+              "realtime": {"max_event_bytes": 200_000, "max_buffered_audio_s": 5.0, "max_events_per_s": 80.0}}
     server = start_server(endless, endless.parent / "rt", config, env={"OMNI_API_TOKEN": TOKEN})
     yield server
     server.stop()
@@ -207,6 +209,52 @@ def test_limits_answer_with_error_events_naming_them(live):
     codes = [e["error"]["code"] for e in seen if e["type"] == "error"]
     assert codes and set(codes) == {"max_events_per_s"}
     assert "input_audio_buffer.cleared" in [e["type"] for e in seen]
+
+
+def _image_item(url: str | None, text: str | None = None) -> str:
+    content = ([{"type": "input_text", "text": text}] if text else []) + (
+        [{"type": "input_image", "image_url": url}] if url else [])
+    return json.dumps({"type": "conversation.item.create",
+                       "item": {"type": "message", "role": "user", "content": content}})
+
+
+def test_a_bad_image_is_refused_alone_in_the_http_routes_words_and_video_frames_are_answered(live):
+    big = "data:image/png;base64," + base64.b64encode(png_bytes(64)).decode()
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"GIF89a but not really").decode()
+
+    async def go():
+        async with _session(live) as ws:
+            await ws.recv()
+            refused = []
+            for url in (big, not_an_image, "https://example.com/cat.png"):
+                await ws.send(_image_item(url, "look"))
+                refused.append(json.loads(await ws.recv()))
+            seen: list[dict] = []
+            for _ in range(6):  # a camera's frames, one image item each (as OpenAI's clients send video)
+                await ws.send(_image_item(IMAGE))
+                await _until(ws, "conversation.item.added", seen)
+            await ws.send(_image_item(None, "what moved"))
+            await ws.send(json.dumps({"type": "response.create"}))
+            return refused, seen, await _until(ws, "response.done", seen)
+
+    refused, seen, done = _run(go())
+    assert [r["type"] for r in refused] == ["error"] * 3
+    assert [r["error"]["code"] for r in refused] == ["invalid_media", "invalid_media", "invalid_value"]
+    assert {r["error"]["param"] for r in refused} == {"item.content[1].image_url"}
+    assert "serving.limits.max_image_pixels" in refused[0]["error"]["message"]
+    assert "was not added" in refused[1]["error"]["message"]
+    # The same words as the chat completions route, for the same image, after each names its field.
+    for url, error in zip((big, not_an_image), refused[:2], strict=True):
+        http = requests.post(f"{live.base}/openai/v1/chat/completions", timeout=30,
+                             headers={"Authorization": f"Bearer {TOKEN}"},
+                             json={"model": "omni", "messages": [{"role": "user", "content": [
+                                 {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": url}}]}]})
+        assert http.status_code == 400, http.text
+        words = http.json()["error"]["message"].removeprefix("messages[0].content[1].image_url.url")
+        assert error["error"]["message"].startswith(f"item.content[1].image_url{words}; item ")
+    # The session went on: the frames were added, and the question about them answered.
+    assert sum(e["type"] == "conversation.item.added" for e in seen) == 7
+    assert done["response"]["status"] == "incomplete" and done["response"]["usage"]["output_tokens"] == 6
 
 
 def _ask_long(tokens: int = 500):

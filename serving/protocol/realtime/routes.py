@@ -5,11 +5,15 @@
 The session starts with `session.created`. Client events: `session.update` (instructions,
 `audio.input.format` PCM16 at any `rate` from 8 to 48 kHz, `audio.input.turn_detection` server_vad
 or null, `max_output_tokens`), `input_audio_buffer.append` / `commit` / `clear`,
-`conversation.item.create` (user text, PCM16 audio and data-URI images; assistant and system text),
+`conversation.item.create` (user text, PCM16 audio and data-URI images; assistant and system text;
+a video is sent as its frames, one `input_image` item each, as OpenAI's clients do),
 `response.create`, `response.cancel`. With server_vad (the default) the server detects speech
 (`input_audio_buffer.speech_started` / `speech_stopped`), commits the utterance as a user turn and
 answers it; speech during an answer cancels it (barge-in). Answers stream as
-`response.output_text.delta` events and end with `response.done`.
+`response.output_text.delta` events and end with `response.done`. An item's media are decoded when it
+is added, by the media reader under `serving.limits` as on the HTTP routes, with the same words: a bad
+one is an `error` event naming the part and the item, which is not added. An answer sees the latest
+items whose media fit the per-conversation limits (`max_images`, ...).
 
 Every client mistake and every limit (the serving config's `realtime` section: session length,
 buffered audio, event size, events per second) is an `error` event naming it, and the session goes

@@ -18,7 +18,7 @@ import numpy as np
 from model.media.decode import wav_bytes
 from model.nn.sampling import SamplingParams
 from serving.config import RealtimeLimits
-from serving.conversation import GenerateRequest
+from serving.conversation import BadRequest, GenerateRequest
 from serving.predictor import OmniPredictor, Overloaded
 from serving.protocol.realtime import conversation as conv
 from serving.protocol.realtime.audio import TurnDetector, VadChange, decode_pcm16
@@ -167,6 +167,10 @@ class RealtimeSession:
             raise SessionError("previous_item_id: items can only be added at the end of the conversation",
                                "invalid_value", "previous_item_id")
         item = conv.from_client(event.item.id or new_id("item"), event.item, self.rate)
+        try:  # decoded now, so a bad image is refused alone instead of failing every later answer
+            await asyncio.to_thread(self.predictor.check_media, item.media)
+        except BadRequest as e:
+            raise SessionError(f"{e.reason}; item {item.id} was not added", "invalid_media", e.param) from e
         self.items.append(item)
         await self.emit("conversation.item.added", previous_item_id=previous, item=item.public())
 
