@@ -11,6 +11,7 @@ import json
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from model.media.decode import load_audio
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
 from serving.config import ServingConfig
-from serving.local import start_server
+from serving.local import metric, start_server
 
 # serving.predictor and the realtime protocol import kserve: imported in the tests that run in
 # process, never at collection (kserve's protobufs clash with tritonclient.grpc's, loaded by others).
@@ -103,7 +104,14 @@ def _run(coro):
     return asyncio.run(coro)
 
 
+def _metrics(live) -> str:
+    return requests.get(f"{live.base}/metrics", timeout=10).text
+
+
 def test_a_spoken_question_is_heard_and_answered_in_deltas(live, speech):
+    latency = "omni_realtime_speech_to_first_delta_seconds_count"
+    before = metric(_metrics(live), latency)
+
     async def go():
         async with _session(live) as ws:
             created = json.loads(await ws.recv())
@@ -136,6 +144,38 @@ def test_a_spoken_question_is_heard_and_answered_in_deltas(live, speech):
     assert done["response"]["status_details"]["reason"] == "max_output_tokens"
     assert done["response"]["output"][0]["content"][0]["text"] == "".join(deltas)
     assert done["response"]["usage"]["output_tokens"] == 6
+    assert metric(_metrics(live), latency) == before + 1  # this turn's end of speech -> its first delta
+
+
+def test_metrics_count_open_sessions_events_by_type_and_errors_by_code(live):
+    def read() -> dict:
+        text = _metrics(live)
+        return {"open": metric(text, "omni_realtime_sessions"),
+                "clear": metric(text, "omni_realtime_events_total", type="input_audio_buffer.clear"),
+                "unknown": metric(text, "omni_realtime_events_total", type="unknown_type"),
+                "not_event": metric(text, "omni_realtime_events_total", type="not_an_event"),
+                "bad_json": metric(text, "omni_realtime_errors_total", code="invalid_json"),
+                "too_big": metric(text, "omni_realtime_errors_total", code="max_event_bytes")}
+
+    before = read()
+
+    async def go():
+        async with _session(live) as ws, _session(live) as other:
+            await ws.recv(), await other.recv()
+            for frame in ("{not json", json.dumps({"type": "response.teleport"}),
+                          json.dumps({"type": "input_audio_buffer.clear"}), "x" * 250_000):
+                await ws.send(frame)
+                await ws.recv()
+            return await asyncio.to_thread(read)
+
+    during = _run(go())
+    assert during["open"] == before["open"] + 2
+    assert [during[k] - before[k] for k in ("clear", "unknown", "not_event", "bad_json", "too_big")] == [1] * 5
+    for _ in range(50):  # the server notices the closed sockets
+        if read()["open"] == before["open"]:
+            break
+        time.sleep(0.1)
+    assert read()["open"] == before["open"]
 
 
 def test_a_wrong_token_is_refused(live):

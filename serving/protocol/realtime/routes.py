@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
+from serving import metrics
 from serving.auth import bearer_token_matches
 from serving.conversation import BadRequest
 from serving.predictor import OmniPredictor
@@ -160,7 +161,8 @@ def build_router(predictor: OmniPredictor, token: str | None) -> APIRouter:
         connection = Connection(ws, predictor)
         sessions.open.add(connection)
         try:
-            await connection.run()
+            with metrics.REALTIME_SESSIONS.track_inprogress():
+                await connection.run()
         finally:
             sessions.open.discard(connection)
 
@@ -193,6 +195,7 @@ class Connection:
 
     async def error(self, message: str, code: str, param: str | None = None, event_id: str | None = None,
                     kind: str = "invalid_request_error") -> None:
+        metrics.REALTIME_ERRORS.labels(code).inc()
         await self.send(self.session.events.error(message, code, param, event_id, kind))
 
     async def run(self) -> None:
@@ -233,13 +236,17 @@ class Connection:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
+            metrics.REALTIME_EVENTS.labels("not_an_event").inc()
             return await self.error(f"the event is not valid JSON ({e})", "invalid_json")
         if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+            metrics.REALTIME_EVENTS.labels("not_an_event").inc()
             return await self.error("an event must be a JSON object with a string 'type'", "invalid_event", "type")
         await self.on_event(raw)
 
     async def on_event(self, raw: dict) -> None:
         kind, event_id = raw["type"], raw.get("event_id") if isinstance(raw.get("event_id"), str) else None
+        # Labelled by the known types only: a client cannot grow the metric's label set.
+        metrics.REALTIME_EVENTS.labels(kind if kind in CLIENT_EVENT_TYPES else "unknown_type").inc()
         if kind not in CLIENT_EVENT_TYPES:
             return await self.error(f"unknown event type {kind!r}; this server takes {', '.join(CLIENT_EVENT_TYPES)}",
                                     "unknown_event_type", "type", event_id)

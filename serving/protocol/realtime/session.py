@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from model.media.decode import wav_bytes
 from model.nn.sampling import SamplingParams
+from serving import metrics
 from serving.config import RealtimeLimits
 from serving.conversation import BadRequest, GenerateRequest
 from serving.predictor import OmniPredictor, Overloaded
@@ -59,6 +61,7 @@ class Answer:
     task: asyncio.Task | None = None
     text: list[str] = field(default_factory=list)
     cancel_reason: str | None = None
+    speech_ended_at: float | None = None  # monotonic time the server VAD ended the turn it answers
 
 
 class RealtimeSession:
@@ -70,6 +73,7 @@ class RealtimeSession:
         self.audio_ms = 0  # session audio time at the end of the buffer
         self.detector = self._detector()
         self.speech_item: str | None = None  # the item a detected utterance will become
+        self.speech_ended_at: float | None = None  # when the VAD last ended a turn not yet answered
         self.answer: Answer | None = None
 
     # ---------------------------------------------------------------------------------- setup
@@ -137,6 +141,7 @@ class RealtimeSession:
                 await self._cancel("turn_detected")
             return
         item_id, self.speech_item = self.speech_item or new_id("item"), None
+        self.speech_ended_at = time.monotonic()
         await self.emit("input_audio_buffer.speech_stopped", audio_end_ms=change.at_ms, item_id=item_id)
         await self._commit(item_id)
         if vad.create_response and self.answer is None:
@@ -185,7 +190,8 @@ class RealtimeSession:
             seq, stream = self.predictor.start_stream(prepared)
         except Overloaded as e:
             raise SessionError(f"{e}; try again shortly", "server_busy") from e
-        answer = Answer(new_id("resp"), new_id("item"))
+        answer = Answer(new_id("resp"), new_id("item"), speech_ended_at=self.speech_ended_at)
+        self.speech_ended_at = None
         self.answer = answer
         await self.emit("response.created", response=response_object(answer.id, "in_progress", []))
         await self.emit("response.output_item.added", response_id=answer.id, output_index=0,
@@ -212,6 +218,8 @@ class RealtimeSession:
             async for event in events:
                 text = event.text.lstrip() if not answer.text else event.text  # as chat completions strip
                 if text:
+                    if not answer.text and answer.speech_ended_at is not None:
+                        metrics.SPEECH_TO_FIRST_DELTA.observe(time.monotonic() - answer.speech_ended_at)
                     answer.text.append(text)
                     await self.emit("response.output_text.delta", response_id=answer.id, item_id=answer.item_id,
                                     output_index=0, content_index=0, delta=text)
