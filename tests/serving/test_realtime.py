@@ -189,6 +189,21 @@ def test_a_wrong_token_is_refused(live):
         assert refused.value.response.status_code == 401
 
 
+def test_a_browser_sends_the_token_as_a_subprotocol_and_gets_realtime_back(live):
+    async def go(subprotocols, headers=None):
+        async with connect(_url(live), subprotocols=subprotocols, additional_headers=headers or {}) as ws:
+            return ws.subprotocol, json.loads(await ws.recv())["type"]
+
+    key = f"openai-insecure-api-key.{TOKEN}"
+    assert _run(go(["realtime", key, "openai-beta.realtime-v1"])) == ("realtime", "session.created")
+    wrong = "openai-insecure-api-key.nope"
+    for subprotocols, headers in ((["realtime", wrong], None), (["realtime"], None),
+                                  (["realtime", wrong], {"Authorization": f"Bearer {TOKEN}"})):
+        with pytest.raises(InvalidStatus) as refused:
+            _run(go(subprotocols, headers))
+        assert refused.value.response.status_code == 401, subprotocols
+
+
 def test_malformed_and_unknown_events_get_errors_and_the_session_goes_on(live):
     async def go():
         async with _session(live) as ws:

@@ -2,6 +2,10 @@
 
     ws://HOST/v1/realtime[?model=omni]     Authorization: Bearer <token> (when the server has one)
 
+A browser, which cannot set headers on a WebSocket, sends the token as OpenAI's clients do, in the
+subprotocols: `new WebSocket(url, ["realtime", "openai-insecure-api-key." + token])`; the server
+answers with the subprotocol `realtime` (never echoing the key).
+
 The session starts with `session.created`. Client events: `session.update` (instructions,
 `audio.input.format` PCM16 at any `rate` from 8 to 48 kHz, `audio.input.turn_detection` server_vad
 or null, `max_output_tokens`), `input_audio_buffer.append` / `commit` / `clear`,
@@ -43,13 +47,14 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from serving import metrics
-from serving.auth import bearer_token_matches
+from serving.auth import websocket_token_matches
 from serving.conversation import BadRequest
 from serving.predictor import OmniPredictor
 from serving.protocol.realtime.events import CLIENT_EVENT, CLIENT_EVENT_TYPES
 from serving.protocol.realtime.session import RealtimeSession, SessionError
 
 logger = logging.getLogger(__name__)
+SUBPROTOCOL = "realtime"  # the one a browser client asks for (with its key); answered when offered
 SESSION_ENDED = 1000  # a normal closure: the session's time is up
 GOING_AWAY, SHUTDOWN_REASON = 1001, "server shutting down"
 CLOSE_ON_EXIT_S = 5.0  # at most this long to close the sessions before the server's own shutdown starts
@@ -149,7 +154,8 @@ def build_router(predictor: OmniPredictor, token: str | None) -> APIRouter:
 
     @router.websocket("/v1/realtime")
     async def realtime(ws: WebSocket) -> None:
-        if token and not bearer_token_matches(ws.headers.get("authorization", ""), token):
+        offered = ws.scope.get("subprotocols", [])
+        if token and not websocket_token_matches(ws.headers.get("authorization"), offered, token):
             return await _deny(ws, 401, "missing or invalid bearer token", {"WWW-Authenticate": 'Bearer realm="omni"'})
         if ws.query_params.get("model", predictor.name) != predictor.name:
             return await _deny(ws, 404, f"this server serves {predictor.name!r}")
@@ -157,7 +163,7 @@ def build_router(predictor: OmniPredictor, token: str | None) -> APIRouter:
             return await _deny(ws, 503, "the model is still loading", {"Retry-After": "1"})
         if sessions.closing:
             return await _deny(ws, 503, "the server is shutting down", {"Retry-After": "1"})
-        await ws.accept()
+        await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
         connection = Connection(ws, predictor)
         sessions.open.add(connection)
         try:
