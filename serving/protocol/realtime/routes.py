@@ -166,6 +166,9 @@ def build_router(predictor: OmniPredictor, token: str | None) -> APIRouter:
         await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
         connection = Connection(ws, predictor)
         sessions.open.add(connection)
+        if sessions.closing:  # the shutdown began during the handshake, after the sessions were closed
+            sessions.open.discard(connection)
+            return await ws.close(code=GOING_AWAY, reason=SHUTDOWN_REASON)
         try:
             with metrics.REALTIME_SESSIONS.track_inprogress():
                 await connection.run()
