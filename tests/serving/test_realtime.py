@@ -371,6 +371,10 @@ _events = st.one_of(
     st.builds(lambda t: {"type": "conversation.item.create", "item": {"type": "message", "role": "user",
                                                                       "content": [{"type": "input_text", "text": t}]}},
               st.text(max_size=30)),
+    st.builds(lambda url: {"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_image", "image_url": url}]}},
+        st.sampled_from([IMAGE, IMAGE[:60]]) | st.binary(max_size=64).map(
+            lambda b: "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b).decode())),
     st.dictionaries(st.sampled_from(["type", "event_id", "audio", "session", "item", "response"]),
                     st.none() | st.integers() | st.text(max_size=10) | st.lists(st.integers(), max_size=3)),
 )
