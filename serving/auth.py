@@ -42,8 +42,26 @@ def bearer_token_matches(authorization: str, token: str) -> bool:
     """Whether an Authorization header value is `Bearer <token>`. The one check of every route: the
     middleware below for HTTP, the WebSocket route (which middleware of this kind never sees) itself."""
     scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and _same(given.strip(), token)
+
+
+def _same(given: str, token: str) -> bool:
     # compare_digest: the time taken must not tell an attacker how much of the token matched.
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+# A browser cannot set headers on a WebSocket; OpenAI's Realtime API takes the key as a subprotocol instead.
+API_KEY_SUBPROTOCOL = "openai-insecure-api-key."
+
+
+def websocket_token_matches(authorization: str | None, subprotocols: list[str], token: str) -> bool:
+    """Whether a WebSocket handshake carries the token: as `Authorization: Bearer <token>`, or (from a
+    browser) as the subprotocol `openai-insecure-api-key.<token>`. At least one must be given, and
+    every one given must be right."""
+    keys = [p.removeprefix(API_KEY_SUBPROTOCOL) for p in subprotocols if p.startswith(API_KEY_SUBPROTOCOL)]
+    checks = [bearer_token_matches(authorization, token)] if authorization is not None else []
+    checks += [_same(key, token) for key in keys]
+    return bool(checks) and all(checks)
 
 
 class BearerTokenAuth(BaseHTTPMiddleware):

@@ -78,3 +78,20 @@ def decode_base64(text: str, field: str) -> bytes:
     if not data:
         raise BadRequest(f"{field}: empty media", field)
     return data
+
+
+def decode_data_uri(url: str, field: str) -> bytes:
+    """A media part's URL -> its bytes: base64 data URIs only (the server fetches nothing)."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme in ("http", "https"):
+        raise BadRequest(
+            f"{field}: remote URLs are not fetched (this server makes no outbound requests); "
+            "send the media inline as a data URI, e.g. data:image/png;base64,...",
+            field,
+        )
+    if scheme != "data":
+        raise BadRequest(f"{field}: expected a data URI (data:<mime type>;base64,<data>)", field)
+    header, sep, payload = url[len("data:") :].partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        raise BadRequest(f"{field}: only base64 data URIs are accepted (data:<mime type>;base64,<data>)", field)
+    return decode_base64(payload, field)

@@ -9,6 +9,12 @@
     omni_generated_tokens_total                tokens generated (rate() of it: tokens/s of the server)
     omni_generation_tokens_per_second          per answer: completion tokens / time from first to last token
     omni_generations_total{finish_reason}      finished sequences: stop, length, cancelled, timeout, error
+
+    omni_realtime_sessions                     open /v1/realtime sessions
+    omni_realtime_events_total{type}           client events taken (within the size and rate limits), by type:
+                                               the event's own, `unknown_type`, or `not_an_event` (bad JSON)
+    omni_realtime_errors_total{code}           `error` events sent, by code (a limit's code is its setting's name)
+    omni_realtime_speech_to_first_delta_seconds  server VAD's end of speech -> the answer's first text delta
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ TOKENS = Counter("omni_generated_tokens", "tokens generated")
 TOKENS_PER_S = Histogram("omni_generation_tokens_per_second", "per answer: tokens / time from first to last token",
                          buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500))
 FINISHED = Counter("omni_generations", "finished sequences, by finish reason", ["finish_reason"])
+
+REALTIME_SESSIONS = Gauge("omni_realtime_sessions", "open /v1/realtime sessions")
+REALTIME_EVENTS = Counter("omni_realtime_events", "realtime client events taken, by type", ["type"])
+REALTIME_ERRORS = Counter("omni_realtime_errors", "realtime error events sent, by code", ["code"])
+SPEECH_TO_FIRST_DELTA = Histogram("omni_realtime_speech_to_first_delta_seconds",
+                                  "end of speech (server VAD) to the answer's first text delta", buckets=_SECONDS)
 
 
 class PrometheusObserver(EngineObserver):

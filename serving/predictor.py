@@ -46,7 +46,7 @@ from model.nn.generation import OmniChat
 from model.nn.sampling import SamplingParams
 from model.text.processor import ChatInput, Encoded
 from serving.config import ServingConfig, resolve_storage_uri
-from serving.conversation import BadRequest, Completion, Conversation, GenerateRequest
+from serving.conversation import BadRequest, Completion, Conversation, GenerateRequest, MediaItem
 from serving.http import client_gone
 from serving.metrics import PrometheusObserver
 from serving.tokens import token_bytes
@@ -183,11 +183,21 @@ class OmniPredictor(kserve.Model):
         """Media -> model input under `serving.limits` (the same limits the Triton export carries)."""
         return MediaReader(self.chat.model.cfg, MediaLimits.of("serving.limits", self.cfg.limits))
 
+    def check_media(self, media: list[MediaItem]) -> None:
+        """Decode and check media ahead of a request (a realtime conversation item when it is added), as
+        `build_chat` will: the same reader, limits and words (blocking: call from a worker thread)."""
+        reader, items = self.media_reader(), _raw(media)
+        try:
+            reader.check_counts(items)
+            for item in items:
+                reader.read(item)
+        except MediaError as e:
+            raise BadRequest(str(e), e.item) from e
+
     def build_chat(self, conv: Conversation) -> ChatInput:
         """Decode and check every media item (blocking: call from a worker thread)."""
-        media = [RawMedia(m.kind, m.data, m.field, m.use_audio_in_video) for m in conv.media]
         try:
-            return self.media_reader().chat_input(conv.messages, media)
+            return self.media_reader().chat_input(conv.messages, _raw(conv.media))
         except MediaError as e:  # its message names the field: "image[0] is 5000x5000 = ..."
             raise BadRequest(str(e), e.item) from e
 
@@ -287,6 +297,10 @@ class OmniPredictor(kserve.Model):
         finally:
             if not seq.done.is_set():
                 self._cancel([seq])
+
+
+def _raw(media: list[MediaItem]) -> list[RawMedia]:
+    return [RawMedia(m.kind, m.data, m.field, m.use_audio_in_video) for m in media]
 
 
 _FAILED = ("timeout", "error", "cancelled")  # finish reasons of a generation that gave no answer

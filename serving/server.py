@@ -17,8 +17,9 @@ we serve.
 
 Concurrent requests share the model through the predictor's generation engine (continuous
 batching, `batching` in the serving config); a full queue is a 429 with Retry-After. On SIGTERM the
-server stops accepting connections, lets in-flight requests finish for `shutdown_grace_s` (uvicorn's
-graceful shutdown; the chart's terminationGracePeriodSeconds should exceed it), then exits.
+server first ends each realtime session with a close frame saying why (1001), then stops accepting
+connections, lets in-flight requests finish for `shutdown_grace_s` (uvicorn's graceful shutdown; the
+chart's terminationGracePeriodSeconds should exceed it), and exits.
 Prometheus metrics (serving/metrics.py) and the access log (serving/http.py) cover every route.
 
 With OMNI_API_TOKEN_FILE (a mounted Secret, the chart's default) or OMNI_API_TOKEN set, every route

@@ -6,7 +6,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from serving.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerTokenAuth, configured_token
+from serving.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerTokenAuth, configured_token, websocket_token_matches
 
 
 @pytest.fixture
@@ -48,3 +48,14 @@ def test_token_comes_from_the_mounted_secret_file(tmp_path) -> None:
         configured_token({TOKEN_FILE_ENV: str(token)})
     with pytest.raises(RuntimeError, match="cannot read"):
         configured_token({TOKEN_FILE_ENV: str(tmp_path / "missing")})
+
+
+def test_a_websocket_carries_the_token_in_its_header_or_as_a_browser_subprotocol() -> None:
+    key = "openai-insecure-api-key."
+    assert websocket_token_matches("Bearer s3cret", [], "s3cret")
+    assert websocket_token_matches(None, ["realtime", key + "s3cret"], "s3cret")
+    assert not websocket_token_matches(None, ["realtime"], "s3cret")  # none given
+    assert not websocket_token_matches(None, [key + "s3cre"], "s3cret")
+    assert not websocket_token_matches(None, [key + "s3cret", key + "other"], "s3cret")  # each one given is checked
+    assert not websocket_token_matches("Bearer nope", [key + "s3cret"], "s3cret")
+    assert not websocket_token_matches("", [key + "s3cret"], "s3cret")

@@ -9,24 +9,27 @@ import asyncio
 import base64
 import json
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from model.media.decode import load_audio
 from model.nn.omni import OmniModel
 from model.text.processor import OmniProcessor
 from serving.config import ServingConfig
-from serving.local import start_server
+from serving.local import metric, start_server
 
 # serving.predictor and the realtime protocol import kserve: imported in the tests that run in
 # process, never at collection (kserve's protobufs clash with tritonclient.grpc's, loaded by others).
@@ -51,8 +54,9 @@ def endless(tmp_path_factory, tiny_cfg, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def live(endless):
-    config = {"max_new_tokens": 6, "realtime": {"max_event_bytes": 200_000, "max_buffered_audio_s": 5.0,
-                                                "max_events_per_s": 80.0}}
+    # Images up to 48x48 (the test image is 24x24): a larger one is over a limit.
+    config = {"max_new_tokens": 6, "limits": {"max_image_pixels": 48 * 48},
+              "realtime": {"max_event_bytes": 200_000, "max_buffered_audio_s": 5.0, "max_events_per_s": 80.0}}
     server = start_server(endless, endless.parent / "rt", config, env={"OMNI_API_TOKEN": TOKEN})
     yield server
     server.stop()
@@ -100,7 +104,14 @@ def _run(coro):
     return asyncio.run(coro)
 
 
+def _metrics(live) -> str:
+    return requests.get(f"{live.base}/metrics", timeout=10).text
+
+
 def test_a_spoken_question_is_heard_and_answered_in_deltas(live, speech):
+    latency = "omni_realtime_speech_to_first_delta_seconds_count"
+    before = metric(_metrics(live), latency)
+
     async def go():
         async with _session(live) as ws:
             created = json.loads(await ws.recv())
@@ -133,6 +144,38 @@ def test_a_spoken_question_is_heard_and_answered_in_deltas(live, speech):
     assert done["response"]["status_details"]["reason"] == "max_output_tokens"
     assert done["response"]["output"][0]["content"][0]["text"] == "".join(deltas)
     assert done["response"]["usage"]["output_tokens"] == 6
+    assert metric(_metrics(live), latency) == before + 1  # this turn's end of speech -> its first delta
+
+
+def test_metrics_count_open_sessions_events_by_type_and_errors_by_code(live):
+    def read() -> dict:
+        text = _metrics(live)
+        return {"open": metric(text, "omni_realtime_sessions"),
+                "clear": metric(text, "omni_realtime_events_total", type="input_audio_buffer.clear"),
+                "unknown": metric(text, "omni_realtime_events_total", type="unknown_type"),
+                "not_event": metric(text, "omni_realtime_events_total", type="not_an_event"),
+                "bad_json": metric(text, "omni_realtime_errors_total", code="invalid_json"),
+                "too_big": metric(text, "omni_realtime_errors_total", code="max_event_bytes")}
+
+    before = read()
+
+    async def go():
+        async with _session(live) as ws, _session(live) as other:
+            await ws.recv(), await other.recv()
+            for frame in ("{not json", json.dumps({"type": "response.teleport"}),
+                          json.dumps({"type": "input_audio_buffer.clear"}), "x" * 250_000):
+                await ws.send(frame)
+                await ws.recv()
+            return await asyncio.to_thread(read)
+
+    during = _run(go())
+    assert during["open"] == before["open"] + 2
+    assert [during[k] - before[k] for k in ("clear", "unknown", "not_event", "bad_json", "too_big")] == [1] * 5
+    for _ in range(50):  # the server notices the closed sockets
+        if read()["open"] == before["open"]:
+            break
+        time.sleep(0.1)
+    assert read()["open"] == before["open"]
 
 
 def test_a_wrong_token_is_refused(live):
@@ -144,6 +187,21 @@ def test_a_wrong_token_is_refused(live):
         with pytest.raises(InvalidStatus) as refused:
             _run(go(headers))
         assert refused.value.response.status_code == 401
+
+
+def test_a_browser_sends_the_token_as_a_subprotocol_and_gets_realtime_back(live):
+    async def go(subprotocols, headers=None):
+        async with connect(_url(live), subprotocols=subprotocols, additional_headers=headers or {}) as ws:
+            return ws.subprotocol, json.loads(await ws.recv())["type"]
+
+    key = f"openai-insecure-api-key.{TOKEN}"
+    assert _run(go(["realtime", key, "openai-beta.realtime-v1"])) == ("realtime", "session.created")
+    wrong = "openai-insecure-api-key.nope"
+    for subprotocols, headers in ((["realtime", wrong], None), (["realtime"], None),
+                                  (["realtime", wrong], {"Authorization": f"Bearer {TOKEN}"})):
+        with pytest.raises(InvalidStatus) as refused:
+            _run(go(subprotocols, headers))
+        assert refused.value.response.status_code == 401, subprotocols
 
 
 def test_malformed_and_unknown_events_get_errors_and_the_session_goes_on(live):
@@ -208,6 +266,52 @@ def test_limits_answer_with_error_events_naming_them(live):
     assert "input_audio_buffer.cleared" in [e["type"] for e in seen]
 
 
+def _image_item(url: str | None, text: str | None = None) -> str:
+    content = ([{"type": "input_text", "text": text}] if text else []) + (
+        [{"type": "input_image", "image_url": url}] if url else [])
+    return json.dumps({"type": "conversation.item.create",
+                       "item": {"type": "message", "role": "user", "content": content}})
+
+
+def test_a_bad_image_is_refused_alone_in_the_http_routes_words_and_video_frames_are_answered(live):
+    big = "data:image/png;base64," + base64.b64encode(png_bytes(64)).decode()
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"GIF89a but not really").decode()
+
+    async def go():
+        async with _session(live) as ws:
+            await ws.recv()
+            refused = []
+            for url in (big, not_an_image, "https://example.com/cat.png"):
+                await ws.send(_image_item(url, "look"))
+                refused.append(json.loads(await ws.recv()))
+            seen: list[dict] = []
+            for _ in range(6):  # a camera's frames, one image item each (as OpenAI's clients send video)
+                await ws.send(_image_item(IMAGE))
+                await _until(ws, "conversation.item.added", seen)
+            await ws.send(_image_item(None, "what moved"))
+            await ws.send(json.dumps({"type": "response.create"}))
+            return refused, seen, await _until(ws, "response.done", seen)
+
+    refused, seen, done = _run(go())
+    assert [r["type"] for r in refused] == ["error"] * 3
+    assert [r["error"]["code"] for r in refused] == ["invalid_media", "invalid_media", "invalid_value"]
+    assert {r["error"]["param"] for r in refused} == {"item.content[1].image_url"}
+    assert "serving.limits.max_image_pixels" in refused[0]["error"]["message"]
+    assert "was not added" in refused[1]["error"]["message"]
+    # The same words as the chat completions route, for the same image, after each names its field.
+    for url, error in zip((big, not_an_image), refused[:2], strict=True):
+        http = requests.post(f"{live.base}/openai/v1/chat/completions", timeout=30,
+                             headers={"Authorization": f"Bearer {TOKEN}"},
+                             json={"model": "omni", "messages": [{"role": "user", "content": [
+                                 {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": url}}]}]})
+        assert http.status_code == 400, http.text
+        words = http.json()["error"]["message"].removeprefix("messages[0].content[1].image_url.url")
+        assert error["error"]["message"].startswith(f"item.content[1].image_url{words}; item ")
+    # The session went on: the frames were added, and the question about them answered.
+    assert sum(e["type"] == "conversation.item.added" for e in seen) == 7
+    assert done["response"]["status"] == "incomplete" and done["response"]["usage"]["output_tokens"] == 6
+
+
 def _ask_long(tokens: int = 500):
     return [json.dumps({"type": "conversation.item.create", "item": {
         "type": "message", "role": "user", "content": [{"type": "input_text", "text": "describe"}]}}),
@@ -267,6 +371,10 @@ _events = st.one_of(
     st.builds(lambda t: {"type": "conversation.item.create", "item": {"type": "message", "role": "user",
                                                                       "content": [{"type": "input_text", "text": t}]}},
               st.text(max_size=30)),
+    st.builds(lambda url: {"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_image", "image_url": url}]}},
+        st.sampled_from([IMAGE, IMAGE[:60]]) | st.binary(max_size=64).map(
+            lambda b: "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b).decode())),
     st.dictionaries(st.sampled_from(["type", "event_id", "audio", "session", "item", "response"]),
                     st.none() | st.integers() | st.text(max_size=10) | st.lists(st.integers(), max_size=3)),
 )
@@ -291,6 +399,35 @@ def test_fuzzed_event_sequences_never_end_the_session(live, frames):
     seen = _run(go())
     assert not [e for e in seen if e["type"] == "error" and e["error"]["code"] == "server_error"], seen
     assert "Traceback" not in live.log()
+
+
+def test_sigterm_ends_each_session_with_a_close_frame_saying_why(endless):
+    server = start_server(endless, endless.parent / "rt-sigterm", {"max_new_tokens": 6},
+                          env={"OMNI_API_TOKEN": TOKEN})
+    try:
+        async def go():
+            async with _session(server) as ws:
+                await ws.recv()
+                for frame in _ask_long():
+                    await ws.send(frame)
+                seen: list[dict] = []
+                await _until(ws, "response.output_text.delta", seen)
+                server.proc.send_signal(signal.SIGTERM)
+                with pytest.raises(ConnectionClosed) as closed:
+                    async with asyncio.timeout(30):
+                        while True:
+                            seen.append(json.loads(await ws.recv()))
+                return seen, closed.value
+
+        seen, closed = _run(go())
+        exit_code = server.proc.wait(timeout=30)  # the process ends, well within its grace period
+    finally:
+        server.stop()
+    # The server's own close frame, not uvicorn's bare 1012 "service restart".
+    assert closed.rcvd is not None and (closed.rcvd.code, closed.rcvd.reason) == (1001, "server shutting down")
+    done = next(e for e in seen if e["type"] == "response.done")["response"]
+    assert done["status"] == "cancelled" and done["status_details"]["reason"] == "server_shutting_down"
+    assert exit_code == 0 and "Traceback" not in server.log()
 
 
 def test_a_long_voice_conversation_keeps_the_latest_turns_that_fit_and_opens_with_a_user_turn():

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from model.media.tags import TAG_PATTERN
 from model.nn.sampling import SamplingParams
-from serving.conversation import BadRequest, Conversation, GenerateRequest, MediaItem, decode_base64
+from serving.conversation import BadRequest, Conversation, GenerateRequest, MediaItem, decode_base64, decode_data_uri
 from serving.predictor import OmniPredictor
 from serving.protocol.openai.schema import (
     CONTENT_PART,
@@ -72,22 +72,6 @@ def _no_tags(text: str, field: str) -> None:
         )
 
 
-def _data_uri(url: str, field: str) -> bytes:
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme in ("http", "https"):
-        raise BadRequest(
-            f"{field}: remote URLs are not fetched (this server makes no outbound requests); "
-            "send the media inline as a data URI, e.g. data:image/png;base64,...",
-            field,
-        )
-    if scheme != "data":
-        raise BadRequest(f"{field}: expected a data URI (data:<mime type>;base64,<data>)", field)
-    header, sep, payload = url[len("data:") :].partition(",")
-    if not sep or not header.lower().endswith(";base64"):
-        raise BadRequest(f"{field}: only base64 data URIs are accepted (data:<mime type>;base64,<data>)", field)
-    return decode_base64(payload, field)
-
-
 def _part(raw: dict, field: str):
     try:
         return CONTENT_PART.validate_python(raw)
@@ -101,16 +85,17 @@ def _part(raw: dict, field: str):
 def _media(part, field: str) -> MediaItem:
     if isinstance(part, ImagePart):
         where = f"{field}.image_url.url"
-        return MediaItem("image", _data_uri(part.image_url.url, where), where)
+        return MediaItem("image", decode_data_uri(part.image_url.url, where), where)
     if isinstance(part, VideoURLPart):
         where = f"{field}.video_url.url"
-        return MediaItem("video", _data_uri(part.video_url.url, where), where, part.video_url.use_audio_in_video)
+        return MediaItem("video", decode_data_uri(part.video_url.url, where), where, part.video_url.use_audio_in_video)
     if isinstance(part, AudioURLPart):
         where = f"{field}.audio_url.url"
-        return MediaItem("audio", _data_uri(part.audio_url.url, where), where)
+        return MediaItem("audio", decode_data_uri(part.audio_url.url, where), where)
     where = f"{field}.input_audio.data"
     data = part.input_audio.data
-    return MediaItem("audio", _data_uri(data, where) if data.startswith("data:") else decode_base64(data, where), where)
+    raw = decode_data_uri(data, where) if data.startswith("data:") else decode_base64(data, where)
+    return MediaItem("audio", raw, where)
 
 
 def to_conversation(messages: list[ChatMessage]) -> Conversation:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from model.media.decode import wav_bytes
 from model.media.tags import TAG_PATTERN
-from serving.conversation import BadRequest, Conversation, MediaItem, decode_base64
+from serving.conversation import BadRequest, Conversation, MediaItem, decode_data_uri
 from serving.protocol.realtime.audio import decode_pcm16
 from serving.protocol.realtime.events import InputAudio, InputImage, InputText, MessageItem, message_item
 
@@ -31,14 +31,6 @@ def _text(text: str, field: str) -> str:
     return text
 
 
-def _image(url: str, field: str) -> bytes:
-    header, sep, payload = url.partition(",")
-    if not (header.lower().startswith("data:") and header.lower().endswith(";base64") and sep):
-        raise BadRequest(f"{field}: expected a base64 data URI (data:image/png;base64,...); remote URLs are "
-                         "not fetched", field)
-    return decode_base64(payload, field)
-
-
 def from_client(item_id: str, msg: MessageItem, rate: int) -> Item:
     """A `conversation.item.create` message -> an item; audio parts are PCM16 at the session's rate."""
     if msg.role != "user" and any(not isinstance(p, InputText) for p in msg.content):
@@ -55,7 +47,8 @@ def from_client(item_id: str, msg: MessageItem, rate: int) -> Item:
             item.text += "<audio>"
             item.content.append({"type": "input_audio", "transcript": part.transcript})
         elif isinstance(part, InputImage):
-            item.media.append(MediaItem("image", _image(part.image_url, f"{where}.image_url"), f"{where}.image_url"))
+            field = f"{where}.image_url"
+            item.media.append(MediaItem("image", decode_data_uri(part.image_url, field), field))
             item.text += "<image>"
             item.content.append({"type": "input_image", "detail": part.detail})
     return item

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -17,8 +18,9 @@ import numpy as np
 
 from model.media.decode import wav_bytes
 from model.nn.sampling import SamplingParams
+from serving import metrics
 from serving.config import RealtimeLimits
-from serving.conversation import GenerateRequest
+from serving.conversation import BadRequest, GenerateRequest
 from serving.predictor import OmniPredictor, Overloaded
 from serving.protocol.realtime import conversation as conv
 from serving.protocol.realtime.audio import TurnDetector, VadChange, decode_pcm16
@@ -59,6 +61,7 @@ class Answer:
     task: asyncio.Task | None = None
     text: list[str] = field(default_factory=list)
     cancel_reason: str | None = None
+    speech_ended_at: float | None = None  # monotonic time the server VAD ended the turn it answers
 
 
 class RealtimeSession:
@@ -70,6 +73,7 @@ class RealtimeSession:
         self.audio_ms = 0  # session audio time at the end of the buffer
         self.detector = self._detector()
         self.speech_item: str | None = None  # the item a detected utterance will become
+        self.speech_ended_at: float | None = None  # when the VAD last ended a turn not yet answered
         self.answer: Answer | None = None
 
     # ---------------------------------------------------------------------------------- setup
@@ -137,6 +141,7 @@ class RealtimeSession:
                 await self._cancel("turn_detected")
             return
         item_id, self.speech_item = self.speech_item or new_id("item"), None
+        self.speech_ended_at = time.monotonic()
         await self.emit("input_audio_buffer.speech_stopped", audio_end_ms=change.at_ms, item_id=item_id)
         await self._commit(item_id)
         if vad.create_response and self.answer is None:
@@ -167,6 +172,10 @@ class RealtimeSession:
             raise SessionError("previous_item_id: items can only be added at the end of the conversation",
                                "invalid_value", "previous_item_id")
         item = conv.from_client(event.item.id or new_id("item"), event.item, self.rate)
+        try:  # decoded now, so a bad image is refused alone instead of failing every later answer
+            await asyncio.to_thread(self.predictor.check_media, item.media)
+        except BadRequest as e:
+            raise SessionError(f"{e.reason}; item {item.id} was not added", "invalid_media", e.param) from e
         self.items.append(item)
         await self.emit("conversation.item.added", previous_item_id=previous, item=item.public())
 
@@ -181,7 +190,8 @@ class RealtimeSession:
             seq, stream = self.predictor.start_stream(prepared)
         except Overloaded as e:
             raise SessionError(f"{e}; try again shortly", "server_busy") from e
-        answer = Answer(new_id("resp"), new_id("item"))
+        answer = Answer(new_id("resp"), new_id("item"), speech_ended_at=self.speech_ended_at)
+        self.speech_ended_at = None
         self.answer = answer
         await self.emit("response.created", response=response_object(answer.id, "in_progress", []))
         await self.emit("response.output_item.added", response_id=answer.id, output_index=0,
@@ -208,6 +218,8 @@ class RealtimeSession:
             async for event in events:
                 text = event.text.lstrip() if not answer.text else event.text  # as chat completions strip
                 if text:
+                    if not answer.text and answer.speech_ended_at is not None:
+                        metrics.SPEECH_TO_FIRST_DELTA.observe(time.monotonic() - answer.speech_ended_at)
                     answer.text.append(text)
                     await self.emit("response.output_text.delta", response_id=answer.id, item_id=answer.item_id,
                                     output_index=0, content_index=0, delta=text)
@@ -253,9 +265,8 @@ class RealtimeSession:
         answer.task.cancel()
         await asyncio.gather(answer.task, return_exceptions=True)
 
-    async def close(self) -> None:
-        """The socket is gone: stop the answer in progress (its sequence leaves the batch)."""
-        if self.answer is not None and self.answer.task is not None:
-            self.answer.task.cancel()
-            await asyncio.gather(self.answer.task, return_exceptions=True)
+    async def close(self, cancel_reason: str = "session_closed") -> None:
+        """The session ends (the socket is gone, its time is up, the server stops): stop the answer in
+        progress (its sequence leaves the batch; `response.done` says why where the socket is still open)."""
+        await self._cancel(cancel_reason)
 
