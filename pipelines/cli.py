@@ -368,8 +368,9 @@ def _add_realtime(sub) -> None:
         "  omni realtime clip.mp4 --url wss://omni-predictor.NS.DOMAIN/v1/realtime --pace 0\n\n"
         "The last line printed is a JSON object, the summary:\n"
         '  {"outcome": "ok" | "no_speech" | "timeout" | "errors" | "closed", "file", "audio_s",\n'
-        '   "turn_detection": "server_vad" | "commit", "responses", "status" (the last response.done\'s),\n'
-        '   "deltas", "text_chars", "speech_stopped_ms", "first_delta_ms", "done_ms", "errors"}\n'
+        '   "audio_sent_s" (how long sending it took), "turn_detection": "server_vad" | "commit",\n'
+        '   "responses", "status" (the last response.done\'s), "deltas", "text_chars",\n'
+        '   "speech_stopped_ms", "first_delta_ms", "done_ms", "errors"}\n'
         "The *_ms timings count from the end of the audio (the file's last chunk sent) to speech_stopped\n"
         "(server VAD only), to the last answer's first delta and to its response.done; null when not seen.\n"
         "Exit status: 0 when the outcome is ok; 1 otherwise (the summary says which); 2 when the endpoint\n"

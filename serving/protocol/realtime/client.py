@@ -53,7 +53,8 @@ class Report:
     file: str
     audio_s: float
     turn_detection: str  # "server_vad" or "commit"
-    audio_end: float | None = None  # perf_counter when the file's last chunk (or the commit) left
+    audio_start: float | None = None  # perf_counter when the first chunk left
+    audio_end: float | None = None  # perf_counter when the file's last chunk had been heard (pace > 0) or left
     speech_started: int = 0
     speech_stopped: list[float] = field(default_factory=list)  # arrival times
     responses: list[dict] = field(default_factory=list)  # {"status", "reason", "deltas", "text", "first", "done"}
@@ -65,7 +66,8 @@ class Report:
 
     def summary(self) -> dict:
         last = self.responses[-1] if self.responses else {}
-        return {"outcome": self.outcome, "file": self.file, "audio_s": round(self.audio_s, 3),
+        sent = None if self.audio_end is None else round(self.audio_end - self.audio_start, 3)
+        return {"outcome": self.outcome, "file": self.file, "audio_s": round(self.audio_s, 3), "audio_sent_s": sent,
                 "turn_detection": self.turn_detection, "responses": len(self.responses),
                 "status": last.get("status"), "deltas": sum(r["deltas"] for r in self.responses),
                 "text_chars": sum(len(r["text"]) for r in self.responses),
@@ -217,6 +219,7 @@ async def stream_audio(url: str, samples: np.ndarray, rate: int, *, token: str |
         await session.expect("session.updated")
         reader = asyncio.create_task(session.read())
         try:
+            report.audio_start = time.perf_counter()
             await _send_audio(ws, samples, rate, pace)
             report.audio_end = time.perf_counter()
             if commit:
