@@ -380,7 +380,8 @@ def _add_realtime(sub) -> None:
                     "(default: ws://127.0.0.1:<serving.http_port>/v1/realtime)")
     rt.add_argument("--token", help="the server's API token (default: the OMNI_API_TOKEN environment variable)")
     rt.add_argument("--pace", type=float, default=1.0,
-                    help="1.0 streams at real time (default), 2.0 twice as fast, 0 as fast as possible")
+                    help="1.0 streams at real time (default), 2.0 twice as fast, 0 as fast as possible "
+                         "(1 s chunks, 50 a second: under the server's default event rate limit)")
     rt.add_argument("--commit", action="store_true",
                     help="turn the server's voice activity detection off and commit the whole file as one turn "
                          "at its end (input_audio_buffer.commit + response.create)")

@@ -127,3 +127,13 @@ def test_endpoint_urls_people_type_become_the_route(given, url):
 def test_a_bad_url_names_the_form_expected():
     with pytest.raises(client.ClientError, match="expected ws://HOST:PORT/v1/realtime"):
         client.endpoint_url("ftp://h/x")
+
+
+def test_help_documents_every_key_of_the_summary_line(capsys):
+    with pytest.raises(SystemExit) as done:
+        omni(["realtime", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "last line printed is a JSON object" in out and "Exit status" in out
+    keys = client.Report("f.wav", 1.0, "server_vad").summary()
+    assert not [k for k in keys if f'"{k}"' not in out], out
