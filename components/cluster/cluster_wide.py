@@ -91,8 +91,8 @@ def knative_timeouts_patch(cfg: OmniConfig) -> dict[str, Any]:
     webhook holds every revision's timeoutSeconds to (shipped: 600 s, under a realtime session).
     Knative puts the cluster's response-start and idle timeouts on a revision that does not set them
     whenever they are under its timeoutSeconds, and queue-proxy then cuts an upgraded WebSocket at
-    them (knative/serving#16169): 0 puts none on. Revisions with Knative's 300 s default get none
-    either way (only a default under their timeout is put on), so other services keep their behaviour."""
+    them (knative/serving#16169): 0 puts none on. With Knative's shipped defaults, revisions at the
+    300 s default timeout got none before either (only a default under their timeout is put on)."""
     ceiling = max(request_timeout_s(cfg), KNATIVE_MAX_REVISION_TIMEOUT_S)
     return {"data": {"max-revision-timeout-seconds": str(ceiling), "revision-response-start-timeout-seconds": "0",
                      "revision-idle-timeout-seconds": "0"}}
