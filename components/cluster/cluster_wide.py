@@ -89,13 +89,12 @@ def kserve_ingress_patch(current: str, cfg: OmniConfig) -> dict[str, Any]:
 def knative_timeouts_patch(cfg: OmniConfig) -> dict[str, Any]:
     """A merge patch for Knative's config-defaults. `max-revision-timeout-seconds` is the ceiling its
     webhook holds every revision's timeoutSeconds to (shipped: 600 s, under a realtime session).
-    Knative puts the cluster's response-start and idle timeouts on a revision that does not set them
-    whenever they are under its timeoutSeconds, and queue-proxy then cuts an upgraded WebSocket at
-    them (knative/serving#16169): 0 puts none on. With Knative's shipped defaults, revisions at the
-    300 s default timeout got none before either (only a default under their timeout is put on)."""
+    KServe v0.20.0 sets the revision's timeoutSeconds and responseStartTimeoutSeconds from the
+    InferenceService's `timeout` and leaves idleTimeoutSeconds to Knative, which puts the cluster's
+    `revision-idle-timeout-seconds` on it when that is non-zero and under its timeout; queue-proxy
+    would then cut a quiet WebSocket. 0 (Knative's shipped value) puts none on."""
     ceiling = max(request_timeout_s(cfg), KNATIVE_MAX_REVISION_TIMEOUT_S)
-    return {"data": {"max-revision-timeout-seconds": str(ceiling), "revision-response-start-timeout-seconds": "0",
-                     "revision-idle-timeout-seconds": "0"}}
+    return {"data": {"max-revision-timeout-seconds": str(ceiling), "revision-idle-timeout-seconds": "0"}}
 
 
 def activator_grace_patch(cfg: OmniConfig) -> dict[str, Any]:

@@ -36,17 +36,15 @@ def _check_defaults(data: dict[str, str]) -> None:
 
 
 def _revision_timeouts(data: dict[str, str], timeout_s: int) -> dict[str, int | None]:
-    """What Knative makes of a revision whose timeoutSeconds KServe set from the InferenceService's
-    `timeout`: refused above the ceiling; the cluster's response-start and idle defaults put on it
-    only when non-zero and under its timeout (pkg/apis/serving/v1/revision_defaults.go)."""
+    """The revision KServe v0.20.0 asks Knative for, from the InferenceService's `timeout`
+    (ksvc_reconciler.go: timeoutSeconds and responseStartTimeoutSeconds both set to it), as Knative
+    admits and defaults it: refused above the ceiling; the cluster's idle default put on only when
+    non-zero and under its timeout (pkg/apis/serving/v1/revision_defaults.go)."""
     if timeout_s > int(data["max-revision-timeout-seconds"]):
         raise ValueError(f"timeoutSeconds {timeout_s} over max-revision-timeout-seconds")
-    put_on = {}
-    for field, key in (("responseStartTimeoutSeconds", "revision-response-start-timeout-seconds"),
-                       ("idleTimeoutSeconds", "revision-idle-timeout-seconds")):
-        default = int(data[key])
-        put_on[field] = default if 0 < default < timeout_s else None
-    return {"timeoutSeconds": timeout_s, **put_on}
+    idle = int(data["revision-idle-timeout-seconds"])
+    return {"timeoutSeconds": timeout_s, "responseStartTimeoutSeconds": timeout_s,
+            "idleTimeoutSeconds": idle if 0 < idle < timeout_s else None}
 
 
 def test_every_rendered_inferenceservice_outlasts_a_session(cfg, tmp_path):
@@ -63,16 +61,18 @@ def test_every_rendered_inferenceservice_outlasts_a_session(cfg, tmp_path):
 
 def test_knative_admits_the_revision_and_adds_no_shorter_timeout(cfg):
     timeout = endpoint.request_timeout_s(cfg)
-    shipped = dict(KNATIVE_SHIPPED)
     with pytest.raises(ValueError, match="over max-revision-timeout-seconds"):  # as Knative ships: refused
-        _revision_timeouts(shipped, timeout)
-    shipped["max-revision-timeout-seconds"] = str(timeout)  # a raised ceiling alone: cut at 300 s
-    assert _revision_timeouts(shipped, timeout)["responseStartTimeoutSeconds"] == 300
+        _revision_timeouts(KNATIVE_SHIPPED, timeout)
+    # A cluster whose idle default is set (here 120 s, with the ceiling already raised) would cut a quiet session.
+    tuned = {**KNATIVE_SHIPPED, "max-revision-timeout-seconds": "7200", "revision-idle-timeout-seconds": "120"}
+    assert _revision_timeouts(tuned, timeout)["idleTimeoutSeconds"] == 120
+    for before in (KNATIVE_SHIPPED, tuned):
+        patched = {**before, **cluster_wide.knative_timeouts_patch(cfg)["data"]}
+        _check_defaults(patched)
+        revision = _revision_timeouts(patched, timeout)
+        assert revision == dict(timeoutSeconds=timeout, responseStartTimeoutSeconds=timeout, idleTimeoutSeconds=None)
+    # Revisions at Knative's default timeout are admitted and defaulted as before the patch.
     patched = {**KNATIVE_SHIPPED, **cluster_wide.knative_timeouts_patch(cfg)["data"]}
-    _check_defaults(patched)
-    assert _revision_timeouts(patched, timeout) == {"timeoutSeconds": timeout, "responseStartTimeoutSeconds": None,
-                                                    "idleTimeoutSeconds": None}
-    # A revision with Knative's default timeout gets what it got before the patch.
     assert _revision_timeouts(patched, 300) == _revision_timeouts(KNATIVE_SHIPPED, 300)
 
 
