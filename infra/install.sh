@@ -46,6 +46,12 @@ knative() {
     '{"data":{"kubernetes.podspec-nodeselector":"enabled","kubernetes.podspec-tolerations":"enabled","secure-pod-defaults":"enabled"}}'
   # The domain of every Knative route (cluster.ingress.domain): Kourier routes <ksvc>.<ns>.<domain>.
   kubectl patch configmap/config-domain -n knative-serving --type merge -p "$(omni_conf knative-domain)"
+  # A /v1/realtime session is one WebSocket, one long request to every proxy: Knative must allow the
+  # InferenceService's timeout (serving.realtime.max_session_s + 60 s) and put no idle timeout on it;
+  # the activator drains that long; Envoy in Kourier keeps an idle stream as long.
+  kubectl patch configmap/config-defaults -n knative-serving --type merge -p "$(omni_conf knative-timeouts)"
+  kubectl patch deployment/activator -n knative-serving --type merge -p "$(omni_conf activator-grace)"
+  kubectl patch configmap/config-kourier -n knative-serving --type merge -p "$(omni_conf kourier-timeouts)"
   wait_deployments knative-serving
   wait_deployments kourier-system
 }

@@ -7,6 +7,8 @@
     omni pipeline compile [--out FILE]            the YAML to upload in the Kubeflow UI / kfp run submit
     omni pipeline run --data DIR [overrides]      the whole DAG on this machine (kfp.local)
     omni serve --model-dir DIR | --model-version champion
+    omni realtime FILE [--url URL --token T --pace 1 --commit]
+                                                  stream a WAV (or a video's sound) to /v1/realtime, print the answer
     omni model plan [--gpus 8 --gpu-gib 80]       parameter counts + per-GPU memory for ZeRO-2/3
     omni train STAGE --data D --init C --out O    one training stage outside the DAG (torchrun for N GPUs)
     omni eval run --benchmark NAME --data PATH --model-dir DIR   a registry benchmark on a checkpoint
@@ -170,6 +172,21 @@ def _serve(cfg, args) -> int:
     serving_cfg = cfg.serving.model_copy(update={"http_port": args.http_port} if args.http_port else {})
     serve(model_dir, serving_cfg)
     return 0
+
+
+def _realtime(cfg, args) -> int:
+    import os
+
+    from serving.auth import TOKEN_ENV
+    from serving.protocol.realtime import client
+
+    url = args.url or f"ws://127.0.0.1:{cfg.serving.http_port}{client.ROUTE}"
+    try:
+        _, code = client.run(url, args.file, token=args.token or os.environ.get(TOKEN_ENV) or None, pace=args.pace,
+                             commit=args.commit, rate=args.rate, timeout_s=args.timeout)
+    except client.ClientError as err:
+        return fail(str(err))
+    return code
 
 
 def _render(cfg, args) -> int:
@@ -338,6 +355,42 @@ def _add_serve(sub) -> None:
     serve.add_argument("--http-port", type=int, default=None, help="default: serving.http_port")
 
 
+def _add_realtime(sub) -> None:
+    rt = sub.add_parser(
+        "realtime", help="stream a WAV file (or a video's sound) to /v1/realtime and print the answer",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Stream a sound file to the predictor's realtime endpoint (OpenAI's Realtime API over a\n"
+        "WebSocket) in 100 ms input_audio_buffer.append chunks at real-time pace, let the server's voice\n"
+        "activity detection end the turn (or --commit the buffer at the end), and print the answer's text\n"
+        "deltas as they arrive (stdout; speech and response events go to stderr). Any WAV (rate, channels,\n"
+        "sample format) or a video's sound track is converted to mono PCM16 at --rate.\n\n"
+        "  omni realtime question.wav                          # a local `omni serve`\n"
+        "  omni realtime clip.mp4 --url wss://omni-predictor.NS.DOMAIN/v1/realtime --pace 0\n\n"
+        "The last line printed is a JSON object, the summary:\n"
+        '  {"outcome": "ok" | "no_speech" | "timeout" | "errors" | "closed", "file", "audio_s",\n'
+        '   "audio_sent_s" (how long sending it took), "turn_detection": "server_vad" | "commit",\n'
+        '   "responses", "status" (the last response.done\'s), "deltas", "text_chars",\n'
+        '   "speech_stopped_ms", "first_delta_ms", "done_ms", "errors"}\n'
+        "The *_ms timings count from the end of the audio (the file's last chunk sent) to speech_stopped\n"
+        "(server VAD only), to the last answer's first delta and to its response.done; null when not seen.\n"
+        "Exit status: 0 when the outcome is ok; 1 otherwise (the summary says which); 2 when the endpoint\n"
+        "cannot be reached, refuses the token (401) or the file has no sound (a one-line message, no summary).")
+    rt.add_argument("file", type=Path, help="a WAV file, or a video (mp4, ...) whose sound track is streamed")
+    rt.add_argument("--url", help="ws(s)://HOST:PORT/v1/realtime; http(s):// and a bare HOST:PORT are taken too "
+                    "(default: ws://127.0.0.1:<serving.http_port>/v1/realtime)")
+    rt.add_argument("--token", help="the server's API token (default: the OMNI_API_TOKEN environment variable)")
+    rt.add_argument("--pace", type=float, default=1.0,
+                    help="1.0 streams at real time (default), 2.0 twice as fast, 0 as fast as possible "
+                         "(1 s chunks, 50 a second: under the server's default event rate limit)")
+    rt.add_argument("--commit", action="store_true",
+                    help="turn the server's voice activity detection off and commit the whole file as one turn "
+                         "at its end (input_audio_buffer.commit + response.create)")
+    rt.add_argument("--rate", type=int, default=24000, help="PCM16 rate sent to the server, 8000-48000 (default 24000)")
+    rt.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds to wait for the answers after the audio ends (default 120)")
+    rt.set_defaults(handler=_realtime)
+
+
 def _add_model(sub) -> None:
     model = _group(sub, "model", "model facts")
     plan = _command(model, "plan", "Parameter counts per module and a per-GPU memory plan per stage for ZeRO-2 and "
@@ -429,7 +482,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = _command(sub, "demo", "Generate demo data, run the whole DAG locally, serve the champion and query it.",
                     _demo)
     demo.add_argument("--keep-serving", action="store_true", help="leave the predictor running at the end")
-    for add in (_add_data, _add_pipeline, _add_serve, _add_model, _add_train, _add_eval, _add_cluster):
+    for add in (_add_data, _add_pipeline, _add_serve, _add_realtime, _add_model, _add_train, _add_eval, _add_cluster):
         add(sub)
     _command(sub, "config", "Print the resolved and validated configuration as YAML.", _config)
     _command(sub, "rollback", "Move the MLflow alias `champion` back to `previous-champion` and serve that version "

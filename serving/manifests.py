@@ -51,11 +51,12 @@ def inference_service(name: str, namespace: str, storage_uri: str, runtime: str 
                       labels: Mapping[str, str] | None = None, min_replicas: int | None = None,
                       max_replicas: int | None = None, node_selector: Mapping[str, str] | None = None,
                       tolerations: Sequence[Mapping[str, Any]] | None = None,
-                      container_concurrency: int | None = None) -> dict[str, Any]:
+                      container_concurrency: int | None = None, timeout_s: int | None = None) -> dict[str, Any]:
     """A `serving.kserve.io/v1beta1` InferenceService serving `storage_uri` with our runtime.
 
     `canary_traffic_percent` routes that share of traffic to this revision and the rest to the
-    last ready one (KServe's canary rollout); None means all traffic.
+    last ready one (KServe's canary rollout); None means all traffic. `timeout_s` is how long one
+    request may stay open (KServe's `timeout`, Knative's revision timeoutSeconds).
     """
     _check_isvc_args(name, namespace, gpu, canary_traffic_percent)
     requests: dict[str, Any] = {"cpu": cpu, "memory": memory}
@@ -70,7 +71,7 @@ def inference_service(name: str, namespace: str, storage_uri: str, runtime: str 
                 "minReplicas": min_replicas, "maxReplicas": max_replicas,
                 "nodeSelector": dict(node_selector) if node_selector else None,
                 "tolerations": [dict(t) for t in tolerations] if tolerations else None,
-                "containerConcurrency": container_concurrency}
+                "containerConcurrency": container_concurrency, "timeout": timeout_s}
     predictor = {"model": model, **{k: v for k, v in optional.items() if v is not None}}
     metadata: dict[str, Any] = {"name": name, "namespace": namespace}
     if labels:

@@ -4,6 +4,9 @@ applied by `infra/install.sh` (cluster-admin; the chart itself stays namespace-s
     python -m components.cluster.cluster_wide storage-container [overrides]   # ClusterStorageContainer YAML
     python -m components.cluster.cluster_wide knative-domain [overrides]      # merge patch of config-domain
     python -m components.cluster.cluster_wide kserve-ingress [overrides] < ingress.json   # patch of KServe's ingress
+    python -m components.cluster.cluster_wide knative-timeouts [overrides]    # merge patch of config-defaults
+    python -m components.cluster.cluster_wide activator-grace [overrides]     # merge patch of the activator
+    python -m components.cluster.cluster_wide kourier-timeouts [overrides]    # merge patch of config-kourier
 
 - KServe injects its storage initializer into every predictor pod with no securityContext, which an
   enforced Pod Security "restricted" refuses. KServe merges the ClusterStorageContainer that serves
@@ -12,6 +15,10 @@ applied by `infra/install.sh` (cluster-admin; the chart itself stays namespace-s
 - Knative routes `<ksvc>.<namespace>.<domain>` through Kourier only for a configured domain, and
   KServe's own top-level host needs Istio: `disableIstioVirtualHost` makes status.url the
   predictor's Knative host, which Kourier routes.
+- A `/v1/realtime` session is one WebSocket, which every proxy sees as one long HTTP request; each
+  must keep it open for the InferenceService's `timeout` (`endpoint.request_timeout_s`, from
+  serving.realtime.max_session_s): Knative's ceiling on revision timeouts and the defaults it would
+  otherwise put on the revision, the activator's grace period, and Envoy's stream idle timeout in Kourier.
 `serving_pod` assembles the predictor pod the way KServe and Knative will, for offline checks.
 """
 
@@ -27,10 +34,12 @@ from typing import Any
 
 import yaml
 
+from components.cluster.endpoint import request_timeout_s
 from components.cluster.render import INFRA_DIR
 from components.config import OmniConfig
 
 STORAGE_INITIALIZER = "storage-initializer"
+KNATIVE_MAX_REVISION_TIMEOUT_S = 600  # config-defaults max-revision-timeout-seconds as Knative ships it
 MODEL_VOLUME = "kserve-provision-location"  # KServe's emptyDir for /mnt/models
 # The URIs KServe's own `default` ClusterStorageContainer serves (config/storagecontainers/default.yaml).
 KSERVE_DEFAULT_URIS = [{"prefix": "gs://"}, {"prefix": "s3://"}, {"prefix": "hdfs://"}, {"prefix": "webhdfs://"},
@@ -77,6 +86,31 @@ def kserve_ingress_patch(current: str, cfg: OmniConfig) -> dict[str, Any]:
     return {"data": {"ingress": json.dumps(ingress, indent=2)}}
 
 
+def knative_timeouts_patch(cfg: OmniConfig) -> dict[str, Any]:
+    """A merge patch for Knative's config-defaults. `max-revision-timeout-seconds` is the ceiling its
+    webhook holds every revision's timeoutSeconds to (shipped: 600 s, under a realtime session).
+    KServe v0.20.0 sets the revision's timeoutSeconds and responseStartTimeoutSeconds from the
+    InferenceService's `timeout` and leaves idleTimeoutSeconds to Knative, which puts the cluster's
+    `revision-idle-timeout-seconds` on it when that is non-zero and under its timeout; queue-proxy
+    would then cut a quiet WebSocket. 0 (Knative's shipped value) puts none on."""
+    ceiling = max(request_timeout_s(cfg), KNATIVE_MAX_REVISION_TIMEOUT_S)
+    return {"data": {"max-revision-timeout-seconds": str(ceiling), "revision-idle-timeout-seconds": "0"}}
+
+
+def activator_grace_patch(cfg: OmniConfig) -> dict[str, Any]:
+    """The activator proxies requests while a revision has too few free slots (and from zero): on a
+    restart it drains them for terminationGracePeriodSeconds, which Knative says to raise with
+    max-revision-timeout-seconds, so a session through it is not cut by a rollout of Knative itself."""
+    ceiling = knative_timeouts_patch(cfg)["data"]["max-revision-timeout-seconds"]
+    return {"spec": {"template": {"spec": {"terminationGracePeriodSeconds": int(ceiling)}}}}
+
+
+def kourier_timeouts_patch(cfg: OmniConfig) -> dict[str, Any]:
+    """A merge patch for config-kourier: Envoy's stream idle timeout (shipped 300 s) ends a WebSocket
+    on which neither side sent a frame for that long, e.g. a user thinking between turns."""
+    return {"data": {"stream-idle-timeout": f"{request_timeout_s(cfg)}s"}}
+
+
 def predictor_host(cfg: OmniConfig) -> str:
     """The host of status.url with disableIstioVirtualHost: the predictor's Knative Service route."""
     return f"{cfg.serving.model_name}-predictor.{cfg.cluster.namespace}.{cfg.cluster.ingress.domain}"
@@ -112,10 +146,14 @@ def serving_pod(runtime: Mapping[str, Any], isvc: Mapping[str, Any],
             **{k: predictor[k] for k in ("nodeSelector", "tolerations") if k in predictor}}
 
 
+PATCHES = {"knative-domain": knative_domain_patch, "knative-timeouts": knative_timeouts_patch,
+           "activator-grace": activator_grace_patch, "kourier-timeouts": kourier_timeouts_patch}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m components.cluster.cluster_wide", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["storage-container", "knative-domain", "kserve-ingress"])
+    parser.add_argument("what", choices=["storage-container", "kserve-ingress", *PATCHES])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. cluster.ingress.domain=ml.example.com")
     args = parser.parse_args(argv)
     from components.config import load_config
@@ -123,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.overrides)
     if args.what == "storage-container":
         print(yaml.safe_dump(storage_container(), sort_keys=False), end="")
-    elif args.what == "knative-domain":
-        print(json.dumps(knative_domain_patch(cfg)))
+    elif args.what in PATCHES:
+        print(json.dumps(PATCHES[args.what](cfg)))
     else:
         print(json.dumps(kserve_ingress_patch(sys.stdin.read(), cfg)))
     return 0

@@ -10,6 +10,7 @@ Rollback applies the previous champion at full traffic at once: that is what a r
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,10 @@ from components.config import EndpointConfig, OmniConfig
 from serving.manifests import inference_service
 
 MLFLOW_ARTIFACTS = "mlflow-artifacts:/"
+# The predictor ends a realtime session at serving.realtime.max_session_s with a close frame naming the
+# limit; every proxy in front of it keeps a request open this much longer, so that the close frame,
+# not a cut connection, is what a client sees.
+SESSION_CLOSE_MARGIN_S = 60
 # KServe's model status while a revision cannot come up: waiting longer will not help.
 _HOPELESS = {"BlockedByFailedLoad", "InvalidSpec"}
 
@@ -83,9 +88,20 @@ def champion_isvc(
         max_replicas=ep.max_replicas,
         container_concurrency=ep.container_concurrency,
         annotations=isvc_annotations(cfg),
+        timeout_s=request_timeout_s(cfg),
         node_selector=pool.node_selector if gpu_placement else cfg.cluster.cpu_pool.node_selector,
         tolerations=[t.model_dump(exclude_none=True) for t in pool.tolerations] if gpu_placement else None,
     )
+
+
+def request_timeout_s(cfg: OmniConfig) -> int:
+    """How long one request to the predictor may stay open on the cluster: a `/v1/realtime` session
+    (to every proxy a WebSocket is one HTTP request, upgraded) or the longest HTTP request, plus the
+    margin. The one source of the InferenceService's `timeout` (Knative's revision timeoutSeconds),
+    Knative's cluster-wide timeout ceiling, the activator's grace period and Kourier's stream idle
+    timeout (components/cluster/cluster_wide.py)."""
+    longest = max(cfg.serving.realtime.max_session_s, cfg.serving.limits.request_timeout_s)
+    return math.ceil(longest) + SESSION_CLOSE_MARGIN_S
 
 
 def isvc_annotations(cfg: OmniConfig) -> dict[str, str]:

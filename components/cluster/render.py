@@ -58,7 +58,8 @@ def conf_values(cfg: OmniConfig) -> dict[str, Any]:
         "endpoint": {"name": cfg.serving.model_name, "serviceAccount": ep.service_account, "cpu": ep.cpu,
                      "memory": ep.memory, "gpu": ep.gpu, "minReplicas": ep.min_replicas,
                      "maxReplicas": ep.max_replicas, "containerConcurrency": ep.container_concurrency,
-                     "progressDeadlineSeconds": int(ep.progress_deadline_s)},
+                     "progressDeadlineSeconds": int(ep.progress_deadline_s),
+                     "timeoutSeconds": endpoint.request_timeout_s(cfg)},
         "trainer": {"runtime": c.trainer.runtime, "stagingUri": c.trainer.staging_uri,
                     "checkpointClaim": c.trainer.checkpoint_claim, "maxRestarts": c.trainer.max_restarts},
         # The identity KFP runs tasks as (cluster.kfp): promote/rollback and TrainJob launchers use it.

@@ -324,3 +324,10 @@ def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
         w.setframerate(rate)
         w.writeframes(pcm.astype("<i2").tobytes())
     return buf.getvalue()
+
+
+def sound_as_pcm16(src: Source, rate: int) -> np.ndarray:
+    """The first audio stream of a file (a WAV of any rate, sample format and channel count, or a
+    video's sound track) as mono int16 at `rate`: what a client streams to a realtime endpoint,
+    which reads it with its own media reader. Not model input: that goes through `MediaReader`."""
+    return (load_audio(src, rate) * 32767).round().astype(np.int16)
