@@ -116,9 +116,10 @@ class OmniPredictor(kserve.Model):
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path}: not a checkpoint directory (no {CONFIG_FILE})")
         self.chat = OmniChat.load(path)
-        b = self.cfg.batching
-        self.engine = GenerationEngine(self.chat, max_batch=b.max_batch_size, max_queue=b.max_queue, policy=b.policy,
-                                       window_s=b.window_ms / 1000, text_lock=self.text_lock)
+        try:
+            self.engine = GenerationEngine(self.chat, self.cfg.batching, text_lock=self.text_lock)
+        except ValueError as e:  # a setting this model cannot take, e.g. max_context beyond its window
+            raise ValueError(f"serving.batching: {e}") from e
         self.engine.observer = PrometheusObserver(self.engine)
         self.engine.start()
         self.ready = True
@@ -198,10 +199,10 @@ class OmniPredictor(kserve.Model):
                 encoded = self.chat.processor.encode(item, add_generation_prompt=True)
         except ValueError as e:
             raise BadRequest(f"{param}: {e}", param) from e
-        n, window = len(encoded.input_ids), self.chat.model.cfg.llm.max_position_embeddings
+        n, window = len(encoded.input_ids), self.engine.max_context
         if n + max_new_tokens > window:
             raise BadRequest(f"{param}: prompt is {n} tokens; with max_tokens={max_new_tokens} that exceeds the "
-                             f"model's context of {window}", param)
+                             f"{window} tokens this server keeps per sequence", param)
         return encoded
 
     def _prepare_sync(self, convs: list[Conversation], max_new_tokens: int) -> list[Encoded]:
