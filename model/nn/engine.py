@@ -29,6 +29,7 @@ Events go to each sequence's `sink`, called from the engine thread.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -127,14 +128,15 @@ class GenerationEngine:
     """`config` (model.config.EngineConfig, the serving config's `batching` section): the batch, the
     queue, the policy, the KV columns per sequence, the prefill chunk and CUDA graphs."""
 
-    def __init__(self, chat, config: EngineConfig | None = None, observer: EngineObserver | None = None,
-                 text_lock=None):
+    def __init__(self, chat, config: EngineConfig | None = None, observer: EngineObserver | None = None):
         self.config = config = config or EngineConfig()
-        self.model, self.processor, self.tok = chat.model, chat.processor, chat.tok
+        self.model, self.processor = chat.model, chat.processor
+        # The engine thread detokenises with its own copy: the tokenizer is not thread-safe, and sharing
+        # one under a lock stalled every decode step behind requests being tokenised in other threads.
+        self.tok = copy.deepcopy(chat.tok)
         self.llm = self.model.llm
         self.stop_ids = frozenset(chat.stop_ids)
         self.observer = observer or EngineObserver()
-        self.text_lock = text_lock or threading.Lock()  # the tokenizer is not thread-safe
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []  # admitted, prompt not fully in the cache yet
         self.running: list[Sequence] = []  # decoding
@@ -292,8 +294,7 @@ class GenerationEngine:
         return admitted
 
     def _decode_text(self, ids: list[int]) -> str:
-        with self.text_lock:
-            return self.tok.decode(ids, skip_special_tokens=True)
+        return self.tok.decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
     def _embed(self, seqs: list[Sequence]) -> None:
