@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=SIZES, default="tiny", help="model shape, fresh weights (default tiny)")
     p.add_argument("--part", choices=PARTS, default="all", help="serving, training, or both (default)")
+    p.add_argument("overrides", nargs="*", help="config overrides the serving part runs with, as `omni serve` takes "
+                                                "them, e.g. serving.batching.prefill_chunk=1024")
     args = p.parse_args(argv)
     machine = machine_info()
     rows: list[dict] = []
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     emit("machine", **machine)
     if args.part in ("serve", "all"):
         from benchmarks import gpu_serve
-        rows += gpu_serve.run(args.size, emit)
+        rows += gpu_serve.run(args.size, emit, args.overrides)
     if args.part in ("train", "all"):
         from benchmarks import gpu_train
         rows += gpu_train.run(args.size, emit, machine)

@@ -13,7 +13,9 @@ serving.server` on 127.0.0.1 (one torch thread in the server, like the in-proces
    (media decoded, `OmniChat.generate`; and the in-process engine, for the split);
 3. a mixed load: `--load` requests (10,000), 16 concurrent, 20% malformed; every status counted,
    the server's RSS before and after, alive at the end;
-4. one image question with 16 new tokens (greedy), from 1 client then from 8 (`scaling_image`).
+4. one image question with 16 new tokens (greedy), from 1 client and from 8, alternated over
+   `--rounds` rounds; the median of the rounds' ratios, with the machine's load average
+   (`scaling_image`).
 
 Prints one JSON object per line (`"kind"`: machine, scaling, scaling_image, latency, load, done), then a
 table.
@@ -121,16 +123,27 @@ def scaling(server: LiveServer, policy: str, n: int, tokens: int, no_eos: dict) 
                 ratio_8_over_1=round(one / eight, 2), mean_batch_8=round(seqs / max(steps, 1), 2))
 
 
-def image_question_scaling(server: LiveServer, n: int, tokens: int = 16) -> dict:
-    """One image question (greedy, `tokens` new tokens) asked `n` times by 1 client, then by 8 at once."""
+def image_question_scaling(server: LiveServer, n: int, rounds: int, tokens: int = 16) -> dict:
+    """One image question (greedy, `tokens` new tokens) asked `n` times by 1 client and `n` times by 8
+    at once, the two alternated `rounds` times (which goes first alternates too): load from other work
+    on the machine then weighs on both sides alike, and the figure is the median of the rounds' ratios,
+    with the load average before and after."""
     request = {"model": "omni", "max_tokens": tokens, "temperature": 0, "messages": [
         {"role": "user", "content": [image_part(png(1)), {"type": "text", "text": "describe the picture"}]}]}
+    seconds: dict[int, list[float]] = {1: [], 8: []}
+    load_before = os.getloadavg()[0]
     with openai.OpenAI(base_url=f"{server.base}/openai/v1", api_key="bench", max_retries=0) as client:
         _run_clients(client, [request] * 8, 8)  # warm-up
-        one = _run_clients(client, [request] * n, 1)
-        eight = _run_clients(client, [request] * n, 8)
-    return emit("scaling_image", requests=n, max_tokens=tokens, requests_per_s_1=round(n / one, 2),
-                requests_per_s_8=round(n / eight, 2), ratio_8_over_1=round(one / eight, 2))
+        for i in range(rounds):
+            for clients in ((1, 8) if i % 2 == 0 else (8, 1)):
+                seconds[clients].append(_run_clients(client, [request] * n, clients))
+    ratios = [one / eight for one, eight in zip(seconds[1], seconds[8], strict=True)]
+    return emit("scaling_image", requests=n, max_tokens=tokens, rounds=rounds,
+                requests_per_s_1=round(n / statistics.median(seconds[1]), 2),
+                requests_per_s_8=round(n / statistics.median(seconds[8]), 2),
+                ratio_8_over_1=round(statistics.median(ratios), 2),
+                ratio_range=[round(min(ratios), 2), round(max(ratios), 2)],
+                load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)])
 
 
 def requests_metrics(server: LiveServer) -> str:
@@ -269,11 +282,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=20, help="latency repetitions (each: endpoint, generate, engine)")
     p.add_argument("--load", type=int, default=10_000, help="requests in the mixed load (0: skip)")
     p.add_argument("--concurrency", type=int, default=16, help="clients in the mixed load")
-    p.add_argument("--quick", action="store_true", help="smoke run: 16 requests, 5 reps, a 500-request load")
+    p.add_argument("--rounds", type=int, default=5, help="alternated 1-client / 8-client rounds of the image question")
+    p.add_argument("--quick", action="store_true", help="smoke run: 16 requests, 5 reps, 3 rounds, a 500-request load")
     p.add_argument("--in-process-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.requests, args.reps, args.load = 16, 5, min(args.load, 500)
+        args.requests, args.reps, args.rounds, args.load = 16, 5, min(args.rounds, 3), min(args.load, 500)
     return args
 
 
@@ -285,7 +299,9 @@ def table(records: dict) -> str:
                      f"{r['mean_batch_8']:8.2f}")
     img = records["image"]
     lines.append(f"one image question, {img['max_tokens']} tokens: {img['requests_per_s_1']} req/s x1, "
-                 f"{img['requests_per_s_8']} req/s x8 ({img['ratio_8_over_1']}x)")
+                 f"{img['requests_per_s_8']} req/s x8: {img['ratio_8_over_1']}x (median of {img['rounds']} alternated "
+                 f"rounds, {img['ratio_range'][0]}-{img['ratio_range'][1]}x; load average {img['load_average'][0]} "
+                 f"-> {img['load_average'][1]})")
     lat = records["latency"]
     lines.append(f"p50 latency, {lat['completion_tokens']} tokens: endpoint {lat['p50_ms']['endpoint']} ms, "
                  f"in-process generate {lat['p50_ms']['generate']} ms, engine {lat['p50_ms']['engine']} ms; "
@@ -316,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 records["scaling"].append(scaling(server, policy, args.requests, args.tokens, no_eos))
                 if policy == "continuous":
-                    records["image"] = image_question_scaling(server, args.requests)
+                    records["image"] = image_question_scaling(server, args.requests, args.rounds)
                     records["latency"] = latency(server, checkpoint, args.reps, args.tokens)
                     if args.load:
                         records["load"] = load(server, args.load, args.concurrency)

@@ -10,6 +10,9 @@ Records (`emit`, one JSON line each):
   request at a time;
 - `serve_reference`: Hugging Face `generate` on the same N prompts as one batch, tokens/s.
 
+The engine runs with the serving config's `batching` section (conf/serving: batch, queue, context,
+prefill chunk, CUDA graphs), widened to 64 slots for the widest round.
+
 Fresh weights (nothing is downloaded) and a tokenizer trained on a few words; the LLM keeps its
 full vocabulary, so the LM head costs what it costs. `tiny` on a CPU is the CI smoke: fewer new
 tokens, the same records.
@@ -27,7 +30,9 @@ import torch
 from PIL import Image
 
 from benchmarks.gpu_sizes import size_config
+from components.config import load_config
 from model import runtime
+from model.config import EngineConfig
 from model.nn.engine import GenerationEngine, Sequence
 from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
@@ -144,13 +149,24 @@ def reference(chat: OmniChat, emit: Callable[..., dict], new_tokens: int) -> lis
     return rows
 
 
-def run(size: str, emit: Callable[..., dict]) -> list[dict]:
+def engine_config(size: str, overrides: list[str] | None = None) -> EngineConfig:
+    """The served engine's settings: the config tree's `serving.batching` (what `omni serve` and the
+    predictor read, with `overrides` such as `serving.batching.prefill_chunk=1024`), with room for this
+    benchmark's widest round and, where the tree leaves it null, the size's context."""
+    batching = load_config(overrides).serving.batching
+    return EngineConfig.model_validate({
+        **batching.model_dump(), "max_batch_size": max(batching.max_batch_size, max(STREAMS)),
+        "max_queue": max(batching.max_queue, 4 * max(STREAMS)), "max_context": batching.max_context or CONTEXT[size]})
+
+
+def run(size: str, emit: Callable[..., dict], overrides: list[str] | None = None) -> list[dict]:
     """Every serving record for `size` (see the module doc); `emit` prints one and returns it."""
     on_gpu = runtime.device().type == "cuda"
     new_tokens = 128 if on_gpu or size != "tiny" else 8
+    config = engine_config(size, overrides)
     chat = build_chat(size)
     chat.stop_ids = []  # answers run to their length: every round decodes the same number of tokens
-    engine = GenerationEngine(chat, max_batch=max(STREAMS), max_queue=4 * max(STREAMS), max_context=CONTEXT[size])
+    engine = GenerationEngine(chat, config)
     engine.start()
     try:
         rows = streams(engine, chat, emit, new_tokens)

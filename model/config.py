@@ -334,6 +334,28 @@ class EvalConfig(Strict):
     seed: int = 0
 
 
+class EngineConfig(Strict):
+    """How the generation engine (model.nn.engine) shares the model among concurrent requests; the
+    serving config's `batching` section. `continuous`: a request joins the running batch at the next
+    decode step; `dynamic`: a batch starts after `window_ms` (or when full) and runs to its end before
+    the next one is admitted (kept for comparison: benchmarks/README.md)."""
+
+    policy: Literal["continuous", "dynamic"] = "continuous"
+    max_batch_size: int = Field(8, gt=0, description="sequences decoded together, each with its own KV-cache slot "
+                                                     "(a v2 row is one sequence)")
+    max_queue: int = Field(64, ge=0, description="sequences waiting beyond the batch; past it requests get 429")
+    window_ms: float = Field(5.0, ge=0, description="dynamic policy only: how long a batch waits to fill")
+    max_context: int | None = Field(
+        None, gt=0, description="KV-cache columns per sequence: prompt + answer tokens one request may reach; at "
+                                "most the LLM's context window (model.llm.max_position_embeddings); null: that window")
+    prefill_chunk: int = Field(
+        512, gt=0, description="prompt tokens prefilled per engine step: a longer prompt takes several steps, and the "
+                               "running streams decode between its chunks")
+    cuda_graphs: bool | None = Field(
+        None, description="replay decode steps as CUDA graphs (one per batch and width bucket); null: on when the "
+                          "LLM is on a CUDA device")
+
+
 BENCHMARK_READERS = ("vlmeval_tsv", "mmlu_csv", "video_mcq_json", "vqa_json", "ocrbench_json", "asr_manifest",
                      "covost2_tsv")
 BENCHMARK_METRICS = ("mcq_accuracy", "vqa_accuracy", "anls", "relaxed_accuracy", "ocrbench_accuracy", "exact_match",

@@ -1,4 +1,5 @@
-"""Serving settings: the served name, the port, and the limits every request is checked against.
+"""Serving settings: the served name, the port, the limits every request is checked against, and how
+the generation engine batches (`batching`: model.config.EngineConfig, handed to the engine as it is).
 
 Media counts, sizes and durations are limits per conversation (one OpenAI request, or one row of a
 v2 batch); body size and batch size are per request. A client over a limit learns which from a 4xx
@@ -9,13 +10,12 @@ instead of the server running out of memory or time. Unknown keys are errors
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 from urllib.parse import urlparse
 
 import yaml
 from pydantic import Field, model_validator
 
-from model.config import Strict
+from model.config import EngineConfig, Strict
 
 
 class ServingLimits(Strict):
@@ -34,15 +34,9 @@ class ServingLimits(Strict):
     request_timeout_s: float = Field(120.0, gt=0, description="deadline per request: queueing + generation (503)")
 
 
-class BatchingConfig(Strict):
-    """How concurrent requests share the model (model.nn.engine). `continuous`: a request joins the
-    running batch at the next decode step; `dynamic`: a batch starts after `window_ms` (or when full)
-    and runs to its end before the next one is admitted (kept for comparison: benchmarks/README.md)."""
-
-    policy: Literal["continuous", "dynamic"] = "continuous"
-    max_batch_size: int = Field(8, gt=0, description="sequences decoded together (a v2 row is one sequence)")
-    max_queue: int = Field(64, ge=0, description="sequences waiting beyond the batch; past it requests get 429")
-    window_ms: float = Field(5.0, ge=0, description="dynamic policy only: how long a batch waits to fill")
+# How concurrent requests share the model: the generation engine's own schema (model.config), so the
+# engine's defaults and the ones this file validates are one set.
+BatchingConfig = EngineConfig
 
 
 class RealtimeLimits(Strict):
@@ -79,6 +73,11 @@ class ServingConfig(Strict):
             raise ValueError(
                 f"max_new_tokens ({self.max_new_tokens}) exceeds limits.max_tokens ({self.limits.max_tokens})"
             )
+        context = self.batching.max_context
+        if context is not None and self.limits.max_tokens >= context:
+            raise ValueError(f"batching.max_context ({context}) must exceed limits.max_tokens "
+                             f"({self.limits.max_tokens}): a sequence holds its prompt and up to max_tokens answer "
+                             f"tokens; raise max_context or lower max_tokens")
         if self.realtime.max_buffered_audio_s > self.limits.max_audio_seconds:
             raise ValueError(f"realtime.max_buffered_audio_s ({self.realtime.max_buffered_audio_s}) exceeds "
                              f"limits.max_audio_seconds ({self.limits.max_audio_seconds})")

@@ -21,7 +21,8 @@ in this file.
 
 Every client mistake raises `BadRequest` (kserve's `InvalidInput`, so the routes answer 400) with a
 message naming the field. Media decoding and tokenising run in worker threads, so the event loop
-stays free for health checks; the tokenizer is shared with the engine under one lock.
+stays free for health checks; they share the tokenizer under one lock (the engine detokenises with
+its own copy, so a decode step never waits for a request being tokenised).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -108,7 +110,8 @@ class OmniPredictor(kserve.Model):
         self.payloads = payloads  # None: only GenerateRequests are answered
         self.chat: OmniChat | None = None
         self.engine: GenerationEngine | None = None
-        self.text_lock = threading.Lock()  # the tokenizer, shared by request threads and the engine
+        self.text_lock = threading.Lock()  # the tokenizer, shared by the request threads (the engine has its own)
+        self._wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------------------- lifecycle
     def load(self) -> bool:
@@ -116,9 +119,10 @@ class OmniPredictor(kserve.Model):
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path}: not a checkpoint directory (no {CONFIG_FILE})")
         self.chat = OmniChat.load(path)
-        b = self.cfg.batching
-        self.engine = GenerationEngine(self.chat, max_batch=b.max_batch_size, max_queue=b.max_queue, policy=b.policy,
-                                       window_s=b.window_ms / 1000, text_lock=self.text_lock)
+        try:
+            self.engine = GenerationEngine(self.chat, self.cfg.batching)
+        except ValueError as e:  # a setting this model cannot take, e.g. max_context beyond its window
+            raise ValueError(f"serving.batching: {e}") from e
         self.engine.observer = PrometheusObserver(self.engine)
         self.engine.start()
         self.ready = True
@@ -142,7 +146,7 @@ class OmniPredictor(kserve.Model):
         return self.chat.model.llm.config.vocab_size
 
     def token_texts(self, token_ids: Iterable[int]) -> dict[int, tuple[str, list[int]]]:
-        """Each token's text and exact UTF-8 bytes (read under the tokenizer lock: the engine shares it)."""
+        """Each token's text and exact UTF-8 bytes (read under the tokenizer lock: request threads share it)."""
         with self.text_lock:
             return {t: token_bytes(self.chat.tok, t) for t in set(token_ids)}
 
@@ -208,10 +212,10 @@ class OmniPredictor(kserve.Model):
                 encoded = self.chat.processor.encode(item, add_generation_prompt=True)
         except ValueError as e:
             raise BadRequest(f"{param}: {e}", param) from e
-        n, window = len(encoded.input_ids), self.chat.model.cfg.llm.max_position_embeddings
+        n, window = len(encoded.input_ids), self.engine.max_context
         if n + max_new_tokens > window:
             raise BadRequest(f"{param}: prompt is {n} tokens; with max_tokens={max_new_tokens} that exceeds the "
-                             f"model's context of {window}", param)
+                             f"{window} tokens this server keeps per sequence", param)
         return encoded
 
     def _prepare_sync(self, convs: list[Conversation], max_new_tokens: int) -> list[Encoded]:
@@ -234,9 +238,17 @@ class OmniPredictor(kserve.Model):
                 raise Overloaded(str(e)) from e
         return seqs
 
+    def _waker(self) -> LoopWaker:
+        """The running loop's waker (one per loop: the server has one, tests may run several)."""
+        loop = asyncio.get_running_loop()
+        waker = self._wakers.get(loop)
+        if waker is None:
+            waker = self._wakers[loop] = LoopWaker(loop)
+        return waker
+
     async def generate(self, job: Prepared) -> list[Sequence]:
         """Generate every conversation of the request; cancelled if the client goes away."""
-        loop = asyncio.get_running_loop()
+        loop, waker = asyncio.get_running_loop(), self._waker()
         futures = []
 
         def sink_for(seq: Sequence):
@@ -245,7 +257,7 @@ class OmniPredictor(kserve.Model):
 
             def sink(event: Event) -> None:
                 if event.kind == "done":
-                    loop.call_soon_threadsafe(_resolve, future)
+                    waker.call(_resolve, future)
 
             return sink
 
@@ -273,10 +285,10 @@ class OmniPredictor(kserve.Model):
     def start_stream(self, job: Prepared) -> tuple[Sequence, asyncio.Queue]:
         """Submit the request's one conversation; its events arrive on the returned queue. Raises
         Overloaded before any response is sent, so a full queue is still a 429."""
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        waker, events = self._waker(), asyncio.Queue()
 
         def sink_for(seq: Sequence):
-            return lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+            return lambda ev: waker.call(events.put_nowait, ev)
 
         [seq] = self._submit(job, sink_for)
         return seq, events
@@ -304,6 +316,31 @@ def _raw(media: list[MediaItem]) -> list[RawMedia]:
 
 
 _FAILED = ("timeout", "error", "cancelled")  # finish reasons of a generation that gave no answer
+
+
+class LoopWaker:
+    """Calls from the engine thread into one event loop, coalesced. The engine finishes (or streams a
+    token of) many sequences in one step; each `call_soon_threadsafe` writes to the loop's self-pipe,
+    and that write hands the GIL to the event loop, the engine thread then waiting to get it back. So
+    the calls of one burst queue here and the loop is woken once, running them in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Callable, tuple]] = []
+
+    def call(self, fn: Callable, *args) -> None:
+        with self._lock:
+            self._pending.append((fn, args))
+            if len(self._pending) > 1:
+                return  # the loop is already woken for this burst
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for fn, args in pending:
+            fn(*args)
 
 
 def _resolve(future: asyncio.Future) -> None:

@@ -4,7 +4,8 @@
                              [--serving_config conf/serving/local.yaml] [any other KServe server flag]
 
 The command line is KServe's own (`kserve.model_server.parser`: --http_port, --workers,
---enable_latency_logging, ...) plus ours; dashed spellings (--model-dir, --http-port) work too.
+--enable_latency_logging (off here unless given: the access log has each request's duration), ...)
+plus ours; dashed spellings (--model-dir, --http-port) work too.
 Flags given win over the serving config file; the file's values win over KServe's defaults.
 
 Endpoints: `/v2/...` (open inference protocol, what `tritonclient.http` speaks), `/v1/models/N:predict`,
@@ -61,7 +62,8 @@ def build_server(model_dir: str | Path, cfg: ServingConfig, load: bool = True,
     predictor = OmniPredictor(cfg.model_name, model_dir, cfg, TensorProtocol())
     if load:
         predictor.load()
-    server = kserve.ModelServer(**{"workers": 1, **server_args, "http_port": cfg.http_port, "enable_grpc": False,
+    server = kserve.ModelServer(**{"workers": 1, "enable_latency_logging": False, **server_args,
+                                   "http_port": cfg.http_port, "enable_grpc": False,
                                    "grace_period": cfg.shutdown_grace_s})
     _parse_v2_bodies_binary_safe(server, cfg.limits.max_request_bytes)
     app = kserve.model_server.app  # what ModelServer.start serves, adding KServe's own routes after ours
@@ -137,6 +139,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", dest="http_port", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--model-name", dest="model_name", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(http_port=None, model_name=None)
+    # KServe's per-request latency log lines are off unless asked for: the access log has each request's
+    # duration and /metrics the per-phase latencies, and their two getrusage calls and log writes per
+    # request on the event loop each wait for the GIL while the engine thread decodes.
+    p.set_defaults(enable_latency_logging=False)
     return p
 
 

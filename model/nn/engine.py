@@ -2,7 +2,7 @@
 
 transformers' own continuous batching takes token ids only, and our prompts are spliced media
 embeddings, so the engine drives the LLM itself, over a KV cache it allocates once
-(`model.nn.kv_cache.SlotCache`: one slot per sequence, `max_batch` slots of the model's context,
+(`model.nn.kv_cache.SlotCache`: one slot per sequence, `max_batch_size` slots of `max_context` columns,
 bounded on a GPU by its free memory):
 
     each step   drop cancelled and expired sequences
@@ -29,6 +29,7 @@ Events go to each sequence's `sink`, called from the engine thread.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.config import EngineConfig
 from model.nn.devices import llm_device, module_device, to_consumers
 from model.nn.kv_cache import SlotCache, plan_slots
 from model.nn.sampling import SamplingParams, TokenLogprob, generator_on, next_tokens
@@ -45,7 +47,6 @@ from model.text.processor import Encoded
 from model.text.stream import TextStream
 
 log = logging.getLogger(__name__)
-POLICIES = ("continuous", "dynamic")
 MIN_GRAPH_WIDTH = 256  # the narrowest attention a decode graph is captured for (columns)
 
 
@@ -124,53 +125,57 @@ def _bucket(n: int, limit: int) -> int:
 
 
 class GenerationEngine:
-    """`max_context`: KV columns per slot (default: the LLM's context window); `prefill_chunk`: prompt
-    tokens prefilled per step; `cuda_graphs`: replay decode as CUDA graphs (default: on CUDA)."""
+    """`config` (model.config.EngineConfig, the serving config's `batching` section): the batch, the
+    queue, the policy, the KV columns per sequence, the prefill chunk and CUDA graphs."""
 
-    def __init__(self, chat, max_batch: int = 8, max_queue: int = 64, policy: str = "continuous",
-                 window_s: float = 0.0, observer: EngineObserver | None = None, text_lock=None,
-                 max_context: int | None = None, prefill_chunk: int = 512, cuda_graphs: bool | None = None):
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
-        self.model, self.processor, self.tok = chat.model, chat.processor, chat.tok
+    def __init__(self, chat, config: EngineConfig | None = None, observer: EngineObserver | None = None):
+        self.config = config = config or EngineConfig()
+        self.model, self.processor = chat.model, chat.processor
+        # The engine thread detokenises with its own copy: the tokenizer is not thread-safe, and sharing
+        # one under a lock stalled every decode step behind requests being tokenised in other threads.
+        self.tok = copy.deepcopy(chat.tok)
         self.llm = self.model.llm
         self.stop_ids = frozenset(chat.stop_ids)
-        self.max_batch, self.max_queue, self.policy, self.window_s = max_batch, max_queue, policy, window_s
-        self.prefill_chunk = prefill_chunk
         self.observer = observer or EngineObserver()
-        self.text_lock = text_lock or threading.Lock()  # the tokenizer is not thread-safe
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []  # admitted, prompt not fully in the cache yet
         self.running: list[Sequence] = []  # decoding
         self.embed_device = llm_device(self.model)  # where token ids are looked up
         self.device = module_device(self.llm.model.layers[0])  # the decoder layers': cache, masks, positions
-        self.kv = self._allocate(max_context)
-        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.kv = self._allocate(config.max_context)
+        use_graphs = self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs
         self.graphs = DecodeGraphs(self) if use_graphs and self.embed_device == self.device else None
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
+    @property
+    def max_context(self) -> int:
+        """Tokens (prompt + answer) one sequence may reach: the configured columns, or the LLM's window."""
+        return self.config.max_context or self.llm.config.max_position_embeddings
+
     def _allocate(self, max_context: int | None) -> SlotCache:
         config = self.llm.config
+        if max_context is not None and max_context > config.max_position_embeddings:
+            raise ValueError(f"max_context={max_context} exceeds the model's context window of "
+                             f"{config.max_position_embeddings} tokens (its max_position_embeddings): lower it, or "
+                             f"leave it null for the whole window")
         if config._attn_implementation not in ("sdpa", "eager"):
             # Slots attend through an explicit mask, which flash-attention's kernels do not take.
             self.llm.set_attn_implementation("sdpa")
-        context = max_context or config.max_position_embeddings
+        context = self.max_context
         dtype = next(self.llm.parameters()).dtype
-        slots, capacity = plan_slots(config, dtype, self.device, self.max_batch, context)
-        if slots < self.max_batch or capacity < context:
+        slots, capacity = plan_slots(config, dtype, self.device, self.config.max_batch_size, context)
+        if slots < self.config.max_batch_size or capacity < context:
             log.warning("KV cache: %d slot(s) of %d tokens fit in GPU memory (asked for %d of %d)",
-                        slots, capacity, self.max_batch, context)
+                        slots, capacity, self.config.max_batch_size, context)
         return SlotCache(config, slots, capacity, self.device, dtype)
 
     # ----------------------------------------------------------------------------- from any thread
     def submit(self, seq: Sequence) -> Sequence:
         with self._cond:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit is {self.max_queue})")
+            if len(self.waiting) >= (limit := self.config.max_queue):
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit is {limit})")
             self.waiting.append(seq)
             self._cond.notify()
         return seq
@@ -226,9 +231,10 @@ class GenerationEngine:
 
     def _window_left(self, now: float) -> float:
         """Seconds the dynamic policy still waits for more arrivals before it starts a batch."""
-        if self.policy != "dynamic" or self._active() or len(self.waiting) >= self.max_batch or not self.waiting:
+        if self.config.policy != "dynamic" or self._active() or len(self.waiting) >= self.config.max_batch_size \
+                or not self.waiting:
             return 0.0
-        return self.waiting[0].submitted + self.window_s - now
+        return self.waiting[0].submitted + self.config.window_ms / 1000 - now
 
     # ------------------------------------------------------------------------------ one iteration
     def step(self) -> None:
@@ -270,11 +276,11 @@ class GenerationEngine:
 
     def _admit(self, now: float) -> list[Sequence]:
         """Waiting sequences that get a slot, in arrival order; one that can never fit fails at once."""
-        if self.policy == "dynamic" and self._active() or self._window_left(now) > 0:
+        if self.config.policy == "dynamic" and self._active() or self._window_left(now) > 0:
             return []
         admitted, refused = [], []
         with self._cond:
-            room = min(self.max_batch - len(self.running) - len(self.prefilling), len(self.kv.free))
+            room = min(self.config.max_batch_size - len(self.running) - len(self.prefilling), len(self.kv.free))
             while self.waiting and len(admitted) < room:
                 seq = self.waiting.popleft()
                 (refused if seq.prompt_tokens + seq.params.max_new_tokens > self.kv.capacity else admitted).append(seq)
@@ -288,8 +294,7 @@ class GenerationEngine:
         return admitted
 
     def _decode_text(self, ids: list[int]) -> str:
-        with self.text_lock:
-            return self.tok.decode(ids, skip_special_tokens=True)
+        return self.tok.decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
     def _embed(self, seqs: list[Sequence]) -> None:
@@ -322,7 +327,7 @@ class GenerationEngine:
     def _prefill_chunk(self) -> None:
         """Up to `prefill_chunk` prompt tokens of the admitted sequences, in arrival order, as one
         right-padded batch writing into their own slots; a prompt that completes yields its first token."""
-        budget, parts = self.prefill_chunk, []
+        budget, parts = self.config.prefill_chunk, []
         for seq in self.prefilling:
             if budget <= 0:
                 break

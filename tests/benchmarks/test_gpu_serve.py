@@ -27,3 +27,13 @@ def test_serve_part_prints_the_machine_then_one_record_per_stream_count_then_a_t
     assert [r["streams"] for r in records if r["kind"] == "serve_reference"] == [1, 8, 32, 64]
     table = [line for line in lines if line.startswith("kind=serve ")]
     assert len(table) == 4 and lines.index(table[0]) > len(records) - 1  # the table after every JSON line
+
+
+def test_serve_part_runs_the_engine_with_the_serving_config():
+    """The benchmark's engine takes the tree's `serving.batching` (overrides included), widened to its 64 streams."""
+    from benchmarks.gpu_serve import engine_config
+
+    config = engine_config("tiny", ["serving.batching.prefill_chunk=64", "serving.batching.cuda_graphs=false"])
+    assert (config.prefill_chunk, config.cuda_graphs) == (64, False)
+    assert (config.max_batch_size, config.max_context) == (64, 1024)  # the widest round; the tiny size's context
+    assert engine_config("1.5b", ["serving.batching.max_context=2048"]).max_context == 2048

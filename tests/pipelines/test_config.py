@@ -25,6 +25,9 @@ def test_paper_size_model_is_selectable():
         ("promotion.max_regression=-0.1", "promotion.max_regression"),
         ("+run.bogus=1", "run.bogus"),
         ("cluster.endpoint.container_concurrency=4", "under serving.batching.max_batch_size=8"),
+        ("serving.batching.prefill_chunk=0", "serving.batching.prefill_chunk: Input should be greater than 0"),
+        ("serving.batching.max_context=256", "batching.max_context .256. must exceed limits.max_tokens .512."),
+        ("serving.batching.cuda_graph=true", "serving.batching.cuda_graph: Extra inputs"),
     ],
 )
 def test_bad_values_fail_naming_the_field(override, message):

@@ -30,8 +30,8 @@ model; 413 for a body over `limits.max_request_bytes`; 429 with Retry-After when
 from __future__ import annotations
 
 import logging
+import random
 import time
-import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -67,6 +67,13 @@ def _overloaded(e: Exception, status: int, code: str) -> JSONResponse:
     return response
 
 
+def completion_id() -> str:
+    """A unique, opaque completion id. From Python's own generator (seeded from the OS, reseeded in a
+    forked worker), not `uuid4`: its read of the OS's random source on the event loop hands the GIL
+    to the engine thread, and getting it back costs up to a switch interval per request."""
+    return f"chatcmpl-{random.getrandbits(128):032x}"
+
+
 # -------------------------------------------------------------------------------------- route
 def build_router(predictor: OmniPredictor) -> APIRouter:
     """`/openai/v1/chat/completions` and `/openai/v1/models` for one predictor."""
@@ -88,7 +95,7 @@ def build_router(predictor: OmniPredictor) -> APIRouter:
                     "model", "model_not_found",
                 )
             chat = generate_request(req, predictor)
-            reply = Reply(predictor, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+            reply = Reply(predictor, completion_id(), int(time.time()))
             if req.stream:  # preprocess and queue before the headers go out: errors keep their status
                 prepared = await predictor.preprocess(chat)
                 seq, events = predictor.start_stream(prepared)

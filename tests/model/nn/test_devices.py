@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from model.config import EngineConfig
 from model.nn.engine import GenerationEngine, Sequence
 from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
@@ -86,7 +87,7 @@ def test_engine_hands_every_module_its_inputs_on_its_device(split_chat):
              ChatInput([{"role": "user", "content": "what color is the shape"}])]
     seqs = [Sequence(split_chat.processor.encode(it, add_generation_prompt=True), SamplingParams(max_new_tokens=4))
             for it in items]
-    engine = GenerationEngine(split_chat, max_batch=2)  # one request waits for a slot
+    engine = GenerationEngine(split_chat, EngineConfig(max_batch_size=2))  # one request waits for a slot
     engine.run_until_done(seqs)
     assert not wrong, wrong[:5]
     assert [s.finish_reason for s in seqs] == ["length"] * 3, [s.error for s in seqs]

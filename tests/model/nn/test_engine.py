@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from model.config import EngineConfig
 from model.nn.engine import CapacityError, Event, GenerationEngine, QueueFull, Sequence
 from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
@@ -56,7 +57,7 @@ def _seq(chat: OmniChat, item: ChatInput, **params) -> Sequence:
 def test_greedy_answers_in_a_batch_equal_each_alone(chat):
     items = conversations()
     alone = [chat.generate([item], max_new_tokens=12)[0] for item in items]
-    engine = GenerationEngine(chat, max_batch=8)
+    engine = GenerationEngine(chat, EngineConfig(max_batch_size=8))
     together = engine.run_until_done([_seq(chat, it, max_new_tokens=12) for it in items])
     assert [s.text.strip() for s in together] == alone
     assert all(s.finish_reason in ("stop", "length") for s in together)
@@ -67,7 +68,7 @@ def test_requests_joining_and_leaving_mid_flight_get_the_same_answers(chat):
     items = conversations()
     budgets = [3, 14, 6, 10, 8]
     alone = [chat.generate([it], max_new_tokens=n)[0] for it, n in zip(items, budgets, strict=True)]
-    engine = GenerationEngine(chat, max_batch=3)  # fewer slots than requests: some must wait
+    engine = GenerationEngine(chat, EngineConfig(max_batch_size=3))  # fewer slots than requests: some must wait
     seqs = [_seq(chat, it, max_new_tokens=n) for it, n in zip(items, budgets, strict=True)]
     engine.submit(seqs[0])
     engine.submit(seqs[1])
@@ -88,7 +89,7 @@ def test_requests_joining_and_leaving_mid_flight_get_the_same_answers(chat):
 def test_dynamic_policy_gives_the_same_answers(chat):
     items = conversations()[:3]
     alone = [chat.generate([it], max_new_tokens=6)[0] for it in items]
-    engine = GenerationEngine(chat, max_batch=8, policy="dynamic", window_s=0.0)
+    engine = GenerationEngine(chat, EngineConfig(max_batch_size=8, policy="dynamic", window_ms=0.0))
     assert [s.text.strip() for s in engine.run_until_done([_seq(chat, it, max_new_tokens=6) for it in items])] == alone
 
 
@@ -162,7 +163,7 @@ def test_text_stream_holds_back_partial_stops_and_characters():
 
 
 def test_queue_bound_cancel_and_deadline(chat):
-    engine = GenerationEngine(chat, max_batch=1, max_queue=2)
+    engine = GenerationEngine(chat, EngineConfig(max_batch_size=1, max_queue=2))
     a, b = _seq(chat, conversations()[0], max_new_tokens=50), _seq(chat, conversations()[2], max_new_tokens=50)
     engine.submit(a)
     engine.submit(b)
@@ -179,7 +180,7 @@ def test_queue_bound_cancel_and_deadline(chat):
 def test_engine_thread_serves_concurrent_submissions(chat):
     items = conversations()
     alone = [chat.generate([it], max_new_tokens=6)[0] for it in items]
-    engine = GenerationEngine(chat, max_batch=8)
+    engine = GenerationEngine(chat, EngineConfig(max_batch_size=8))
     engine.start()
     try:
         seqs = [engine.submit(_seq(chat, it, max_new_tokens=6)) for it in items]
@@ -193,7 +194,7 @@ def test_chunked_prefill_gives_the_same_answers_and_running_streams_go_on(chat):
     """A long prompt prefilled a few tokens per step while another stream decodes between its chunks."""
     items = conversations()
     alone = [chat.generate([it], max_new_tokens=8)[0] for it in items[:2]]
-    engine = GenerationEngine(chat, max_batch=4, prefill_chunk=5)
+    engine = GenerationEngine(chat, EngineConfig(max_batch_size=4, prefill_chunk=5))
     short, long_ = _seq(chat, items[0], max_new_tokens=8), _seq(chat, items[1], max_new_tokens=8)
     engine.run_until_done([short])  # warm: the short one alone first
     short = _seq(chat, items[0], max_new_tokens=8)
@@ -209,7 +210,7 @@ def test_chunked_prefill_gives_the_same_answers_and_running_streams_go_on(chat):
 
 
 def test_a_request_that_cannot_fit_the_cache_fails_alone_with_a_message(chat):
-    engine = GenerationEngine(chat, max_batch=2, max_context=40)
+    engine = GenerationEngine(chat, EngineConfig(max_batch_size=2, max_context=40))
     item = conversations()[0]
     fits, too_long = _seq(chat, item, max_new_tokens=4), _seq(chat, item, max_new_tokens=39)
     engine.run_until_done([fits, too_long])
@@ -220,7 +221,7 @@ def test_a_request_that_cannot_fit_the_cache_fails_alone_with_a_message(chat):
 
 def test_out_of_memory_in_a_step_fails_those_requests_and_the_engine_goes_on(chat, monkeypatch):
     items = conversations()
-    engine = GenerationEngine(chat, max_batch=4)
+    engine = GenerationEngine(chat, EngineConfig(max_batch_size=4))
     try:
         real = engine.decode_forward
         calls = {"n": 0}
@@ -250,7 +251,7 @@ def test_bucketed_decode_pads_rows_and_columns_without_changing_answers(chat):
     the trash column) on the CPU: capture is impossible here, so each bucket runs eagerly."""
     items = conversations()
     alone = [chat.generate([it], max_new_tokens=7)[0] for it in items[:3]]
-    engine = GenerationEngine(chat, max_batch=4, cuda_graphs=True)
+    engine = GenerationEngine(chat, EngineConfig(max_batch_size=4, cuda_graphs=True))
     assert engine.graphs is not None
     seqs = engine.run_until_done([_seq(chat, it, max_new_tokens=7) for it in items[:3]])
     assert [s.text.strip() for s in seqs] == alone
@@ -267,5 +268,6 @@ def test_requests_admitted_together_share_one_encoder_call_per_kind(chat, monkey
 
     monkeypatch.setattr(chat.model, "encode", counted)
     items = conversations()  # three with images (one with two), one with audio
-    GenerationEngine(chat, max_batch=8).run_until_done([_seq(chat, it, max_new_tokens=2) for it in items])
+    engine = GenerationEngine(chat, EngineConfig(max_batch_size=8))
+    engine.run_until_done([_seq(chat, it, max_new_tokens=2) for it in items])
     assert calls == {"image": 1, "video": 0, "audio": 1}
