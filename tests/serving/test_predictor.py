@@ -367,6 +367,22 @@ def test_v2_bad_input_is_a_400(client, inputs, needle):
     assert err.value.status() == "400" and needle in err.value.message()
 
 
+def test_v2_use_audio_in_video_parameter(client):
+    """The request parameter sets every video's sound switch; absent leaves the model's default; a
+    non-boolean is a 400 naming it."""
+    from serving.protocol.v2 import rows, use_audio_in_video
+
+    columns = {"text": [b"a", b"b"], "video": [mp4_bytes(), b""]}
+    for given, want in [({}, None), ({"use_audio_in_video": True}, True), ({"use_audio_in_video": False}, False)]:
+        convs = rows(columns, 4, use_audio_in_video(given))
+        assert [m.use_audio_in_video for m in convs[0].media] == [want] and convs[1].media == []
+    inputs = [_bytes_input("text", [b"x"]), _bytes_input("video", [mp4_bytes()])]
+    assert client.infer("omni", inputs, parameters={"max_new_tokens": 2, "use_audio_in_video": True})
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("omni", inputs, parameters={"use_audio_in_video": "yes"})
+    assert err.value.status() == "400" and "use_audio_in_video" in err.value.message()
+
+
 def test_v2_too_many_tokens_is_a_400(client):
     with pytest.raises(InferenceServerException) as err:
         client.infer("omni", [_bytes_input("text", [b"x"])], parameters={"max_new_tokens": MAX_TOKENS + 1})
