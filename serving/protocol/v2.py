@@ -5,6 +5,8 @@
              audio  BYTES [N]  optional, WAV (any format ffmpeg decodes) per row
              video  BYTES [N]  optional, MP4 per row
     params   max_new_tokens (int, optional)
+             use_audio_in_video (bool, optional; absent: the model's video.use_audio_in_video) feeds each
+             video's sound track with its frames
     outputs  text_output BYTES [N]
 
 Binary-mode tensors carry raw media bytes; JSON-mode BYTES tensors are strings, so media there are
@@ -80,8 +82,16 @@ def parameters(params) -> dict:
     return params
 
 
-def rows(columns: dict[str, list], max_rows: int) -> list[Conversation]:
-    """Tensor columns -> one single-turn conversation per row."""
+def use_audio_in_video(params: dict) -> bool | None:
+    """The request's `use_audio_in_video` parameter; None (the model's default) when absent."""
+    value = params.get("use_audio_in_video")
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"use_audio_in_video: expected a boolean, got {value!r}", "use_audio_in_video")
+    return value
+
+
+def rows(columns: dict[str, list], max_rows: int, use_audio: bool | None = None) -> list[Conversation]:
+    """Tensor columns -> one single-turn conversation per row; `use_audio` applies to every video."""
     if "text" not in columns:
         raise BadRequest("missing input 'text'", "text")
     n = len(columns["text"])
@@ -104,7 +114,7 @@ def rows(columns: dict[str, list], max_rows: int) -> list[Conversation]:
             raw = columns.get(kind, [b""] * n)[i]
             data = _as_media(raw, f"{kind}[{i}]")
             if data:
-                media.append(MediaItem(kind, data, f"{kind}[{i}]"))
+                media.append(MediaItem(kind, data, f"{kind}[{i}]", use_audio if kind == "video" else None))
         content = _place_tags(text, {m.kind for m in media}, f"text[{i}]")
         rows.append(Conversation([{"role": "user", "content": content}], media, f"text[{i}]"))
     return rows
@@ -163,14 +173,15 @@ class TensorProtocol:
     def read(self, payload: object, predictor: OmniPredictor) -> GenerateRequest:
         max_rows = predictor.cfg.limits.max_batch_size
         if isinstance(payload, kserve.InferRequest):
-            params = _greedy(parameters(payload.parameters), predictor)
-            convs, respond = rows(v2_columns(payload), max_rows), partial(infer_response, payload, predictor.name)
+            given = parameters(payload.parameters)
+            columns, respond = v2_columns(payload), partial(infer_response, payload, predictor.name)
         elif isinstance(payload, dict):
-            params = _greedy(parameters(payload.get("parameters")), predictor)
-            convs, respond = rows(v1_columns(payload), max_rows), v1_response
+            given = parameters(payload.get("parameters"))
+            columns, respond = v1_columns(payload), v1_response
         else:
             raise BadRequest(f"unsupported request type {type(payload).__name__}")
-        return GenerateRequest(convs, params, respond)
+        convs = rows(columns, max_rows, use_audio_in_video(given))
+        return GenerateRequest(convs, _greedy(given, predictor), respond)
 
     def input_types(self) -> list[dict]:
         return [{"name": name, "datatype": "BYTES", "shape": [-1]} for name in V2_INPUTS]

@@ -367,6 +367,34 @@ def test_v2_bad_input_is_a_400(client, inputs, needle):
     assert err.value.status() == "400" and needle in err.value.message()
 
 
+def test_v2_use_audio_in_video_parameter(client, server, tmp_path):
+    """The request parameter sets every video's sound switch (answers as the OpenAI route's per-part
+    switch gives); absent leaves the model's default; a non-boolean is a 400 naming it."""
+    from serving.protocol.v2 import rows, use_audio_in_video
+
+    columns = {"text": [b"a", b"b"], "video": [mp4_bytes(), b""]}
+    for given, want in [({}, None), ({"use_audio_in_video": True}, True), ({"use_audio_in_video": False}, False)]:
+        convs = rows(columns, 4, use_audio_in_video(given))
+        assert [m.use_audio_in_video for m in convs[0].media] == [want] and convs[1].media == []
+    write_video_with_sound(tmp_path / "clip.mp4", seconds=2, loud_second=1)
+    clip = (tmp_path / "clip.mp4").read_bytes()
+    inputs = [_bytes_input("text", [b"x"]), _bytes_input("video", [clip])]
+
+    def answers(sound: bool) -> tuple[bytes, bytes]:
+        v2 = client.infer("omni", inputs, parameters={"max_new_tokens": 6, "use_audio_in_video": sound})
+        part = {"type": "video_url", "video_url": {"url": data_uri("video/mp4", clip), "use_audio_in_video": sound}}
+        r = chat(server, {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "x"}]}],
+                          "max_tokens": 6})
+        return v2.as_numpy("text_output")[0], r.json()["choices"][0]["message"]["content"].encode()
+
+    heard, seen = answers(True), answers(False)
+    assert heard[0] == heard[1] and seen[0] == seen[1]  # v2 reads the sound exactly as the OpenAI route
+    assert heard[0] != seen[0]  # (the tiny model answers otherwise once it hears the track)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("omni", inputs, parameters={"use_audio_in_video": "yes"})
+    assert err.value.status() == "400" and "use_audio_in_video" in err.value.message()
+
+
 def test_v2_too_many_tokens_is_a_400(client):
     with pytest.raises(InferenceServerException) as err:
         client.infer("omni", [_bytes_input("text", [b"x"])], parameters={"max_new_tokens": MAX_TOKENS + 1})
