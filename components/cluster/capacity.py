@@ -29,6 +29,13 @@ def gpu_gib(gpu_model: str | None) -> float | None:
     return float(sized.group(1)) if sized else None
 
 
+def kv_slots(cfg: OmniConfig) -> tuple[int, int]:
+    """(sequences, tokens each) the engine allocates its KV cache for: serving.batching's slots and
+    context (null: the model's window), as model.nn.kv_cache sizes it."""
+    batching = cfg.serving.batching
+    return batching.max_batch_size, batching.max_context or cfg.model.llm.max_position_embeddings
+
+
 def serving_bytes(cfg: OmniConfig, dtype_bytes: int) -> tuple[float, float]:
     """(weights, KV cache of a full batch) in bytes, for the configured model."""
     from model.nn.plan import parameter_counts
@@ -37,7 +44,8 @@ def serving_bytes(cfg: OmniConfig, dtype_bytes: int) -> tuple[float, float]:
     weights = sum(parameter_counts(cfg.model).values()) * dtype_bytes
     kv_width = llm.hidden_size // llm.num_attention_heads * llm.num_key_value_heads
     per_token = 2 * llm.num_hidden_layers * kv_width * dtype_bytes
-    return weights, per_token * cfg.serving.limits.max_batch_size * llm.max_position_embeddings
+    batch, context = kv_slots(cfg)
+    return weights, per_token * batch * context
 
 
 def endpoint_fit(cfg: OmniConfig) -> list[str]:
@@ -49,7 +57,7 @@ def endpoint_fit(cfg: OmniConfig) -> list[str]:
     dtype_bytes = 2 if endpoint.gpu else 4
     weights, kv = serving_bytes(cfg, dtype_bytes)
     need = weights + kv + (CUDA_OVERHEAD if endpoint.gpu else 0)
-    batch, context = cfg.serving.limits.max_batch_size, cfg.model.llm.max_position_embeddings
+    batch, context = kv_slots(cfg)
     what = (f"model {cfg.model.name!r} needs {need / GIB:.1f} GiB to serve ({weights / GIB:.1f} GiB of weights in "
             f"{'bf16' if endpoint.gpu else 'fp32'} + {kv / GIB:.1f} GiB KV cache for {batch} x {context} tokens)")
     per_gpu = gpu_gib(pool.node_pool.gpu_model)

@@ -28,3 +28,13 @@ def test_render_prints_the_warning(tmp_path, capsys):
 
     assert main(["cluster", "render", "--out", str(tmp_path), "model=omni-7b", "cluster.endpoint.gpu=0"]) == 0
     assert "omni: warning: model 'omni-7b' needs" in capsys.readouterr().err
+
+
+def test_the_kv_cache_is_sized_as_the_engine_allocates_it():
+    """serving.batching's slots x context (the engine's SlotCache), not the v2 request's row limit."""
+    small = ["model=omni-7b", "cluster.gpu_pool.node_pool.gpu_model=some-gpu-16gb"]  # under the weights alone
+    base = endpoint_fit(load_config(small))[0]
+    wide = endpoint_fit(load_config([*small, "serving.batching.max_batch_size=64",
+                                     "cluster.endpoint.container_concurrency=64"]))[0]
+    short = endpoint_fit(load_config([*small, "serving.batching.max_context=4096"]))[0]
+    assert "KV cache for 8 x" in base and "KV cache for 64 x" in wide and "KV cache for 8 x 4096 tokens" in short
