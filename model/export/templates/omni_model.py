@@ -17,6 +17,9 @@ Request (one conversation turn):
     video           TYPE_STRING [-1]   optional, encoded video files
     audio           TYPE_STRING [-1]   optional, encoded audio files (WAV, FLAC, MP3, ...)
     max_new_tokens  TYPE_INT32  [1]    optional, default from the config parameter
+Request parameter (tritonclient's `parameters={"use_audio_in_video": true}`):
+    use_audio_in_video  bool           feed every video's sound track with its frames (absent: the
+                                       model's video.use_audio_in_video; not a boolean: an error)
 Response:
     text_output     TYPE_STRING [1]    the greedy answer
 
@@ -54,15 +57,20 @@ def _use_bundled_code() -> None:
         sys.path.insert(0, str(BUNDLED_CODE))
 
 
-def chat_input(text: str, media: dict[str, list[bytes]], reader):
+def chat_input(text: str, media: dict[str, list[bytes]], reader, use_audio_in_video=None):
     """One user turn as a ChatInput: media bytes checked and decoded by `reader` (a
     `model.media.inputs.MediaReader` under the exported limits), tags added for media the text lacks.
-    The n-th item of input `image` is called "image[n]" in a refusal, as the KServe endpoint calls it."""
+    The n-th item of input `image` is called "image[n]" in a refusal, as the KServe endpoint calls it.
+    `use_audio_in_video` (the request parameter; None: the model's `video.use_audio_in_video`) feeds
+    every video's sound track with its frames."""
     from model.media.inputs import RawMedia
     from model.media.tags import tag_missing_media
 
+    if use_audio_in_video is not None and not isinstance(use_audio_in_video, bool):
+        raise ValueError(f"use_audio_in_video: expected a boolean, got {use_audio_in_video!r}")
     content = tag_missing_media(text, {kind: len(items) for kind, items in media.items()})
-    items = [RawMedia(kind, data, f"{kind}[{i}]") for kind in MEDIA_KINDS for i, data in enumerate(media.get(kind, []))]
+    items = [RawMedia(kind, data, f"{kind}[{i}]", use_audio_in_video if kind == "video" else None)
+             for kind in MEDIA_KINDS for i, data in enumerate(media.get(kind, []))]
     return reader.chat_input([{"role": "user", "content": content}], items)
 
 
@@ -187,15 +195,16 @@ class TritonPythonModel:
         self.media = MediaReader(model.cfg, MediaLimits.from_json(media_limits))
         self.max_new_tokens = max_new_tokens
 
-    def answer(self, items: list[tuple[str, dict[str, list[bytes]], int | None]]) -> list[str | Exception]:
-        """(text, media bytes by kind, max_new_tokens or None) per request -> answer or the error.
-
-        A request whose media cannot be decoded fails alone; the rest are batched per token budget."""
+    def answer(self, items: list[tuple]) -> list[str | Exception]:
+        """(text, media bytes by kind, max_new_tokens or None[, use_audio_in_video]) per request ->
+        answer or the error. A request whose media cannot be decoded fails alone; the rest are
+        batched per token budget."""
         results: list[str | Exception] = [ValueError("not answered")] * len(items)
         groups: dict[int, list[tuple[int, object]]] = {}
-        for i, (text, media, budget) in enumerate(items):
+        for i, (text, media, budget, *sound) in enumerate(items):
             try:
-                groups.setdefault(budget or self.max_new_tokens, []).append((i, chat_input(text, media, self.media)))
+                turn = chat_input(text, media, self.media, *sound)
+                groups.setdefault(budget or self.max_new_tokens, []).append((i, turn))
             except ValueError as e:  # MediaError and bad tags are ValueErrors: the client's fault
                 results[i] = e
         for budget, group in groups.items():
@@ -218,8 +227,10 @@ class TritonPythonModel:
         for request in requests:
             text = b"".join(strings(request, "text")).decode("utf-8")
             budget = pb_utils.get_input_tensor_by_name(request, "max_new_tokens")
+            # Request parameters arrive as one JSON object (tritonclient's `parameters=`).
+            sound = json.loads(request.parameters() or "{}").get("use_audio_in_video")
             items.append((text, {kind: strings(request, kind) for kind in MEDIA_KINDS},
-                          None if budget is None else int(budget.as_numpy().reshape(-1)[0])))
+                          None if budget is None else int(budget.as_numpy().reshape(-1)[0]), sound))
         # Every per-request failure is the client's (undecodable media, tags without media): a 400,
         # where this Triton has error codes (older ones only know the generic 500).
         code = getattr(pb_utils.TritonError, "INVALID_ARG", None)

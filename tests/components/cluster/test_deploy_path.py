@@ -339,6 +339,7 @@ def test_a_restarted_stage_resumes_from_the_shared_checkpoint(cfg, tmp_path, mon
     """steps.train with the TrainJob's checkpoint folder keeps the DeepSpeed state there (the emptyDir
     default deletes it), so the next attempt starts from `latest` instead of step 0."""
     from components.steps import training as steps
+    from model.training.recipe import TrainResult
 
     seen: list = []
 
@@ -346,7 +347,7 @@ def test_a_restarted_stage_resumes_from_the_shared_checkpoint(cfg, tmp_path, mon
         seen.append(checkpoint_dir)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (checkpoint_dir / "latest").write_text("global_step4")
-        return type("R", (), {"losses": [1.0], "seconds": 1.0, "tokens": 1, "trainable_params": 1})()
+        return TrainResult(losses=[1.0], seconds=1.0, tokens=1, trainable_params=1)
 
     monkeypatch.setattr(steps, "train_stage", fake_stage)
     monkeypatch.setattr(steps, "build_for_stage", lambda d, stage: _Saver())

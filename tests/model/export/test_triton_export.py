@@ -28,11 +28,13 @@ from model.config import ModelConfig
 from model.export.onnx import AUDIO, VIDEO, VISION, OnnxMismatchError, export_onnx, verify_onnx
 from model.export.triton import ENTRY, REPORT_FILE, model_config_pb2, write_triton_repository
 from model.media.decode import load_audio, load_image
+from model.media.inputs import MediaReader, RawMedia
 from model.media.limits import MediaLimits
 from model.nn.generation import OmniChat
 from model.nn.omni import OmniModel
 from model.text.processor import ChatInput, OmniProcessor
 from model.text.tokenizer import train_tokenizer
+from tests.model.media.sound import write_video_with_sound
 
 torch.set_num_threads(1)
 mc = model_config_pb2()  # not through tritonclient.grpc: its service messages clash with kserve's
@@ -263,7 +265,7 @@ sys.path.append(str(__import__("pathlib").Path(version_dir).parent))
 triton_model = importlib.import_module("1.model").TritonPythonModel()
 triton_model.initialize({"model_config": config_json, "model_version": "1"})
 import model
-items = [(t, {k: [base64.b64decode(b) for b in v] for k, v in m.items()}, n) for t, m, n in json.load(sys.stdin)]
+items = [(t, {k: [base64.b64decode(b) for b in v] for k, v in m.items()}, *r) for t, m, *r in json.load(sys.stdin)]
 answers = [a if isinstance(a, str) else "ERROR " + str(a) for a in triton_model.answer(items)]
 loaded = {m: getattr(sys.modules[m], "__file__", None) for m in sorted(sys.modules) if m.split(".")[0] == "model"}
 print(json.dumps({"package": model.__file__, "answers": answers, "loaded": loaded}))
@@ -272,6 +274,8 @@ print(json.dumps({"package": model.__file__, "answers": answers, "loaded": loade
 
 def test_python_model_answers_like_omnichat(exported, tmp_path):
     png, wav = _png(), _wav()
+    write_video_with_sound(tmp_path / "clip.mp4", seconds=2, fps=4)
+    clip = (tmp_path / "clip.mp4").read_bytes()
     requests = [
         ("what colour is it", {"image": [png]}, 6),
         ("<audio> say hello", {"audio": [wav]}, 6),
@@ -279,10 +283,14 @@ def test_python_model_answers_like_omnichat(exported, tmp_path):
         ("plain text", {}, None),
         ("broken picture", {"image": [b"not an image"]}, 6),
         ("too big", {"image": [png, _png(60, 60)]}, 6),
+        ("<video> what is said", {"video": [clip]}, 6, True),
+        ("<video> what is said", {"video": [clip]}, 6, False),
+        ("<video> what is said", {"video": [clip]}, 6, "yes"),
     ]
     version = exported.repo / ENTRY / "1"
     config_json = json.dumps(json_format.MessageToDict(_config(exported.repo, ENTRY), preserving_proto_field_name=True))
-    payload = [(t, {k: [base64.b64encode(b).decode() for b in v] for k, v in m.items()}, n) for t, m, n in requests]
+    payload = [(t, {k: [base64.b64encode(b).decode() for b in v] for k, v in m.items()}, *rest)
+               for t, m, *rest in requests]
     proc = subprocess.run(
         [sys.executable, "-c", STUB, str(version), config_json],
         input=json.dumps(payload),
@@ -316,3 +324,12 @@ def test_python_model_answers_like_omnichat(exported, tmp_path):
     assert result["answers"][4].startswith("ERROR") and "image" in result["answers"][4].lower()
     # The exported limits hold: named by the request input, as the KServe endpoint names it.
     assert result["answers"][5] == "ERROR image[1] is 60x60 = 3600 pixels, over serving.limits.max_image_pixels=2500"
+    # The request parameter use_audio_in_video: the sound track heard (another prompt, another
+    # answer) or not, as OmniChat answers with the video read each way; a non-boolean is refused.
+    reader = MediaReader(chat.model.cfg, LIMITS)
+    for answer, sound in zip(result["answers"][6:8], (True, False), strict=True):
+        turn = reader.chat_input([{"role": "user", "content": "<video> what is said"}],
+                                 [RawMedia("video", clip, "video[0]", sound)])
+        assert answer == chat.generate([turn], 6)[0]
+    assert result["answers"][6] != result["answers"][7]
+    assert result["answers"][8] == "ERROR use_audio_in_video: expected a boolean, got 'yes'"
