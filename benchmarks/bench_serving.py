@@ -15,7 +15,11 @@ serving.server` on 127.0.0.1 (one torch thread in the server, like the in-proces
    the server's RSS before and after, alive at the end;
 4. one image question with 16 new tokens (greedy), from 1 client and from 8, alternated over
    `--rounds` rounds; the median of the rounds' ratios, with the machine's load average
-   (`scaling_image`).
+   (`scaling_image`), on a server with the engine's prefix cache on (the default: the repeated
+   question reuses its prompt's keys and values) and on one with it off.
+
+1-3 run with the prefix cache off: they repeat their requests, and the policies, the endpoint and the
+in-process paths are compared on the same work.
 
 Prints one JSON object per line (`"kind"`: machine, scaling, scaling_image, latency, load, done), then a
 table.
@@ -48,7 +52,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from benchmarks.bench_data import machine_info
-from model.config import ModelConfig
+from model.config import EngineConfig, ModelConfig
 from model.media.inputs import MediaReader, RawMedia
 from model.media.limits import MediaLimits
 from model.nn.engine import GenerationEngine, Sequence
@@ -123,7 +127,7 @@ def scaling(server: LiveServer, policy: str, n: int, tokens: int, no_eos: dict) 
                 ratio_8_over_1=round(one / eight, 2), mean_batch_8=round(seqs / max(steps, 1), 2))
 
 
-def image_question_scaling(server: LiveServer, n: int, rounds: int, tokens: int = 16) -> dict:
+def image_question_scaling(server: LiveServer, n: int, rounds: int, prefix_cache: bool, tokens: int = 16) -> dict:
     """One image question (greedy, `tokens` new tokens) asked `n` times by 1 client and `n` times by 8
     at once, the two alternated `rounds` times (which goes first alternates too): load from other work
     on the machine then weighs on both sides alike, and the figure is the median of the rounds' ratios,
@@ -138,7 +142,7 @@ def image_question_scaling(server: LiveServer, n: int, rounds: int, tokens: int 
             for clients in ((1, 8) if i % 2 == 0 else (8, 1)):
                 seconds[clients].append(_run_clients(client, [request] * n, clients))
     ratios = [one / eight for one, eight in zip(seconds[1], seconds[8], strict=True)]
-    return emit("scaling_image", requests=n, max_tokens=tokens, rounds=rounds,
+    return emit("scaling_image", prefix_cache=prefix_cache, requests=n, max_tokens=tokens, rounds=rounds,
                 requests_per_s_1=round(n / statistics.median(seconds[1]), 2),
                 requests_per_s_8=round(n / statistics.median(seconds[8]), 2),
                 ratio_8_over_1=round(statistics.median(ratios), 2),
@@ -161,7 +165,7 @@ def in_process_worker(checkpoint: Path, tokens: int) -> None:
 
     torch.set_num_threads(1)
     chat = OmniChat.load(checkpoint)
-    engine = GenerationEngine(chat)
+    engine = GenerationEngine(chat, EngineConfig(prefix_cache=False))  # as the server it is compared with
     reader = MediaReader(chat.model.cfg, MediaLimits.of("serving.limits", ServingConfig().limits))
     data = png(7)
 
@@ -297,11 +301,12 @@ def table(records: dict) -> str:
         lines.append(f"{r['policy']:11s} {r['requests_per_s_1']:9.2f} {r['requests_per_s_8']:9.2f} "
                      f"{r['tokens_per_s_1']:9.1f} {r['tokens_per_s_8']:9.1f} {r['ratio_8_over_1']:6.2f}x "
                      f"{r['mean_batch_8']:8.2f}")
-    img = records["image"]
-    lines.append(f"one image question, {img['max_tokens']} tokens: {img['requests_per_s_1']} req/s x1, "
-                 f"{img['requests_per_s_8']} req/s x8: {img['ratio_8_over_1']}x (median of {img['rounds']} alternated "
-                 f"rounds, {img['ratio_range'][0]}-{img['ratio_range'][1]}x; load average {img['load_average'][0]} "
-                 f"-> {img['load_average'][1]})")
+    for img in records["image"]:
+        cache = "on" if img["prefix_cache"] else "off"
+        lines.append(f"one image question, {img['max_tokens']} tokens, prefix cache {cache}: {img['requests_per_s_1']} "
+                     f"req/s x1, {img['requests_per_s_8']} req/s x8: {img['ratio_8_over_1']}x (median of "
+                     f"{img['rounds']} alternated rounds, {img['ratio_range'][0]}-{img['ratio_range'][1]}x; load "
+                     f"average {img['load_average'][0]} -> {img['load_average'][1]})")
     lat = records["latency"]
     lines.append(f"p50 latency, {lat['completion_tokens']} tokens: endpoint {lat['p50_ms']['endpoint']} ms, "
                  f"in-process generate {lat['p50_ms']['generate']} ms, engine {lat['p50_ms']['engine']} ms; "
@@ -327,17 +332,23 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = args.model_dir or tiny_checkpoint(root)
         chat = OmniChat.load(checkpoint)
         no_eos = {str(i): -100 for i in chat.stop_ids}
+        records["image"] = []
         for policy in ("continuous", "dynamic"):
-            server = start_server(checkpoint, root / policy, {"batching": {"policy": policy}})
+            server = start_server(checkpoint, root / policy, {"batching": {"policy": policy, "prefix_cache": False}})
             try:
                 records["scaling"].append(scaling(server, policy, args.requests, args.tokens, no_eos))
                 if policy == "continuous":
-                    records["image"] = image_question_scaling(server, args.requests, args.rounds)
+                    records["image"].append(image_question_scaling(server, args.requests, args.rounds, False))
                     records["latency"] = latency(server, checkpoint, args.reps, args.tokens)
                     if args.load:
                         records["load"] = load(server, args.load, args.concurrency)
             finally:
                 server.stop()
+        server = start_server(checkpoint, root / "prefix-cache", {"batching": {"prefix_cache": True}})
+        try:
+            records["image"].insert(0, image_question_scaling(server, args.requests, args.rounds, True))
+        finally:
+            server.stop()
     emit("done")
     print(table(records))
 

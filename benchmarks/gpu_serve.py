@@ -11,7 +11,9 @@ Records (`emit`, one JSON line each):
 - `serve_reference`: Hugging Face `generate` on the same N prompts as one batch, tokens/s.
 
 The engine runs with the serving config's `batching` section (conf/serving: batch, queue, context,
-prefill chunk, CUDA graphs), widened to 64 slots for the widest round.
+prefill chunk, CUDA graphs), widened to 64 slots for the widest round, and its prefix cache off: the
+rounds repeat their prompts (the warm-up's, the same question asked again), and a cached prompt would
+skip the prefill that time to first token measures.
 
 Fresh weights (nothing is downloaded) and a tokenizer trained on a few words; the LLM keeps its
 full vocabulary, so the LM head costs what it costs. `tiny` on a CPU is the CI smoke: fewer new
@@ -156,7 +158,8 @@ def engine_config(size: str, overrides: list[str] | None = None) -> EngineConfig
     batching = load_config(overrides).serving.batching
     return EngineConfig.model_validate({
         **batching.model_dump(), "max_batch_size": max(batching.max_batch_size, max(STREAMS)),
-        "max_queue": max(batching.max_queue, 4 * max(STREAMS)), "max_context": batching.max_context or CONTEXT[size]})
+        "max_queue": max(batching.max_queue, 4 * max(STREAMS)), "max_context": batching.max_context or CONTEXT[size],
+        "prefix_cache": False})
 
 
 def run(size: str, emit: Callable[..., dict], overrides: list[str] | None = None) -> list[dict]:

@@ -351,6 +351,10 @@ class EngineConfig(Strict):
     prefill_chunk: int = Field(
         512, gt=0, description="prompt tokens prefilled per engine step: a longer prompt takes several steps, and the "
                                "running streams decode between its chunks")
+    prefix_cache: bool = Field(
+        True, description="reuse the keys and values of a finished request's prompt (and answer) for a newcomer "
+                          "whose prompt starts the same way, media included: a chat's next turn, a shared system "
+                          "prompt (model.nn.prefix_cache); kept in free KV-cache slots, no extra memory")
     cuda_graphs: bool | None = Field(
         None, description="replay decode steps as CUDA graphs (one per batch and width bucket); null: on when the "
                           "LLM is on a CUDA device")

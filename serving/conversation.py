@@ -54,6 +54,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
     logprobs: list | None = None  # model.nn.sampling.TokenLogprob per token, when asked for
+    cached_tokens: int = 0  # prompt tokens whose keys and values the engine's prefix cache supplied
 
 
 def _completions_as_they_are(completions: list[Completion]) -> list[Completion]:

@@ -9,6 +9,8 @@
     omni_generated_tokens_total                tokens generated (rate() of it: tokens/s of the server)
     omni_generation_tokens_per_second          per answer: completion tokens / time from first to last token
     omni_generations_total{finish_reason}      finished sequences: stop, length, cancelled, timeout, error
+    omni_prompt_tokens_total                   prompt tokens of finished sequences
+    omni_prefix_cache_hit_tokens_total         of those, taken from the prefix cache (hit rate: the ratio of the rates)
 
     omni_realtime_sessions                     open /v1/realtime sessions
     omni_realtime_events_total{type}           client events taken (within the size and rate limits), by type:
@@ -37,6 +39,8 @@ TTFT = Histogram("omni_time_to_first_token_seconds", "submit to first generated 
 TOKENS = Counter("omni_generated_tokens", "tokens generated")
 TOKENS_PER_S = Histogram("omni_generation_tokens_per_second", "per answer: tokens / time from first to last token",
                          buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500))
+PROMPT_TOKENS = Counter("omni_prompt_tokens", "prompt tokens of finished sequences")
+PREFIX_HITS = Counter("omni_prefix_cache_hit_tokens", "prompt tokens whose keys and values came from the prefix cache")
 FINISHED = Counter("omni_generations", "finished sequences, by finish reason", ["finish_reason"])
 
 REALTIME_SESSIONS = Gauge("omni_realtime_sessions", "open /v1/realtime sessions")
@@ -60,6 +64,8 @@ class PrometheusObserver(EngineObserver):
 
     def on_finish(self, seq: Sequence) -> None:
         FINISHED.labels(seq.finish_reason).inc()
+        PROMPT_TOKENS.inc(seq.prompt_tokens)
+        PREFIX_HITS.inc(seq.cached_tokens)
         tokens = seq.completion_tokens
         TOKENS.inc(tokens)
         if tokens > 1 and seq.first_token_at is not None:

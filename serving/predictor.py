@@ -165,7 +165,8 @@ class OmniPredictor(kserve.Model):
                       ) -> Prepared:
         seqs = await self.generate(payload)
         payload.completions = [Completion(s.text.strip(), s.prompt_tokens, s.completion_tokens, s.finish_reason,
-                                          s.logprobs if payload.params.logprobs else None) for s in seqs]
+                                          s.logprobs if payload.params.logprobs else None, s.cached_tokens)
+                               for s in seqs]
         return payload
 
     async def postprocess(self, result: Prepared, headers: dict | None = None, response_headers: dict | None = None):

@@ -8,7 +8,10 @@ bounded on a GPU by its free memory):
     each step   drop cancelled and expired sequences
                 -> admit waiting ones while a slot is free (a prompt that can never fit fails with
                    `CapacityError`; one that must wait for a slot waits, the queue is bounded)
-                -> the newcomers' media through the encoders, one call per kind for all of them
+                   (with `prefix_cache`, a newcomer first takes the longest cached prefix of its prompt from a
+                   finished sequence's slot: model.nn.prefix_cache)
+                -> the newcomers' media through the encoders, one call per kind for all of them (skipped for
+                   a prompt whose media all lie in its cached prefix)
                 -> one prefill chunk: up to `prefill_chunk` prompt tokens of the admitted sequences,
                    written into their own slots (a long prompt takes several steps, and the running
                    streams decode between its chunks); a finished prompt yields its first token
@@ -37,11 +40,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model.config import EngineConfig
 from model.nn.devices import llm_device, module_device, to_consumers
 from model.nn.kv_cache import SlotCache, plan_slots
+from model.nn.prefix_cache import PrefixCache, prompt_key
 from model.nn.sampling import SamplingParams, TokenLogprob, generator_on, next_tokens
 from model.text.processor import Encoded
 from model.text.stream import TextStream
@@ -82,7 +87,10 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []
         self.pending = -1  # the last chosen token, fed to the next decode step
         self.slot: int | None = None  # its KV-cache slot, from admission to its end
-        self.embeds: torch.Tensor | None = None  # (prompt, hidden) input embeddings until the prompt is prefilled
+        self.embeds: torch.Tensor | None = None  # input embeddings of prompt[embeds_from:] until it is prefilled
+        self.embeds_from = 0
+        self.key = None  # what each prompt column holds (model.nn.prefix_cache.prompt_key), with the prefix cache on
+        self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.length = 0  # columns of its slot holding keys and values
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
@@ -143,6 +151,7 @@ class GenerationEngine:
         self.embed_device = llm_device(self.model)  # where token ids are looked up
         self.device = module_device(self.llm.model.layers[0])  # the decoder layers': cache, masks, positions
         self.kv = self._allocate(config.max_context)
+        self.prefixes = PrefixCache() if config.prefix_cache else None
         use_graphs = self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs
         self.graphs = DecodeGraphs(self) if use_graphs and self.embed_device == self.device else None
         self._cond = threading.Condition()
@@ -173,6 +182,8 @@ class GenerationEngine:
 
     # ----------------------------------------------------------------------------- from any thread
     def submit(self, seq: Sequence) -> Sequence:
+        if self.prefixes is not None and seq.key is None:  # hashing media: in the caller's thread, not the engine's
+            seq.key = prompt_key(seq.encoded, self.processor.placeholder_ids)
         with self._cond:
             if len(self.waiting) >= (limit := self.config.max_queue):
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit is {limit})")
@@ -289,9 +300,23 @@ class GenerationEngine:
                 f"the prompt is {seq.prompt_tokens} tokens; with max_tokens={seq.params.max_new_tokens} it exceeds "
                 f"the {self.kv.capacity} tokens this server keeps per sequence"))
         for seq in admitted:
-            seq.slot = self.kv.allocate()
+            self._place(seq)
             seq.stream = TextStream(self._decode_text, seq.params.stop)
         return admitted
+
+    def _place(self, seq: Sequence) -> None:
+        """A slot for an admitted sequence; with the prefix cache, the longest cached prefix of its prompt
+        (all but its last token, which must run to give the first answer token) is copied in."""
+        if self.prefixes is None:
+            seq.slot = self.kv.allocate()
+            return
+        wanted = seq.prompt_tokens - 1
+        match = self.prefixes.longest(seq.key, wanted)
+        seq.slot = self.kv.take(self.prefixes.pick_slot(self.kv.free, match, wanted))
+        if match is not None:
+            if match.slot != seq.slot:
+                self.kv.copy_prefix(match.slot, seq.slot, match.tokens)
+            seq.length = seq.cached_tokens = match.tokens
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -299,19 +324,29 @@ class GenerationEngine:
     @torch.no_grad()
     def _embed(self, seqs: list[Sequence]) -> None:
         """The newcomers' input embeddings: every image, frame and audio window of all of them through
-        its encoder in one call per kind (the collated batch), spliced into the token embeddings."""
+        its encoder in one call per kind (the collated batch), spliced into the token embeddings. A
+        prompt whose media all lie in its cached prefix skips the encoders: its rest is text."""
+        text_only = [s for s in seqs if s.cached_tokens and not (s.key[s.cached_tokens:] < 0).any()]
+        with_media = [s for s in seqs if s not in text_only]
         try:
-            tensors = self.processor.collate([s.encoded for s in seqs])  # right-padded: prompts start at 0
-            tensors.pop("labels")
-            tensors.pop("attention_mask")
-            tensors = to_consumers(self.model, tensors)
-            embeds = self.model.embed(tensors.pop("input_ids"), **tensors)
+            if with_media:
+                tensors = self.processor.collate([s.encoded for s in with_media])  # right-padded: prompts start at 0
+                tensors.pop("labels")
+                tensors.pop("attention_mask")
+                tensors = to_consumers(self.model, tensors)
+                embeds = self.model.embed(tensors.pop("input_ids"), **tensors)
+                for i, seq in enumerate(with_media):
+                    seq.embeds = embeds[i, seq.cached_tokens : seq.prompt_tokens].to(self.kv.dtype)
+            table = self.llm.get_input_embeddings()
+            for seq in text_only:
+                rest = torch.tensor(seq.encoded.input_ids[seq.cached_tokens :], device=self.embed_device)
+                seq.embeds = table(rest).to(self.kv.dtype)
         except Exception as e:  # e.g. out of memory or a broken medium: these requests fail, the running ones go on
             log.exception("encoding %d prompt(s) failed", len(seqs))
             self._fail(seqs, e)
             return
-        for i, seq in enumerate(seqs):
-            seq.embeds = embeds[i, : seq.prompt_tokens].to(self.kv.dtype)
+        for seq in seqs:
+            seq.embeds_from = seq.cached_tokens
         self.prefilling.extend(seqs)
 
     def _attend(self, positions: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
@@ -337,7 +372,7 @@ class GenerationEngine:
         width, tokens = max(start + n for _, start, n in parts), max(n for _, _, n in parts)
         embeds = torch.zeros(len(parts), tokens, parts[0][0].embeds.shape[-1], dtype=self.kv.dtype, device=self.device)
         for i, (seq, start, n) in enumerate(parts):
-            embeds[i, :n] = seq.embeds[start : start + n]
+            embeds[i, :n] = seq.embeds[start - seq.embeds_from : start - seq.embeds_from + n]
         meta = torch.tensor([[seq.slot, start, n] for seq, start, n in parts], device=self.device)  # one copy in
         rows, starts, counts = meta.unbind(1)
         offsets = torch.arange(tokens, device=self.device)
@@ -428,6 +463,8 @@ class GenerationEngine:
         seq.embeds = None
         if seq.slot is not None:  # free at once; the sequence leaves the batch lists before the next forward
             self.kv.release(seq.slot)
+            if self.prefixes is not None and reason != "error":  # a failed forward may leave columns half-written
+                self.prefixes.keep(seq.slot, self._columns_key(seq))
             seq.slot = None
         rest = seq.stream.finish() if seq.stream is not None else ""
         try:
@@ -435,6 +472,12 @@ class GenerationEngine:
         finally:
             seq.done.set()
             self.observer.on_finish(seq)
+
+    def _columns_key(self, seq: Sequence) -> np.ndarray:
+        """What the columns of the sequence's slot hold: its prompt, then the answer tokens fed back by
+        decode (column prompt + i holds answer token i; the last chosen token was never fed)."""
+        answer = seq.stream.ids[: max(seq.length - seq.prompt_tokens, 0)] if seq.stream is not None else []
+        return np.concatenate([seq.key[: seq.length], np.asarray(answer, dtype=np.int64)])
 
     def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
         for seq in seqs:

@@ -74,6 +74,16 @@ class SlotCache:
         self.free.sort()
         return self.free.pop(0)
 
+    def take(self, slot: int) -> int:
+        """Allocate this free slot (the prefix cache chooses which)."""
+        self.free.remove(slot)
+        return slot
+
+    def copy_prefix(self, source: int, target: int, columns: int) -> None:
+        """Copy the first `columns` keys and values of slot `source` into slot `target`, in every layer."""
+        for cache in (*self.keys, *self.values):
+            cache[target, :, :columns] = cache[source, :, :columns]
+
     def release(self, slot: int) -> None:
         if slot not in self.free:
             self.free.append(slot)

@@ -413,6 +413,27 @@ def test_v1_predict(server):
     assert r.status_code == 400 and "txt" in r.json()["error"]
 
 
+def test_a_repeated_question_reports_the_prompt_tokens_it_reused(server):
+    """The engine's prefix cache (model.nn.prefix_cache) through the route: OpenAI's
+    usage.prompt_tokens_details.cached_tokens, and the Prometheus counters."""
+    def hits() -> float:
+        text = requests.get(f"{server}/metrics", timeout=10).text
+        return float(next(line.split()[-1] for line in text.splitlines()
+                          if line.startswith("omni_prefix_cache_hit_tokens_total")))
+
+    question = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri("image/png", png_bytes(30))}},
+        {"type": "text", "text": "what is this, asked twice"}]}], "max_tokens": 4, "temperature": 0}
+    first = chat(server, question).json()
+    before = hits()
+    again = chat(server, question).json()
+    prompt = again["usage"]["prompt_tokens"]
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] < prompt - 1
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == prompt - 1
+    assert again["choices"][0]["message"] == first["choices"][0]["message"]
+    assert hits() - before == prompt - 1
+
+
 def test_metrics_endpoint(server):
     chat(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     r = requests.get(f"{server}/metrics", timeout=10)

@@ -29,8 +29,10 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int) -> dict:
+    """OpenAI's usage, with the prompt tokens the engine's prefix cache supplied (model.nn.prefix_cache)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class Reply:
@@ -56,7 +58,7 @@ class Reply:
         choice = {"index": 0, "message": {"role": "assistant", "content": done.text, "refusal": None},
                   "logprobs": self._logprobs(done.logprobs), "finish_reason": done.finish_reason}
         return {"id": self.rid, "object": "chat.completion", "created": self.created, "model": self.predictor.name,
-                "choices": [choice], "usage": _usage(done.prompt_tokens, done.completion_tokens)}
+                "choices": [choice], "usage": _usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)}
 
     def chunk(self, delta: dict, finish: str | None = None, logprobs=None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish}
@@ -84,5 +86,6 @@ class Reply:
                 return
         yield _sse(self.chunk({}, seq.finish_reason))
         if include_usage:
-            yield _sse({**self.chunk({}), "choices": [], "usage": _usage(seq.prompt_tokens, seq.completion_tokens)})
+            usage = _usage(seq.prompt_tokens, seq.completion_tokens, seq.cached_tokens)
+            yield _sse({**self.chunk({}), "choices": [], "usage": usage})
         yield _sse("[DONE]")

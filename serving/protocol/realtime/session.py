@@ -248,7 +248,8 @@ class RealtimeSession:
                                                               else "incomplete"}
         await self.emit("response.output_item.done", response_id=answer.id, output_index=0, item=item)
         usage = {"input_tokens": seq.prompt_tokens, "output_tokens": seq.completion_tokens,
-                 "total_tokens": seq.prompt_tokens + seq.completion_tokens}
+                 "total_tokens": seq.prompt_tokens + seq.completion_tokens,
+                 "input_token_details": {"cached_tokens": seq.cached_tokens}}  # the turns before, reused
         self.answer = None
         await self.emit("response.done", response=response_object(answer.id, status, [item], reason, usage, error))
 

@@ -258,16 +258,8 @@ def test_bucketed_decode_pads_rows_and_columns_without_changing_answers(chat):
     assert engine.graphs.failed and all(n in (1, 2, 4) and w >= 256 for n, w in engine.graphs.failed)
 
 
-def test_requests_admitted_together_share_one_encoder_call_per_kind(chat, monkeypatch):
-    calls = {"image": 0, "video": 0, "audio": 0}
-    real = chat.model.encode
-
-    def counted(kind, *inputs):
-        calls[kind] += 1
-        return real(kind, *inputs)
-
-    monkeypatch.setattr(chat.model, "encode", counted)
+def test_requests_admitted_together_share_one_encoder_call_per_kind(chat, encoder_calls):
     items = conversations()  # three with images (one with two), one with audio
     engine = GenerationEngine(chat, EngineConfig(max_batch_size=8))
     engine.run_until_done([_seq(chat, it, max_new_tokens=2) for it in items])
-    assert calls == {"image": 1, "video": 0, "audio": 1}
+    assert encoder_calls == {"image": 1, "video": 0, "audio": 1}
