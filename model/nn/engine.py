@@ -183,7 +183,7 @@ class GenerationEngine:
     # ----------------------------------------------------------------------------- from any thread
     def submit(self, seq: Sequence) -> Sequence:
         if self.prefixes is not None and seq.key is None:  # hashing media: in the caller's thread, not the engine's
-            seq.key = prompt_key(seq.encoded, self.processor.placeholder_ids)
+            seq.key = prompt_key(seq.encoded, self.processor)
         with self._cond:
             if len(self.waiting) >= (limit := self.config.max_queue):
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit is {limit})")

@@ -7,11 +7,13 @@ and many requests share a system prompt. With the cache, turn two prefills only 
 not hold, and its media skip the encoders when every placeholder falls inside the reused prefix.
 
 What a column holds is named by its key: the token id, except at media placeholders, whose id is
-the same for every image. There the key is a digest of all of that kind's inputs in the prompt (its
-tiles, frames or audio windows, bytes and shapes): two prompts share a placeholder's column only if
-they carry the same media of its kind. (Digesting a kind's items together, not one by one, is
-coarser than needed, a conversation that adds an image in turn two reuses turn one only up to its
-first image, and it is always safe: a placeholder's features depend on its own item alone.)
+the same for every image. There the key is a digest of the item the placeholder's features come
+from (its tile, frame or audio window) and of every item of that kind before it in the prompt, so two
+prompts share a placeholder's column only if they carry the same media up to it. A conversation that
+adds an image, or a voice session adding a turn's audio, still reuses every earlier turn. (Each
+item's features depend on that item alone: per tile, per frame, per window, `model.nn.encoders`; the
+chain over the earlier items makes the key safe even if that changed. Where the placeholders do not
+add up to the items' token counts, every placeholder of the kind gets the digest of all of them.)
 
 The entries live in slots the engine counts as free: no extra memory. `PrefixCache.pick_slot`
 chooses where a newcomer goes: the entry it matched (taken over, no copy) when it reuses all it can
@@ -29,29 +31,52 @@ import numpy as np
 import torch
 
 from model.nn.encoders import ENCODERS
-from model.text.processor import Encoded
+from model.text.processor import Encoded, OmniProcessor
 
 MIN_REUSE = 1  # columns worth copying: any reuse skips at least that much of the LLM's prefill
 
 
-def prompt_key(encoded: Encoded, placeholder_ids: dict[str, int]) -> np.ndarray:
+def prompt_key(encoded: Encoded, processor: OmniProcessor) -> np.ndarray:
     """One int64 per prompt token naming what its KV column holds (see the module doc). Media digests
     are negative, so they never equal a token id."""
     key = np.asarray(encoded.input_ids, dtype=np.int64)
-    for kind, placeholder in placeholder_ids.items():
-        at = key == placeholder
-        if at.any():
-            key[at] = _media_digest(kind, getattr(encoded, ENCODERS[kind].inputs[0]))
+    for kind, placeholder in processor.placeholder_ids.items():
+        at = np.flatnonzero(key == placeholder)
+        if len(at):
+            key[at] = _media_keys(kind, getattr(encoded, ENCODERS[kind].inputs[0]), processor, len(at))
     return key
 
 
-def _media_digest(kind: str, items: list[torch.Tensor]) -> int:
-    h = hashlib.blake2b(kind.encode(), digest_size=8)
-    for t in items:
-        t = t.detach().cpu().contiguous()
-        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
-    return -(int.from_bytes(h.digest(), "little") >> 1) - 1
+def _item_tokens(kind: str, item: torch.Tensor, processor: OmniProcessor) -> int:
+    """Placeholders one item fills: as the processor counts them (and the encoders produce them)."""
+    if kind == "audio":
+        return processor.audio_tokens([item])
+    return processor.tile_tokens if kind == "image" else processor.frame_tokens
+
+
+def _media_keys(kind: str, items: list[torch.Tensor], processor: OmniProcessor, placeholders: int) -> np.ndarray:
+    """The key of each of a kind's placeholders, in order: the digest of its item and those before."""
+    counts = [_item_tokens(kind, item, processor) for item in items]
+    chain = hashlib.blake2b(kind.encode(), digest_size=8)
+    if sum(counts) != placeholders:  # not as expected: one digest of all the items, coarser and still safe
+        for item in items:
+            _absorb(chain, item)
+        return np.full(placeholders, _negative(chain.digest()), dtype=np.int64)
+    keys = []
+    for item, n in zip(items, counts, strict=True):
+        _absorb(chain, item)
+        keys += [_negative(chain.digest())] * n
+    return np.asarray(keys, dtype=np.int64)
+
+
+def _absorb(chain: hashlib.blake2b, item: torch.Tensor) -> None:
+    t = item.detach().cpu().contiguous()
+    chain.update(repr((tuple(t.shape), str(t.dtype))).encode())
+    chain.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+
+
+def _negative(digest: bytes) -> int:
+    return -(int.from_bytes(digest, "little") >> 1) - 1
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:

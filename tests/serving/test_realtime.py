@@ -358,6 +358,9 @@ def test_speech_during_an_answer_cancels_it_and_is_answered(live, speech):
     # The utterance became a turn of its own and was answered in full.
     assert kinds.index("input_audio_buffer.committed") < len(kinds) - 1 - kinds[::-1].index("response.created")
     assert second["response"]["status"] == "incomplete" and second["response"]["usage"]["output_tokens"] == 6
+    # The second answer's prompt resends the first turn: the engine's prefix cache supplied all of it.
+    assert second["response"]["usage"]["input_token_details"]["cached_tokens"] >= first["response"]["usage"][
+        "input_tokens"]
 
 
 # ---------------------------------------------------------------------------------------- fuzz

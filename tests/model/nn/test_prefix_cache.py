@@ -91,6 +91,25 @@ def test_the_next_turn_of_a_chat_reuses_the_previous_turn(chat, encoder_calls):
     assert seq.text.strip() == _alone(chat, turn2)
 
 
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_a_turn_that_adds_media_still_reuses_the_turns_before(chat, kind):
+    """Each placeholder's key is its own item's digest chained to the items before it: a second image
+    (or a voice session's next utterance) leaves the first one's columns reusable."""
+    def media(seed: int) -> dict:
+        return {"images": [_image(seed)]} if kind == "image" else {"audios": [_audio(0.6 + 0.2 * seed)]}
+
+    tag = f"<{kind}>"
+    engine = GenerationEngine(chat, EngineConfig(max_batch_size=4))
+    turn1 = ChatInput([{"role": "user", "content": f"{tag}first"}], **media(1))
+    answer = _ask(engine, chat, turn1)
+    both = {k: media(1)[k] + media(2)[k] for k in media(1)}
+    turn2 = ChatInput([*turn1.messages, {"role": "assistant", "content": answer.text.strip()},
+                       {"role": "user", "content": f"and {tag} this?"}], **both)
+    seq = _ask(engine, chat, turn2)
+    assert seq.cached_tokens >= answer.prompt_tokens
+    assert seq.text.strip() == _alone(chat, turn2)
+
+
 def test_least_recently_used_entries_make_room_and_a_running_batch_is_unaffected(chat):
     """Two slots, three prompts: the third takes the slot of the entry it does not match, the least
     recently used (its match, the first, was just used for the shared start); a full hit then takes
@@ -127,7 +146,7 @@ def test_a_failed_sequence_leaves_no_entry_and_the_cache_can_be_switched_off(cha
 
 def test_prompt_keys_differ_exactly_where_the_media_differ(chat):
     encode = chat.processor.encode
-    a, b, c = (prompt_key(encode(_image_question(seed), add_generation_prompt=True), chat.processor.placeholder_ids)
+    a, b, c = (prompt_key(encode(_image_question(seed), add_generation_prompt=True), chat.processor)
                for seed in (1, 1, 2))
     assert np.array_equal(a, b)
     differ = a != c
