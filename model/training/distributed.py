@@ -37,6 +37,17 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group before the interpreter exits, at the end of a process that trained
+    (`omni train`, a TrainJob rank): gloo's worker threads still alive at interpreter teardown can
+    abort the process ("terminate called without an active exception", SIGABRT) after a run that
+    succeeded. Only on success: a rank that failed may leave peers inside a collective, where a
+    collective teardown would hang them."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        _host_group.cache_clear()  # destroyed with the rest; a later group in this process makes its own
+
+
 def _many() -> bool:
     return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
