@@ -11,9 +11,9 @@ the same for every image. There the key is a digest of the item the placeholder'
 from (its tile, frame or audio window) and of every item of that kind before it in the prompt, so two
 prompts share a placeholder's column only if they carry the same media up to it. A conversation that
 adds an image, or a voice session adding a turn's audio, still reuses every earlier turn. (Each
-item's features depend on that item alone: per tile, per frame, per window, `model.nn.encoders`; the
-chain over the earlier items makes the key safe even if that changed. Where the placeholders do not
-add up to the items' token counts, every placeholder of the kind gets the digest of all of them.)
+item's features depend on that item alone: per tile, per frame, per window, `model.nn.encoders`; were
+they to depend on the items before it as well, the chain covers that too. Where the placeholders do
+not add up to the items' token counts, every placeholder of the kind gets the digest of all of them.)
 
 The entries live in slots the engine counts as free: no extra memory. `PrefixCache.pick_slot`
 chooses where a newcomer goes: the entry it matched (taken over, no copy) when it reuses all it can
