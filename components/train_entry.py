@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     _fetch_inputs(store, inputs, local_rank)
 
     from components.steps.training import train  # torch/deepspeed: import after the cheap checks
-    from model.training.distributed import shutdown_distributed
+    from model.training.distributed import leave_group_at_exit
 
     # Each rank writes its own folder: ranks on one node share the filesystem.
     out_dir = work / f"out-rank{rank}"
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     result = train(cfg, args.stage, store.uri(f"inputs/{DATA}"), inputs / "init", out_dir,
                    progress=rank == 0, sft_filter_dir=sft_filter if sft_filter.is_dir() else None,
                    checkpoint_dir=args.checkpoints)
-    shutdown_distributed()
+    leave_group_at_exit()
     if rank == 0:  # the only rank steps.train saved a checkpoint on (runtime.ranks().primary)
         store.upload_dir(out_dir, "output/model")
         store.write_bytes("output/result.json", json.dumps(result, default=float).encode())

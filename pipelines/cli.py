@@ -106,7 +106,7 @@ def _train(cfg, args) -> int:
     from components.steps.training import train
     from model import runtime
     from model.nn.checkpoint import weights_sha256
-    from model.training.distributed import shutdown_distributed
+    from model.training.distributed import leave_group_at_exit
 
     if args.stage not in cfg.stages:
         return fail(f"unknown stage {args.stage!r}; the config has {', '.join(cfg.stages)}")
@@ -116,7 +116,7 @@ def _train(cfg, args) -> int:
     primary = runtime.ranks().primary
     stage_cfg = parse_task_config(task_slice(cfg, "stage", args.stage))  # what the DAG's stage task gets
     result = train(stage_cfg, args.stage, args.data, args.init, args.out, progress=primary)
-    shutdown_distributed()
+    leave_group_at_exit()
     if primary:  # only rank 0 saves the checkpoint (and speaks for the run)
         print(json.dumps({"steps": result["steps"], "final_loss": result.get("final_loss"),
                           "weights_sha256": weights_sha256(args.out)}))

@@ -467,11 +467,14 @@ class GenerationEngine:
                 self.prefixes.keep(seq.slot, self._columns_key(seq))
             seq.slot = None
         rest = seq.stream.finish() if seq.stream is not None else ""
+        try:  # counted before the answer goes out: a client that has it finds it in the metrics
+            self.observer.on_finish(seq)
+        except Exception:  # metrics never fail a request
+            log.exception("the engine observer failed on a finished sequence")
         try:
             seq.emit(Event("done", rest, finish_reason=reason, error=error))
         finally:
             seq.done.set()
-            self.observer.on_finish(seq)
 
     def _columns_key(self, seq: Sequence) -> np.ndarray:
         """What the columns of the sequence's slot hold: its prompt, then the answer tokens fed back by

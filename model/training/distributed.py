@@ -3,6 +3,7 @@ collectives the training loop needs besides DeepSpeed's own."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import socket
@@ -37,15 +38,19 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
 
-def shutdown_distributed() -> None:
-    """Leave the process group before the interpreter exits, at the end of a process that trained
-    (`omni train`, a TrainJob rank): gloo's worker threads still alive at interpreter teardown can
-    abort the process ("terminate called without an active exception", SIGABRT) after a run that
-    succeeded. Only on success: a rank that failed may leave peers inside a collective, where a
-    collective teardown would hang them."""
+def leave_group_at_exit() -> None:
+    """After a stage succeeded in a process that trained (`omni train`, a TrainJob rank): leave the
+    process group when the interpreter exits, while it is still whole. gloo's worker threads alive at
+    interpreter teardown can abort a process whose run succeeded ("terminate called without an active
+    exception", SIGABRT). At exit, not now: DeepSpeed keeps the groups it was given, and a caller in
+    the same process (a test calling the CLI's `main`) may train again. Only after success: a rank
+    that failed may leave peers inside a collective, where a teardown would hang them."""
+    atexit.register(_leave_group)
+
+
+def _leave_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-        _host_group.cache_clear()  # destroyed with the rest; a later group in this process makes its own
 
 
 def _many() -> bool:
