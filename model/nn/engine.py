@@ -87,8 +87,7 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []
         self.pending = -1  # the last chosen token, fed to the next decode step
         self.slot: int | None = None  # its KV-cache slot, from admission to its end
-        self.embeds: torch.Tensor | None = None  # input embeddings of prompt[embeds_from:] until it is prefilled
-        self.embeds_from = 0
+        self.embeds: torch.Tensor | None = None  # input embeddings of prompt[cached_tokens:] until it is prefilled
         self.key = None  # what each prompt column holds (model.nn.prefix_cache.prompt_key), with the prefix cache on
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.length = 0  # columns of its slot holding keys and values
@@ -345,8 +344,6 @@ class GenerationEngine:
             log.exception("encoding %d prompt(s) failed", len(seqs))
             self._fail(seqs, e)
             return
-        for seq in seqs:
-            seq.embeds_from = seq.cached_tokens
         self.prefilling.extend(seqs)
 
     def _attend(self, positions: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
@@ -372,7 +369,7 @@ class GenerationEngine:
         width, tokens = max(start + n for _, start, n in parts), max(n for _, _, n in parts)
         embeds = torch.zeros(len(parts), tokens, parts[0][0].embeds.shape[-1], dtype=self.kv.dtype, device=self.device)
         for i, (seq, start, n) in enumerate(parts):
-            embeds[i, :n] = seq.embeds[start - seq.embeds_from : start - seq.embeds_from + n]
+            embeds[i, :n] = seq.embeds[start - seq.cached_tokens : start - seq.cached_tokens + n]
         meta = torch.tensor([[seq.slot, start, n] for seq, start, n in parts], device=self.device)  # one copy in
         rows, starts, counts = meta.unbind(1)
         offsets = torch.arange(tokens, device=self.device)

@@ -72,7 +72,7 @@ def _media_keys(kind: str, items: list[torch.Tensor], processor: OmniProcessor, 
 def _absorb(chain: hashlib.blake2b, item: torch.Tensor) -> None:
     t = item.detach().cpu().contiguous()
     chain.update(repr((tuple(t.shape), str(t.dtype))).encode())
-    chain.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    chain.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())  # its buffer, not a copy
 
 
 def _negative(digest: bytes) -> int:

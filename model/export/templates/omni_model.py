@@ -195,15 +195,15 @@ class TritonPythonModel:
         self.media = MediaReader(model.cfg, MediaLimits.from_json(media_limits))
         self.max_new_tokens = max_new_tokens
 
-    def answer(self, items: list[tuple]) -> list[str | Exception]:
-        """(text, media bytes by kind, max_new_tokens or None[, use_audio_in_video]) per request ->
-        answer or the error. A request whose media cannot be decoded fails alone; the rest are
-        batched per token budget."""
+    def answer(self, items: list[tuple[str, dict[str, list[bytes]], int | None, object]]) -> list[str | Exception]:
+        """(text, media bytes by kind, max_new_tokens or None, the use_audio_in_video parameter or None)
+        per request -> answer or the error. A request whose media cannot be decoded fails alone; the
+        rest are batched per token budget."""
         results: list[str | Exception] = [ValueError("not answered")] * len(items)
         groups: dict[int, list[tuple[int, object]]] = {}
-        for i, (text, media, budget, *sound) in enumerate(items):
+        for i, (text, media, budget, sound) in enumerate(items):
             try:
-                turn = chat_input(text, media, self.media, *sound)
+                turn = chat_input(text, media, self.media, sound)
                 groups.setdefault(budget or self.max_new_tokens, []).append((i, turn))
             except ValueError as e:  # MediaError and bad tags are ValueErrors: the client's fault
                 results[i] = e

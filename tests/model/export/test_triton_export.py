@@ -277,12 +277,12 @@ def test_python_model_answers_like_omnichat(exported, tmp_path):
     write_video_with_sound(tmp_path / "clip.mp4", seconds=2, fps=4)
     clip = (tmp_path / "clip.mp4").read_bytes()
     requests = [
-        ("what colour is it", {"image": [png]}, 6),
-        ("<audio> say hello", {"audio": [wav]}, 6),
-        ("<image> then <audio>", {"image": [png], "audio": [wav]}, 4),
-        ("plain text", {}, None),
-        ("broken picture", {"image": [b"not an image"]}, 6),
-        ("too big", {"image": [png, _png(60, 60)]}, 6),
+        ("what colour is it", {"image": [png]}, 6, None),  # None: no use_audio_in_video parameter
+        ("<audio> say hello", {"audio": [wav]}, 6, None),
+        ("<image> then <audio>", {"image": [png], "audio": [wav]}, 4, None),
+        ("plain text", {}, None, None),
+        ("broken picture", {"image": [b"not an image"]}, 6, None),
+        ("too big", {"image": [png, _png(60, 60)]}, 6, None),
         ("<video> what is said", {"video": [clip]}, 6, True),
         ("<video> what is said", {"video": [clip]}, 6, False),
         ("<video> what is said", {"video": [clip]}, 6, "yes"),
