@@ -93,6 +93,14 @@ def test_engine_hands_every_module_its_inputs_on_its_device(split_chat):
     assert [s.finish_reason for s in seqs] == ["length"] * 3, [s.error for s in seqs]
     assert ANSWER not in split_chat.stop_ids
     assert [s.stream.ids for s in seqs] == [[ANSWER] * 4] * 3
+    # Asked again: the prefix cache's paths (a slot's columns copied or taken over, the text-only rest
+    # embedded without the encoders) hand every module its inputs on its device too.
+    again = [Sequence(split_chat.processor.encode(it, add_generation_prompt=True), SamplingParams(max_new_tokens=4))
+             for it in items]
+    engine.run_until_done(again)
+    assert not wrong, wrong[:5]
+    assert any(s.cached_tokens == s.prompt_tokens - 1 for s in again)  # two slots: three prompts cannot all stay
+    assert [s.stream.ids for s in again] == [[ANSWER] * 4] * 3
 
 
 
